@@ -1,0 +1,30 @@
+//! Generates Rust types (prost) and their protobuf-JSON serde impls (pbjson) from proto/.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &["pymesh/config/v1/proxy.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptors = out.join("descriptors.bin");
+    // A vendored protoc keeps the build free of system packages.
+    std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
+
+    let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
+    prost_build::Config::new()
+        .file_descriptor_set_path(&descriptors)
+        .compile_well_known_types()
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_protos(&files, &[&root])?;
+
+    let set = std::fs::read(&descriptors)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&set)?
+        .build(&[".pymesh"])?;
+
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,524 @@
+//! Turns a `ProxyConfig` (from a file or a control plane) into validated [`Settings`].
+//!
+//! Decoding follows the protobuf JSON mapping (pbjson) for both JSON and YAML text, and
+//! every error names the field path where it was found, for example
+//! `services[2].endpoints[0].address: not a socket address`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pymesh_api::config::v1 as api;
+
+pub use api::ProxyConfig;
+
+/// A configuration that was rejected, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    /// The field path, such as `services[2].endpoints[0].address`; empty for the document.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+
+    fn render(&self) -> String {
+        if self.path.is_empty() {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Parses JSON or YAML text in the protobuf JSON mapping of `ProxyConfig`.
+pub fn parse(text: &str) -> Result<ProxyConfig, ConfigError> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('{') {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let config = serde_path_to_error::deserialize(&mut de).map_err(path_error)?;
+        de.end().map_err(|e| ConfigError::new("", e))?;
+        Ok(config)
+    } else if trimmed.is_empty() {
+        Err(ConfigError::new("", "the configuration is empty"))
+    } else {
+        let de = serde_norway::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(path_error)
+    }
+}
+
+fn path_error<E: fmt::Display>(err: serde_path_to_error::Error<E>) -> ConfigError {
+    let path = err.path().to_string();
+    let path = if path == "." { String::new() } else { path };
+    ConfigError::new(path, err.inner())
+}
+
+/// Reads and parses a config file.
+pub fn load_file(path: &std::path::Path) -> Result<ProxyConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+    parse(&text).map_err(|e| ConfigError {
+        message: format!("{} (in {})", e.message, path.display()),
+        ..e
+    })
+}
+
+/// The config as the protobuf JSON mapping, as `/config` serves it.
+pub fn to_json(config: &ProxyConfig) -> String {
+    serde_json::to_string_pretty(config).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
+const MIN_HEADER_BYTES: u32 = 8 * 1024;
+
+/// A validated configuration, with every default applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub source: ProxyConfig,
+    pub listeners: Vec<Arc<ListenerSettings>>,
+    pub services: Vec<Arc<ServiceSettings>>,
+    pub admin: SocketAddr,
+    pub limits: Limits,
+    /// Proxy-wide timeouts (detection uses these; services start from them).
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// How a listener decides what a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    Detect,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSettings {
+    /// Unique; a reload keeps a listener running when its name and address stay.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub direction: Direction,
+    pub default_service: Option<String>,
+    pub protocol: ListenerProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    pub name: String,
+    /// Lower-cased `host` or `host:port` values, the name first.
+    pub authorities: Vec<String>,
+    pub endpoints: Vec<EndpointSettings>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointSettings {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// `None` when disabled.
+    pub request: Option<Duration>,
+    pub idle: Duration,
+    pub detect: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            request: Some(Duration::from_secs(10)),
+            idle: Duration::from_secs(90),
+            detect: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Settings {
+    /// Validates a config, returning the first problem found with its field path.
+    pub fn from_config(config: ProxyConfig) -> Result<Self, ConfigError> {
+        let defaults = timeouts(Timeouts::default(), config.timeouts.as_ref(), "timeouts")?;
+        let limits = limits(config.limits.as_ref())?;
+        let admin = match config.admin.as_ref().map(|a| a.address.as_str()) {
+            None | Some("") => DEFAULT_ADMIN
+                .parse()
+                .expect("the default admin address parses"),
+            Some(addr) => socket_addr(addr, "admin.address")?,
+        };
+
+        let mut services = Vec::with_capacity(config.services.len());
+        let mut names = HashSet::new();
+        let mut owners: HashMap<String, String> = HashMap::new();
+        for (i, svc) in config.services.iter().enumerate() {
+            let at = format!("services[{i}]");
+            let service = service(svc, &at, defaults)?;
+            if !names.insert(service.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    format!("duplicate service name {:?}", service.name),
+                ));
+            }
+            for (j, authority) in service.authorities.iter().enumerate() {
+                if let Some(other) = owners.insert(authority.clone(), service.name.clone()) {
+                    if other != service.name {
+                        let field = if j == 0 {
+                            format!("{at}.name")
+                        } else {
+                            format!("{at}.authorities[{}]", j - 1)
+                        };
+                        return Err(ConfigError::new(
+                            field,
+                            format!("authority {authority:?} already routes to service {other:?}"),
+                        ));
+                    }
+                }
+            }
+            services.push(Arc::new(service));
+        }
+
+        if config.listeners.is_empty() {
+            return Err(ConfigError::new(
+                "listeners",
+                "at least one listener is required, for example {address: \"127.0.0.1:4140\"}",
+            ));
+        }
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut bound = HashSet::new();
+        let mut listener_names = HashSet::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}]");
+            let listener = listener(l, &at, i, &names)?;
+            if !listener_names.insert(listener.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("{at}.name"),
+                    format!("duplicate listener name {:?}", listener.name),
+                ));
+            }
+            // Port 0 asks the OS for a free port, so it never collides.
+            let fixed = listener.addr.port() != 0;
+            if fixed && (!bound.insert(listener.addr) || listener.addr == admin) {
+                return Err(ConfigError::new(
+                    format!("{at}.address"),
+                    format!(
+                        "{} is already used by another listener or the admin endpoint",
+                        listener.addr
+                    ),
+                ));
+            }
+            listeners.push(Arc::new(listener));
+        }
+
+        Ok(Self {
+            source: config,
+            listeners,
+            services,
+            admin,
+            limits,
+            timeouts: defaults,
+        })
+    }
+}
+
+fn socket_addr(value: &str, path: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            path,
+            format!("{value:?} is not a socket address; expected IP:port such as 127.0.0.1:8080 or [::1]:8080"),
+        )
+    })
+}
+
+fn listener(
+    l: &api::Listener,
+    at: &str,
+    index: usize,
+    services: &HashSet<String>,
+) -> Result<ListenerSettings, ConfigError> {
+    if l.address.is_empty() {
+        return Err(ConfigError::new(
+            format!("{at}.address"),
+            "is required (IP:port)",
+        ));
+    }
+    let addr = socket_addr(&l.address, &format!("{at}.address"))?;
+    let direction = match api::Direction::try_from(l.direction) {
+        Ok(api::Direction::Inbound) => Direction::Inbound,
+        Ok(api::Direction::Outbound | api::Direction::Unspecified) => Direction::Outbound,
+        Err(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.direction"),
+                format!(
+                    "unknown direction {}; expected INBOUND or OUTBOUND",
+                    l.direction
+                ),
+            ))
+        }
+    };
+    let protocol = match api::Protocol::try_from(l.protocol) {
+        Ok(api::Protocol::Unspecified) => ListenerProtocol::Detect,
+        Ok(api::Protocol::Http1) => ListenerProtocol::Http1,
+        Ok(api::Protocol::Http2) => ListenerProtocol::Http2,
+        Ok(api::Protocol::Opaque) => ListenerProtocol::Opaque,
+        Err(_) => {
+            return Err(ConfigError::new(
+                format!("{at}.protocol"),
+                format!(
+                    "unknown protocol {}; expected HTTP1, HTTP2 or OPAQUE",
+                    l.protocol
+                ),
+            ))
+        }
+    };
+    let default_service = if l.default_service.is_empty() {
+        None
+    } else if services.contains(&l.default_service) {
+        Some(l.default_service.clone())
+    } else {
+        return Err(ConfigError::new(
+            format!("{at}.default_service"),
+            format!("no service is named {:?}", l.default_service),
+        ));
+    };
+    if default_service.is_none()
+        && (direction == Direction::Inbound || protocol == ListenerProtocol::Opaque)
+    {
+        return Err(ConfigError::new(
+            format!("{at}.default_service"),
+            "is required for INBOUND and OPAQUE listeners (the service that takes their traffic)",
+        ));
+    }
+    Ok(ListenerSettings {
+        // Listeners are matched by name across reloads; a port-0 address is not stable.
+        name: match (l.name.is_empty(), addr.port()) {
+            (false, _) => l.name.clone(),
+            (true, 0) => format!("listener-{index}"),
+            (true, _) => addr.to_string(),
+        },
+        addr,
+        direction,
+        default_service,
+        protocol,
+    })
+}
+
+fn service(
+    svc: &api::Service,
+    at: &str,
+    defaults: Timeouts,
+) -> Result<ServiceSettings, ConfigError> {
+    let name = svc.name.trim();
+    if name.is_empty() {
+        return Err(ConfigError::new(format!("{at}.name"), "is required"));
+    }
+    let mut authorities = vec![name.to_ascii_lowercase()];
+    for (j, a) in svc.authorities.iter().enumerate() {
+        let a = a.trim();
+        if a.is_empty() || a.contains(['/', ' ', '@']) {
+            return Err(ConfigError::new(
+                format!("{at}.authorities[{j}]"),
+                format!("{a:?} is not an authority; expected host or host:port"),
+            ));
+        }
+        let a = a.to_ascii_lowercase();
+        if !authorities.contains(&a) {
+            authorities.push(a);
+        }
+    }
+    let mut endpoints = Vec::with_capacity(svc.endpoints.len());
+    for (j, e) in svc.endpoints.iter().enumerate() {
+        let addr = socket_addr(&e.address, &format!("{at}.endpoints[{j}].address"))?;
+        endpoints.push(EndpointSettings {
+            addr,
+            weight: e.weight.max(1),
+        });
+    }
+    Ok(ServiceSettings {
+        name: name.to_string(),
+        authorities,
+        endpoints,
+        timeouts: timeouts(defaults, svc.timeouts.as_ref(), &format!("{at}.timeouts"))?,
+    })
+}
+
+fn duration(d: &pbjson_types::Duration, path: &str) -> Result<Duration, ConfigError> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(ConfigError::new(path, "must not be negative"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn timeouts(base: Timeouts, t: Option<&api::Timeouts>, at: &str) -> Result<Timeouts, ConfigError> {
+    let Some(t) = t else { return Ok(base) };
+    let mut out = base;
+    let positive = |d: &pbjson_types::Duration, field: &str| {
+        let path = format!("{at}.{field}");
+        let value = duration(d, &path)?;
+        if value.is_zero() {
+            return Err(ConfigError::new(path, "must be greater than 0s"));
+        }
+        Ok(value)
+    };
+    if let Some(d) = &t.connect {
+        out.connect = positive(d, "connect")?;
+    }
+    if let Some(d) = &t.idle {
+        out.idle = positive(d, "idle")?;
+    }
+    if let Some(d) = &t.detect {
+        out.detect = positive(d, "detect")?;
+    }
+    if let Some(d) = &t.request {
+        let value = duration(d, &format!("{at}.request"))?;
+        out.request = (!value.is_zero()).then_some(value);
+    }
+    Ok(out)
+}
+
+fn limits(l: Option<&api::Limits>) -> Result<Limits, ConfigError> {
+    let mut out = Limits::default();
+    let Some(l) = l else { return Ok(out) };
+    if l.max_header_bytes != 0 {
+        if l.max_header_bytes < MIN_HEADER_BYTES {
+            return Err(ConfigError::new(
+                "limits.max_header_bytes",
+                format!(
+                    "{} is too small; the minimum is {MIN_HEADER_BYTES}",
+                    l.max_header_bytes
+                ),
+            ));
+        }
+        out.max_header_bytes = l.max_header_bytes as usize;
+    }
+    if l.max_headers != 0 {
+        out.max_headers = l.max_headers as usize;
+    }
+    if l.max_connections != 0 {
+        out.max_connections = l.max_connections as usize;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_config(parse(text)?)
+    }
+
+    const GOOD: &str = r#"
+listeners:
+  - address: 127.0.0.1:4140
+services:
+  - name: web
+    authorities: ["web.local:80"]
+    endpoints: [{address: "127.0.0.1:8080"}]
+    timeouts: {connect: 0.25s}
+"#;
+
+    #[test]
+    fn yaml_and_json_decode_to_the_same_settings() {
+        let yaml = settings(GOOD).unwrap();
+        let json = serde_json::to_string(&yaml.source).unwrap();
+        let again = settings(&json).unwrap();
+        assert_eq!(yaml.services, again.services);
+        assert_eq!(
+            yaml.services[0].timeouts.connect,
+            Duration::from_millis(250)
+        );
+        assert_eq!(yaml.services[0].authorities, vec!["web", "web.local:80"]);
+        assert_eq!(yaml.admin.to_string(), DEFAULT_ADMIN);
+    }
+
+    #[test]
+    fn bad_endpoint_address_names_its_path() {
+        let err = settings(&GOOD.replace("127.0.0.1:8080", "nope")).unwrap_err();
+        assert_eq!(err.path, "services[0].endpoints[0].address");
+        assert!(err.message.contains("not a socket address"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_names_its_path() {
+        let err = settings(&GOOD.replace("timeouts: {connect", "timeouts: {conect")).unwrap_err();
+        assert_eq!(err.path, "services[0].timeouts.conect");
+        assert!(err.message.contains("unknown field `conect`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let err = settings(r#"{"listeners": [{"address": 5}]}"#).unwrap_err();
+        assert_eq!(err.path, "listeners[0].address");
+    }
+
+    #[test]
+    fn unknown_default_service_is_rejected() {
+        let text = GOOD.replace(
+            "- address: 127.0.0.1:4140",
+            "- {address: 127.0.0.1:4140, defaultService: nope}",
+        );
+        let err = settings(&text).unwrap_err();
+        assert_eq!(err.path, "listeners[0].default_service");
+    }
+
+    #[test]
+    fn conflicting_authorities_are_rejected() {
+        let text = format!("{GOOD}  - name: api\n    authorities: [WEB]\n");
+        let err = settings(&text).unwrap_err();
+        assert_eq!(err.path, "services[1].authorities[0]");
+        assert!(
+            err.message.contains("already routes to service \"web\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn header_limit_has_a_floor() {
+        let text = format!("{GOOD}limits: {{maxHeaderBytes: 100}}\n");
+        let err = settings(&text).unwrap_err();
+        assert_eq!(err.path, "limits.max_header_bytes");
+    }
+}

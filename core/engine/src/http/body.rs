@@ -1,0 +1,105 @@
+//! The response body the proxy sends: an upstream body passed through untouched, an
+//! upstream gRPC body whose outcome is read from its trailers, or a local response.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Called once with a gRPC response's status when its stream ends: from the
+/// trailers, or `None` when the stream broke or was dropped before them.
+pub trait OnGrpcEnd: Send + 'static {
+    fn finish(self: Box<Self>, grpc_status: Option<u32>);
+}
+
+pin_project! {
+    #[project = ProxyBodyProj]
+    pub enum ProxyBody {
+        Upstream { #[pin] body: Incoming },
+        Grpc { #[pin] body: Incoming, on_end: Option<Box<dyn OnGrpcEnd>> },
+        Local { #[pin] body: Full<Bytes> },
+    }
+
+    impl PinnedDrop for ProxyBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let ProxyBodyProj::Grpc { on_end, .. } = this.project() {
+                if let Some(on_end) = on_end.take() {
+                    on_end.finish(None);
+                }
+            }
+        }
+    }
+}
+
+impl ProxyBody {
+    pub fn local(bytes: Bytes) -> Self {
+        ProxyBody::Local {
+            body: Full::new(bytes),
+        }
+    }
+}
+
+/// The `grpc-status` in a header block, if it has one.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ProxyBodyProj::Upstream { body } => body.poll_frame(cx).map_err(Into::into),
+            ProxyBodyProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            ProxyBodyProj::Grpc { body, on_end } => {
+                let frame = ready!(body.poll_frame(cx));
+                match &frame {
+                    Some(Ok(frame)) => {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            if let Some(on_end) = on_end.take() {
+                                on_end.finish(grpc_status(trailers));
+                            }
+                        }
+                    }
+                    Some(Err(_)) | None => {
+                        if let Some(on_end) = on_end.take() {
+                            on_end.finish(None);
+                        }
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body } | ProxyBody::Grpc { body, .. } => body.is_end_stream(),
+            ProxyBody::Local { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body } | ProxyBody::Grpc { body, .. } => body.size_hint(),
+            ProxyBody::Local { body } => body.size_hint(),
+        }
+    }
+}

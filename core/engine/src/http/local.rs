@@ -1,0 +1,85 @@
+//! Responses the proxy makes itself, each saying why in a `pymesh-reason` header.
+//! gRPC clients get a trailers-only response with a gRPC status instead of an HTTP error.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+
+pub const REASON_HEADER: &str = "pymesh-reason";
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    UnknownService,
+    NoEndpoints,
+    ConnectFailed,
+    Timeout,
+    UpstreamError,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::UnknownService => "unknown-service",
+            Reason::NoEndpoints => "no-endpoints",
+            Reason::ConnectFailed => "connect-failed",
+            Reason::Timeout => "timeout",
+            Reason::UpstreamError => "upstream-error",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reason::UnknownService => StatusCode::NOT_FOUND,
+            Reason::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::ConnectFailed | Reason::UpstreamError => StatusCode::BAD_GATEWAY,
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The gRPC status code a gRPC client should see.
+    pub fn grpc_status(self) -> u32 {
+        match self {
+            Reason::UnknownService => 12, // UNIMPLEMENTED
+            Reason::NoEndpoints | Reason::ConnectFailed | Reason::UpstreamError => 14, // UNAVAILABLE
+            Reason::Timeout => 4, // DEADLINE_EXCEEDED
+        }
+    }
+}
+
+/// A response made by the proxy; `detail` goes into the body (or grpc-message).
+pub fn respond(reason: Reason, detail: &str, grpc: bool) -> Response<ProxyBody> {
+    let mut builder = Response::builder().header(REASON_HEADER, reason.as_str());
+    let body = if grpc {
+        builder = builder
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", reason.grpc_status())
+            .header("grpc-message", sanitize(detail));
+        Bytes::new()
+    } else {
+        builder = builder
+            .status(reason.status())
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        Bytes::from(format!("{}: {detail}\n", reason.as_str()))
+    };
+    builder
+        .body(ProxyBody::local(body))
+        .unwrap_or_else(|_| Response::new(ProxyBody::local(Bytes::from_static(b"proxy error\n"))))
+}
+
+/// Header values must be visible ASCII; anything else is replaced.
+fn sanitize(detail: &str) -> HeaderValue {
+    let clean: String = detail
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("proxy error"))
+}

@@ -1,0 +1,21 @@
+//! The pymesh engine: the whole data-plane request path, shared by the native
+//! sidecar (`pymesh-proxy`) and the Python extension (`pymesh.Proxy`).
+//!
+//! A connection flows `listen` → `detect` → `http` (hyper) or `tcp` (opaque) →
+//! `route` → `balance` → an upstream connection, with `metrics` recorded on the
+//! way and `admin` serving them. `config` validates what drives all of it.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod detect;
+pub mod http;
+pub mod io;
+pub mod listen;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod tcp;
+
+pub use config::{ConfigError, ProxyConfig};
+pub use proxy::{Error, Proxy};

@@ -1,0 +1,246 @@
+//! Golden metrics in the Prometheus text format, named as CONVENTIONS.md says.
+//!
+//! Label values are `Arc<str>`s fixed by the config (service names, authorities,
+//! listener names), so recording a request clones reference counts rather than
+//! strings, and label cardinality stays bounded by the config.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{
+    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::config::Direction;
+
+/// Latency buckets in seconds: fine at the low end, where a proxy's cost lives.
+pub const LATENCY_BUCKETS: [f64; 17] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// A label value shared by reference count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(pub Arc<str>);
+
+impl Label {
+    pub fn new(value: &str) -> Self {
+        Self(Arc::from(value))
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct DirectionLabel(pub Direction);
+
+impl EncodeLabelValue for DirectionLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: DirectionLabel,
+    pub dst_service: Label,
+    pub authority: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ResponseLabels {
+    pub direction: DirectionLabel,
+    pub dst_service: Label,
+    pub authority: Label,
+    pub status_code: u16,
+    /// The gRPC status, for gRPC responses only.
+    pub grpc_status: Option<u32>,
+    pub classification: &'static str,
+    /// Why the proxy answered by itself (`pymesh-reason`), or empty.
+    pub error: &'static str,
+}
+
+// Written by hand so the labels that do not apply (`grpc_status` on plain HTTP,
+// `error` on a proxied response) are left out rather than exported empty.
+impl EncodeLabelSet for ResponseLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("direction", self.direction).encode(encoder.encode_label())?;
+        ("dst_service", self.dst_service.clone()).encode(encoder.encode_label())?;
+        ("authority", self.authority.clone()).encode(encoder.encode_label())?;
+        ("status_code", self.status_code as u64).encode(encoder.encode_label())?;
+        if let Some(grpc_status) = self.grpc_status {
+            ("grpc_status", grpc_status as u64).encode(encoder.encode_label())?;
+        }
+        ("classification", self.classification).encode(encoder.encode_label())?;
+        if !self.error.is_empty() {
+            ("error", self.error).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: DirectionLabel,
+    pub dst_service: Label,
+    pub status_code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: DirectionLabel,
+    pub listener: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpCloseLabels {
+    pub direction: DirectionLabel,
+    pub listener: Label,
+    pub protocol: &'static str,
+}
+
+/// Every metric the proxy records, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RouteLabels, Counter>,
+    pub responses: Family<ResponseLabels, Counter>,
+    pub latency: Family<LatencyLabels, Histogram>,
+    pub tcp_open: Family<TcpLabels, Counter>,
+    pub tcp_close: Family<TcpCloseLabels, Counter>,
+    pub tcp_open_connections: Family<TcpLabels, Gauge>,
+    pub tcp_read_bytes: Family<TcpLabels, Counter>,
+    pub tcp_write_bytes: Family<TcpLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RouteLabels, Counter>::default();
+        let responses = Family::<ResponseLabels, Counter>::default();
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(
+            new_latency_histogram as fn() -> Histogram,
+        );
+        let tcp_open = Family::<TcpLabels, Counter>::default();
+        let tcp_close = Family::<TcpCloseLabels, Counter>::default();
+        let tcp_open_connections = Family::<TcpLabels, Gauge>::default();
+        let tcp_read_bytes = Family::<TcpLabels, Counter>::default();
+        let tcp_write_bytes = Family::<TcpLabels, Counter>::default();
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+
+        registry.register("request", "HTTP requests received", requests.clone());
+        registry.register("response", "HTTP responses sent", responses.clone());
+        registry.register(
+            "response_latency_seconds",
+            "Time from a request's arrival to its response headers",
+            latency.clone(),
+        );
+        registry.register("tcp_open", "Connections accepted", tcp_open.clone());
+        registry.register("tcp_close", "Connections closed", tcp_close.clone());
+        registry.register(
+            "tcp_open_connections",
+            "Connections open now",
+            tcp_open_connections.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from clients",
+            tcp_read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to clients",
+            tcp_write_bytes.clone(),
+        );
+        registry.register(
+            "config_reload",
+            "Configuration reloads",
+            config_reloads.clone(),
+        );
+
+        Self {
+            registry,
+            requests,
+            responses,
+            latency,
+            tcp_open,
+            tcp_close,
+            tcp_open_connections,
+            tcp_read_bytes,
+            tcp_write_bytes,
+            config_reloads,
+        }
+    }
+
+    /// The registry in the Prometheus text format, with process figures appended.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+        {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        process_metrics(&mut out);
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+fn new_latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// `process_*` figures from /proc, where available (Linux).
+fn process_metrics(out: &mut String) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ, fixed at 100 on Linux.
+    let page = 4096.0;
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (num(11) + num(12)) / ticks; // utime + stime
+    let rss = num(21) * page;
+    let _ = writeln!(
+        out,
+        "# HELP process_cpu_seconds CPU time used by the process."
+    );
+    let _ = writeln!(out, "# TYPE process_cpu_seconds counter");
+    let _ = writeln!(out, "# UNIT process_cpu_seconds seconds");
+    let _ = writeln!(out, "process_cpu_seconds_total {cpu}");
+    let _ = writeln!(
+        out,
+        "# HELP process_resident_memory_bytes Resident memory of the process."
+    );
+    let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+    let _ = writeln!(out, "# UNIT process_resident_memory_bytes bytes");
+    let _ = writeln!(out, "process_resident_memory_bytes {rss}");
+}

@@ -1,0 +1,196 @@
+//! The routing table: which service a request or connection goes to, by its
+//! `Host`/`:authority` or the listener's default service.
+//!
+//! A table is built once per config and swapped atomically on reload; requests
+//! already in flight keep the table they started with. Targets whose settings did
+//! not change keep their connection pools across reloads.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::metrics::counter::Counter;
+
+use crate::balance::Balancer;
+use crate::config::{Direction, ServiceSettings, Settings};
+use crate::http::upstream::{http1_client, H2Connection, Http1Client};
+use crate::metrics::{DirectionLabel, Label, Metrics, RouteLabels};
+
+/// One instance of a service.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub authority: http::uri::Authority,
+    pub h2: H2Connection,
+}
+
+/// A service as the data plane uses it.
+pub struct Target {
+    pub name: Label,
+    pub settings: Arc<ServiceSettings>,
+    pub balancer: Balancer<Endpoint>,
+    pub http1: Http1Client,
+}
+
+/// A service reached through one of its authorities.
+pub struct Route {
+    pub target: Arc<Target>,
+    pub authority: Label,
+    /// Indexed by [`direction_index`].
+    pub labels: [RouteLabels; 2],
+    /// Created on first use, so a direction that never sees traffic has no series.
+    requests: [OnceLock<Counter>; 2],
+}
+
+pub fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
+}
+
+#[derive(Default)]
+pub struct Router {
+    by_authority: HashMap<String, Arc<Route>>,
+    targets: HashMap<String, Arc<Target>>,
+}
+
+impl Router {
+    pub fn build(settings: &Settings, previous: Option<&Router>) -> Self {
+        let mut router = Router::default();
+        for service in &settings.services {
+            let target = match previous.and_then(|p| p.targets.get(&service.name)) {
+                Some(old) if old.settings == *service => old.clone(),
+                old => Arc::new(Target::new(service.clone(), old.map(|t| &**t))),
+            };
+            for authority in &service.authorities {
+                let route = Route::new(target.clone(), authority);
+                router
+                    .by_authority
+                    .insert(authority.clone(), Arc::new(route));
+            }
+            router.targets.insert(service.name.clone(), target);
+        }
+        router
+    }
+
+    /// The route for a request's authority, else for the fallback service.
+    pub fn route(&self, authority: Option<&str>, fallback: Option<&str>) -> Option<&Arc<Route>> {
+        if let Some(authority) = authority {
+            if let Some(route) = self.by_authority(authority) {
+                return Some(route);
+            }
+        }
+        // A service's first authority is its name.
+        fallback.and_then(|name| self.by_authority.get(name))
+    }
+
+    fn by_authority(&self, authority: &str) -> Option<&Arc<Route>> {
+        let lowered;
+        let authority = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = authority.to_ascii_lowercase();
+            &lowered
+        } else {
+            authority
+        };
+        self.by_authority.get(authority).or_else(|| {
+            // `host:port` also matches a service listed by host alone.
+            let (host, port) = authority.rsplit_once(':')?;
+            port.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+            self.by_authority.get(host)
+        })
+    }
+}
+
+impl Target {
+    fn new(settings: Arc<ServiceSettings>, previous: Option<&Target>) -> Self {
+        // Endpoints that stay keep their HTTP/2 connection when timeouts are unchanged.
+        let reusable: HashMap<SocketAddr, &Arc<Endpoint>> = previous
+            .filter(|p| p.settings.timeouts == settings.timeouts)
+            .map(|p| p.balancer.endpoints().iter().map(|e| (e.addr, e)).collect())
+            .unwrap_or_default();
+        let endpoints = settings
+            .endpoints
+            .iter()
+            .map(|e| {
+                let endpoint = match reusable.get(&e.addr) {
+                    Some(existing) => Arc::clone(existing),
+                    None => Arc::new(Endpoint {
+                        addr: e.addr,
+                        authority: e
+                            .addr
+                            .to_string()
+                            .parse()
+                            .expect("a socket address is a valid authority"),
+                        h2: H2Connection::new(e.addr, settings.timeouts.connect),
+                    }),
+                };
+                (endpoint, e.weight)
+            })
+            .collect();
+        let http1 = match previous {
+            Some(p) if p.settings.timeouts == settings.timeouts => p.http1.clone(),
+            _ => http1_client(&settings.timeouts),
+        };
+        Self {
+            name: Label::new(&settings.name),
+            balancer: Balancer::new(endpoints),
+            http1,
+            settings,
+        }
+    }
+}
+
+impl Route {
+    fn new(target: Arc<Target>, authority: &str) -> Self {
+        let labels = [Direction::Inbound, Direction::Outbound].map(|direction| RouteLabels {
+            direction: DirectionLabel(direction),
+            dst_service: target.name.clone(),
+            authority: Label::new(authority),
+        });
+        Self {
+            target,
+            authority: labels[0].authority.clone(),
+            labels,
+            requests: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// Counts a request arriving in direction `dir` (see [`direction_index`]).
+    pub fn count_request(&self, dir: usize, metrics: &Metrics) {
+        self.requests[dir]
+            .get_or_init(|| metrics.requests.get_or_create(&self.labels[dir]).clone())
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Settings};
+
+    #[test]
+    fn routes_by_authority_then_host_then_fallback() {
+        let text = r#"
+listeners: [{address: "127.0.0.1:0"}]
+services:
+  - {name: web, authorities: ["web.local:8080"]}
+  - {name: api}
+"#;
+        let settings = Settings::from_config(parse(text).unwrap()).unwrap();
+        let router = Router::build(&settings, None);
+        let name = |r: Option<&Arc<Route>>| r.map(|r| r.target.settings.name.clone());
+        assert_eq!(
+            name(router.route(Some("WEB.local:8080"), None)).as_deref(),
+            Some("web")
+        );
+        assert_eq!(
+            name(router.route(Some("api:9090"), None)).as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            name(router.route(Some("other"), Some("api"))).as_deref(),
+            Some("api")
+        );
+        assert!(router.route(Some("other"), None).is_none());
+    }
+}

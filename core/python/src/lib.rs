@@ -1,0 +1,173 @@
+//! `pymesh._engine`: the engine as a Python extension. Bindings only: every
+//! decision is the engine's. The engine runs on its own Tokio threads; Python
+//! calls release the GIL while they wait, and nothing on the request path ever
+//! takes it.
+
+use std::time::Duration;
+
+use pymesh_engine::{config, ConfigError, Error, Proxy};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+
+/// A running engine. Created started; `stop()` drains it.
+#[pyclass(module = "pymesh._engine", name = "Engine")]
+struct Engine {
+    runtime: Option<tokio::runtime::Runtime>,
+    proxy: Proxy,
+}
+
+#[pymethods]
+impl Engine {
+    /// Starts an engine from config text (JSON or YAML, the protobuf JSON mapping
+    /// of `ProxyConfig`). `origin` names where the text came from, for errors.
+    #[new]
+    #[pyo3(signature = (config_text, threads = 1, origin = None))]
+    fn new(
+        py: Python<'_>,
+        config_text: &str,
+        threads: usize,
+        origin: Option<&str>,
+    ) -> PyResult<Self> {
+        let config = parse(py, config_text, origin)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("pymesh-worker")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start the engine's threads: {e}"))
+            })?;
+        let proxy = py
+            .detach(|| runtime.block_on(Proxy::start(config)))
+            .map_err(|e| engine_error(py, e))?;
+        Ok(Self {
+            runtime: Some(runtime),
+            proxy,
+        })
+    }
+
+    /// Replaces the running config; on error the running one stays.
+    #[pyo3(signature = (config_text, origin = None))]
+    fn reload(&self, py: Python<'_>, config_text: &str, origin: Option<&str>) -> PyResult<()> {
+        let config = parse(py, config_text, origin)?;
+        let runtime = self.runtime(py)?;
+        let proxy = self.proxy.clone();
+        py.detach(|| runtime.block_on(proxy.reload(config)))
+            .map_err(|e| engine_error(py, e))
+    }
+
+    /// Stops accepting, drains in-flight requests for up to `grace` seconds, and
+    /// stops the engine's threads. Returns whether everything drained in time.
+    #[pyo3(signature = (grace = 5.0))]
+    fn stop(&mut self, py: Python<'_>, grace: f64) -> PyResult<bool> {
+        let Some(runtime) = self.runtime.take() else {
+            return Ok(true);
+        };
+        let grace = Duration::try_from_secs_f64(grace.max(0.0)).unwrap_or(Duration::from_secs(5));
+        let proxy = self.proxy.clone();
+        Ok(py.detach(move || {
+            let drained = runtime.block_on(proxy.shutdown(grace));
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            drained
+        }))
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.runtime.is_some()
+    }
+
+    /// The admin endpoint's address, `IP:port`.
+    #[getter]
+    fn admin_address(&self) -> String {
+        self.proxy.admin_addr().to_string()
+    }
+
+    /// `(name, "IP:port")` for every listener, with the ports actually bound.
+    #[getter]
+    fn listeners(&self) -> Vec<(String, String)> {
+        self.proxy
+            .listeners()
+            .into_iter()
+            .map(|(name, addr)| (name, addr.to_string()))
+            .collect()
+    }
+
+    /// The metrics in the Prometheus (OpenMetrics) text format.
+    fn metrics(&self) -> String {
+        self.proxy.metrics_text()
+    }
+
+    /// The running config as JSON.
+    fn config(&self) -> String {
+        self.proxy.config_json()
+    }
+}
+
+impl Engine {
+    fn runtime(&self, _py: Python<'_>) -> PyResult<&tokio::runtime::Runtime> {
+        self.runtime
+            .as_ref()
+            .ok_or_else(|| PyRuntimeError::new_err("the proxy is stopped"))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Validates config text without starting anything; raises `pymesh.ConfigError`.
+#[pyfunction]
+#[pyo3(signature = (config_text, origin = None))]
+fn validate(py: Python<'_>, config_text: &str, origin: Option<&str>) -> PyResult<String> {
+    let parsed = parse(py, config_text, origin)?;
+    config::Settings::from_config(parsed.clone()).map_err(|e| config_error(py, &e, origin))?;
+    Ok(config::to_json(&parsed))
+}
+
+fn parse(py: Python<'_>, text: &str, origin: Option<&str>) -> PyResult<config::ProxyConfig> {
+    config::parse(text).map_err(|e| config_error(py, &e, origin))
+}
+
+/// Raises `pymesh.errors.ConfigError(path, message)`, defined on the Python side so
+/// the exception hierarchy lives in one place.
+fn config_error(py: Python<'_>, e: &ConfigError, origin: Option<&str>) -> PyErr {
+    let message = match origin {
+        Some(origin) => format!("{} (in {origin})", e.message),
+        None => e.message.clone(),
+    };
+    python_error(py, "ConfigError", (e.path.clone(), message))
+}
+
+fn engine_error(py: Python<'_>, e: Error) -> PyErr {
+    match e {
+        Error::Config(e) => config_error(py, &e, None),
+        other => python_error(py, "MeshError", (other.to_string(),)),
+    }
+}
+
+fn python_error<A>(py: Python<'_>, class: &str, args: A) -> PyErr
+where
+    A: for<'py> pyo3::call::PyCallArgs<'py>,
+{
+    let made = py
+        .import("pymesh.errors")
+        .and_then(|m| m.getattr(class))
+        .and_then(|cls| cls.call1(args));
+    match made {
+        Ok(instance) => PyErr::from_value(instance),
+        Err(e) => e,
+    }
+}
+
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_function(wrap_pyfunction!(validate, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! `pymesh-proxy`: the native sidecar. Reads a config file, runs the engine, reloads
+//! on SIGHUP or when the file changes, and drains on SIGTERM/SIGINT before exiting 0.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use pymesh_engine::{config, Proxy};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser, Debug)]
+#[command(name = "pymesh-proxy", version, about = "The pymesh sidecar proxy")]
+struct Args {
+    /// The proxy configuration (YAML or JSON, the protobuf JSON mapping of ProxyConfig).
+    #[arg(long, short, env = "PYMESH_CONFIG")]
+    config: PathBuf,
+    /// Log filter, e.g. `info` or `pymesh_engine=debug`.
+    #[arg(long, env = "PYMESH_LOG", default_value = "info")]
+    log: String,
+    /// Log format: `plain` or `json`.
+    #[arg(long, env = "PYMESH_LOG_FORMAT", default_value = "plain")]
+    log_format: String,
+    /// Worker threads for the engine.
+    #[arg(long, env = "PYMESH_THREADS", default_value_t = 1)]
+    threads: usize,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "PYMESH_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// How often to check the config file for changes; 0s turns watching off.
+    #[arg(long, env = "PYMESH_WATCH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    watch_interval: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| c.is_alphabetic())
+            .unwrap_or(s.len()),
+    );
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log, &args.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .thread_name("pymesh-worker")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(args))
+}
+
+fn init_logging(filter: &str, format: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("--log {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "plain" => builder.init(),
+        other => anyhow::bail!("--log-format {other:?}: expected plain or json"),
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<()> {
+    let initial =
+        config::load_file(&args.config).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let proxy = Proxy::start(initial)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start: {e}"))?;
+    for (name, addr) in proxy.listeners() {
+        // One line per listener on stdout, so a supervisor (or a test) learns the ports.
+        println!("listening {name} {addr}");
+    }
+    println!("admin {}", proxy.admin_addr());
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut last_modified = modified(&args.config);
+    let mut watch = tokio::time::interval(if args.watch_interval.is_zero() {
+        Duration::from_secs(3600 * 24 * 365)
+    } else {
+        args.watch_interval
+    });
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&proxy, &args.config).await,
+            _ = watch.tick(), if !args.watch_interval.is_zero() => {
+                let now = modified(&args.config);
+                if now != last_modified {
+                    last_modified = now;
+                    reload(&proxy, &args.config).await;
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            () = proxy.stop_requested() => break,
+        }
+    }
+    tracing::info!(grace = ?args.shutdown_grace, "draining");
+    let drained = proxy.shutdown(args.shutdown_grace).await;
+    if !drained {
+        tracing::warn!("grace period over; closing the connections still open");
+    }
+    Ok(())
+}
+
+async fn reload(proxy: &Proxy, path: &Path) {
+    match config::load_file(path) {
+        // The engine logs the outcome of a reload itself.
+        Ok(config) => {
+            let _ = proxy.reload(config).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "configuration rejected; the running one stays"),
+    }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}

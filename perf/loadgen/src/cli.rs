@@ -1,0 +1,144 @@
+//! Command-line flags, turned into a checked [`Config`].
+
+use clap::Parser;
+use http::HeaderMap;
+
+use crate::config::{self, Config, ConfigError, Protocol, DEFAULT_OPEN_LOOP_INFLIGHT};
+
+/// Constant-rate, open-loop HTTP load generator (coordinated-omission corrected, like wrk2).
+#[derive(Debug, Parser)]
+#[command(name = "pymesh-loadgen", version, about)]
+pub struct Args {
+    /// Target, http://HOST:PORT/path.
+    #[arg(long)]
+    pub url: String,
+
+    /// Requests per second over all connections; 0 = closed loop (maximum throughput).
+    #[arg(long)]
+    pub rate: f64,
+
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Seconds of load before measuring (not recorded).
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+
+    /// Seconds to wait after the last send for outstanding responses; those still
+    /// outstanding then count as errors ("timeout").
+    #[arg(long, default_value_t = 1.0)]
+    pub drain: f64,
+
+    /// Keep-alive connections; the schedule is split round-robin over them.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub connections: u32,
+
+    /// http1 = HTTP/1.1; http2 = HTTP/2 prior knowledge (h2c), multiplexed.
+    #[arg(long, value_enum, default_value_t = Protocol::Http1)]
+    pub protocol: Protocol,
+
+    /// HTTP/2 only: most requests in flight per connection (default: 128 open loop,
+    /// 1 closed loop, where it is the number kept in flight). HTTP/1.1 always uses 1.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub inflight: Option<u32>,
+
+    /// Request method, for example GET or POST.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 0)]
+    pub body_size: usize,
+
+    /// Extra request header 'name: value' (repeatable), e.g. --header 'host: svc.local'.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+
+    /// Runtime threads (1: a single-threaded runtime, the cheapest).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+
+    /// Print one JSON object at the end instead of a text summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    /// Check the flags and build the run's configuration.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let mut headers = HeaderMap::new();
+        for header in &self.headers {
+            let (name, value) = config::parse_header(header)?;
+            headers.append(name, value);
+        }
+        let rate = config::check_rate(self.rate)?;
+        let inflight = match (self.protocol, self.inflight) {
+            (Protocol::Http1, _) => 1,
+            (Protocol::Http2, Some(n)) => n as usize,
+            (Protocol::Http2, None) if rate > 0.0 => DEFAULT_OPEN_LOOP_INFLIGHT,
+            (Protocol::Http2, None) => 1,
+        };
+        Ok(Config {
+            url: self.url.clone(),
+            target: config::parse_url(&self.url)?,
+            rate,
+            duration: config::parse_seconds("duration", self.duration, true)?,
+            warmup: config::parse_seconds("warmup", self.warmup, false)?,
+            drain: config::parse_seconds("drain", self.drain, false)?,
+            connections: self.connections as usize,
+            protocol: self.protocol,
+            method: config::parse_method(&self.method)?,
+            body_size: self.body_size,
+            headers,
+            inflight,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["pymesh-loadgen"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv).expect("flags parse").config()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--url", "http://127.0.0.1:1/", "--rate", "100"]).expect("valid");
+        assert_eq!(c.connections, 4);
+        assert_eq!(c.protocol, Protocol::Http1);
+        assert_eq!(c.inflight, 1);
+        assert_eq!(c.method, http::Method::GET);
+    }
+
+    #[test]
+    fn http2_inflight_defaults() {
+        let open = parse(&["--url", "http://h/", "--rate", "10", "--protocol", "http2"]);
+        assert_eq!(
+            open.map(|c| c.inflight).ok(),
+            Some(DEFAULT_OPEN_LOOP_INFLIGHT)
+        );
+        let closed = parse(&["--url", "http://h/", "--rate", "0", "--protocol", "http2"]);
+        assert_eq!(closed.map(|c| c.inflight).ok(), Some(1));
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let err = parse(&["--url", "http://h/", "--rate", "10", "--header", "oops"]);
+        assert!(err
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("--header"));
+        let err = parse(&["--url", "http://h/", "--rate", "10", "--duration", "0"]);
+        assert!(err
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("--duration"));
+    }
+}

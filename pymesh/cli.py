@@ -1,0 +1,107 @@
+"""The `pymesh` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import MeshError
+from .proxy import Proxy, validate
+
+app = typer.Typer(help="pymesh: a service mesh with a Rust data plane, driven from Python.",
+                  no_args_is_help=True)
+proxy_app = typer.Typer(help="Run or check a proxy in this process.", no_args_is_help=True)
+app.add_typer(proxy_app, name="proxy")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="ProxyConfig as YAML or JSON.",
+                                            envvar="PYMESH_CONFIG", exists=True, dir_okay=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+@app.command()
+def version(as_json: JsonOption = False) -> None:
+    """Print the version."""
+    console.print_json(json.dumps({"version": __version__})) if as_json else console.print(__version__)
+
+
+@proxy_app.command("run")
+def proxy_run(
+    config: ConfigOption,
+    threads: Annotated[int, typer.Option(help="Engine worker threads.", envvar="PYMESH_THREADS")] = 1,
+    grace: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
+) -> None:
+    """Run the engine in this process until SIGTERM/SIGINT; SIGHUP reloads the config file."""
+    stop = threading.Event()
+    proxy = Proxy(config, threads=threads)
+    try:
+        proxy.start()
+    except MeshError as e:
+        err.print(f"[red]cannot start:[/red] {e}")
+        raise typer.Exit(1) from e
+
+    def reload(_signum: int, _frame: object) -> None:
+        try:
+            proxy.reload(config)
+            err.print("configuration reloaded")
+        except MeshError as e:
+            err.print(f"[red]configuration rejected; the running one stays:[/red] {e}")
+
+    signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    for name, address in sorted(proxy.listeners.items()):
+        print(f"listening {name} {address}", flush=True)
+    print(f"admin {proxy.admin_address}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    drained = proxy.stop(grace)
+    err.print("stopped" if drained else "stopped; the grace period ran out before every connection closed")
+
+
+@proxy_app.command("validate")
+def proxy_validate(config: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+                   as_json: JsonOption = False) -> None:
+    """Check a config file; print it normalised, or the field that is wrong."""
+    try:
+        normalised = validate(config)
+    except MeshError as e:
+        if as_json:
+            console.print_json(json.dumps({"valid": False, "path": getattr(e, "path", ""), "error": str(e)}))
+        else:
+            err.print(f"[red]invalid:[/red] {e}")
+        raise typer.Exit(1) from e
+    if as_json:
+        console.print_json(json.dumps({"valid": True, "config": normalised}))
+    else:
+        console.print(f"[green]valid[/green]: {len(normalised.get('listeners', []))} listener(s), "
+                      f"{len(normalised.get('services', []))} service(s)")
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(help="Requests to send.", min=1, max=100_000)] = 30,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a local service with a proxy in front, send traffic, and show what the proxy saw."""
+    from . import demo as demo_module
+
+    result = demo_module.run(requests=requests)
+    if as_json:
+        console.print_json(json.dumps({
+            "sent": result.sent, "statuses": result.statuses, "by_instance": result.by_instance,
+        }))
+    else:
+        demo_module.print_result(result, console)
+
+
+def main() -> None:
+    app()

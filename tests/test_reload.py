@@ -1,0 +1,126 @@
+"""Reloading the config: under traffic with zero failed requests, and a bad config
+rejected with its field path while the running one stays."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+
+import httpx
+import pytest
+
+import pymesh
+from pymesh.metrics import total
+
+from .backends import start_echo_backend
+from .conftest import ProxyFactory, make_config, wait_until
+from .traffic import Traffic
+
+
+def test_reload_under_traffic_moves_endpoints_without_failures(start_proxy: ProxyFactory) -> None:
+    old, new = start_echo_backend(), start_echo_backend()
+    try:
+        config = make_config({"web": [old.address]})
+        proxy = start_proxy(config)
+        with Traffic(proxy.address(), "web", clients=4) as traffic:
+            traffic.wait_for(200)
+            for i in range(6):  # flip between endpoint sets under load
+                changed = copy.deepcopy(config)
+                endpoints = [new.address] if i % 2 == 0 else [old.address, new.address]
+                changed["services"][0]["endpoints"] = [{"address": a} for a in endpoints]
+                proxy.reload(changed)
+                traffic.wait_for(traffic.sent + 100)
+        assert traffic.errors == []
+        assert set(traffic.statuses) == {200}, traffic.statuses
+        assert traffic.sent >= 800
+        assert new.connections > 0
+        assert total(proxy.metrics(), "config_reload_total", result="ok") == 6
+    finally:
+        old.stop()
+        new.stop()
+
+
+def test_bad_reload_is_rejected_and_the_old_config_keeps_serving(start_proxy: ProxyFactory) -> None:
+    backend = start_echo_backend()
+    try:
+        config = make_config({"web": [backend.address]})
+        proxy = start_proxy(config)
+        bad = copy.deepcopy(config)
+        bad["services"][0]["endpoints"][0]["address"] = "not-an-address"
+        with Traffic(proxy.address(), "web", clients=2) as traffic:
+            traffic.wait_for(50)
+            with pytest.raises(pymesh.ConfigError) as error:
+                proxy.reload(bad)
+            assert error.value.path == "services[0].endpoints[0].address"
+            assert "not a socket address" in str(error.value)
+            traffic.wait_for(traffic.sent + 50)
+        assert traffic.errors == [] and set(traffic.statuses) == {200}
+        # The running config is still the old one.
+        running = httpx.get(f"http://{proxy.admin}/config").json()
+        assert running["services"][0]["endpoints"][0]["address"] == backend.address
+        assert total(proxy.metrics(), "config_reload_total", result="rejected") == 1
+    finally:
+        backend.stop()
+
+
+def test_reload_adds_and_removes_listeners(start_proxy: ProxyFactory) -> None:
+    backend = start_echo_backend()
+    try:
+        config = make_config({"web": [backend.address]})
+        proxy = start_proxy(config)
+        first = proxy.address("main")
+        with httpx.Client(base_url=f"http://{first}", headers={"host": "web"}) as kept_open:
+            assert kept_open.get("/echo").status_code == 200
+            grown = copy.deepcopy(config)
+            grown["listeners"].append({"name": "extra", "address": "127.0.0.1:0"})
+            proxy.reload(grown)
+            extra = proxy.address("extra")
+            assert httpx.get(f"http://{extra}/echo", headers={"host": "web"}).status_code == 200
+            # The connection opened before the reload still works.
+            assert kept_open.get("/echo").status_code == 200
+            shrunk = copy.deepcopy(config)
+            shrunk["listeners"][0]["name"] = "renamed"
+            shrunk["listeners"][0]["address"] = "127.0.0.1:0"
+            proxy.reload(shrunk)
+            # Still open after its listener went away: connections in flight are not dropped.
+            assert kept_open.get("/echo").status_code == 200
+            # But the old address no longer accepts new connections.
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{first}/echo", headers={"host": "web"})
+    finally:
+        backend.stop()
+
+
+def test_native_reloads_on_file_change_and_sighup(native_proxy, tmp_path) -> None:  # noqa: ANN001
+    old, new = start_echo_backend(), start_echo_backend()
+    try:
+        import yaml
+
+        config = make_config({"web": [old.address]})
+        proxy = native_proxy(config, "--watch-interval", "100ms")
+        with Traffic(proxy.address(), "web", clients=2) as traffic:
+            traffic.wait_for(50)
+            config["services"][0]["endpoints"] = [{"address": new.address}]
+            proxy.config_path.write_text(yaml.safe_dump(config))
+            assert wait_until(lambda: total(proxy.metrics(), "config_reload_total", result="ok") == 1)
+            served_before = new.connections
+            traffic.wait_for(traffic.sent + 50)
+            assert new.connections >= max(served_before, 1)
+
+            # SIGHUP rereads the file even when its timestamp did not change.
+            config["services"][0]["endpoints"] = [{"address": old.address}]
+            stat = proxy.config_path.stat()
+            proxy.config_path.write_text(yaml.safe_dump(config))
+            os.utime(proxy.config_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            proxy.process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: total(proxy.metrics(), "config_reload_total", result="ok") == 2)
+
+            # A broken file is rejected and logged; traffic carries on.
+            proxy.config_path.write_text("listeners: [{address: nope}]\n")
+            assert wait_until(lambda: total(proxy.metrics(), "config_reload_total", result="rejected") >= 1)
+            traffic.wait_for(traffic.sent + 50)
+        assert traffic.errors == [] and set(traffic.statuses) == {200}, (traffic.errors[:3], traffic.statuses)
+    finally:
+        old.stop()
+        new.stop()
