@@ -107,7 +107,8 @@ class NativeProxy(RunningProxy):
         self.log_path = config_path.with_suffix(".log")
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [proxy_binary(), "--config", str(config_path), "--shutdown-grace", "5s", *args],
+                [proxy_binary(), "--config", str(config_path),
+                 *([] if "--shutdown-grace" in args else ["--shutdown-grace", "5s"]), *args],
                 stdout=subprocess.PIPE, stderr=log, text=True,
             )
         self.addresses: dict[str, str] = {}

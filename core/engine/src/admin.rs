@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::proxy::WeakProxy;
+use crate::Error;
 
 /// The largest config the admin endpoint accepts.
 const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
@@ -132,17 +133,10 @@ async fn reload(proxy: &crate::Proxy, req: Request<Incoming>) -> Response<Full<B
     let Ok(text) = std::str::from_utf8(&body) else {
         return error_json(StatusCode::BAD_REQUEST, "", "the config is not UTF-8");
     };
-    let config = match crate::config::parse(text) {
-        Ok(config) => config,
-        Err(e) => return error_json(StatusCode::BAD_REQUEST, &e.path, &e.message),
-    };
-    match proxy.reload(config).await {
+    match proxy.reload_text(text).await {
         Ok(()) => json(StatusCode::OK, proxy.config_json()),
-        Err(e) => error_json(
-            StatusCode::BAD_REQUEST,
-            e.path().unwrap_or(""),
-            &e.to_string(),
-        ),
+        Err(Error::Config(e)) => error_json(StatusCode::BAD_REQUEST, &e.path, &e.message),
+        Err(e) => error_json(StatusCode::SERVICE_UNAVAILABLE, "", &e.to_string()),
     }
 }
 

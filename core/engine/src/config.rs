@@ -66,10 +66,7 @@ fn path_error<E: fmt::Display>(err: serde_path_to_error::Error<E>) -> ConfigErro
 pub fn load_file(path: &std::path::Path) -> Result<ProxyConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
-    parse(&text).map_err(|e| ConfigError {
-        message: format!("{} (in {})", e.message, path.display()),
-        ..e
-    })
+    parse(&text)
 }
 
 /// The config as the protobuf JSON mapping, as `/config` serves it.

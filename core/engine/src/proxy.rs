@@ -112,7 +112,18 @@ impl Proxy {
     /// Replaces the running config. On any error nothing changes; on success,
     /// connections in flight carry on and new requests use the new config.
     pub async fn reload(&self, config: ProxyConfig) -> Result<(), Error> {
-        let result = self.inner.reload(config);
+        self.finish_reload(self.inner.reload(config))
+    }
+
+    /// [`Proxy::reload`] from JSON or YAML text; a parse error counts as a rejected reload.
+    pub async fn reload_text(&self, text: &str) -> Result<(), Error> {
+        let result = crate::config::parse(text)
+            .map_err(Error::from)
+            .and_then(|config| self.inner.reload(config));
+        self.finish_reload(result)
+    }
+
+    fn finish_reload(&self, result: Result<(), Error>) -> Result<(), Error> {
         let outcome = if result.is_ok() { "ok" } else { "rejected" };
         self.inner
             .shared

@@ -39,7 +39,7 @@ impl Engine {
             })?;
         let proxy = py
             .detach(|| runtime.block_on(Proxy::start(config)))
-            .map_err(|e| engine_error(py, e))?;
+            .map_err(|e| engine_error(py, e, origin))?;
         Ok(Self {
             runtime: Some(runtime),
             proxy,
@@ -49,11 +49,10 @@ impl Engine {
     /// Replaces the running config; on error the running one stays.
     #[pyo3(signature = (config_text, origin = None))]
     fn reload(&self, py: Python<'_>, config_text: &str, origin: Option<&str>) -> PyResult<()> {
-        let config = parse(py, config_text, origin)?;
         let runtime = self.runtime(py)?;
         let proxy = self.proxy.clone();
-        py.detach(|| runtime.block_on(proxy.reload(config)))
-            .map_err(|e| engine_error(py, e))
+        py.detach(|| runtime.block_on(proxy.reload_text(config_text)))
+            .map_err(|e| engine_error(py, e, origin))
     }
 
     /// Stops accepting, drains in-flight requests for up to `grace` seconds, and
@@ -143,9 +142,9 @@ fn config_error(py: Python<'_>, e: &ConfigError, origin: Option<&str>) -> PyErr 
     python_error(py, "ConfigError", (e.path.clone(), message))
 }
 
-fn engine_error(py: Python<'_>, e: Error) -> PyErr {
+fn engine_error(py: Python<'_>, e: Error, origin: Option<&str>) -> PyErr {
     match e {
-        Error::Config(e) => config_error(py, &e, None),
+        Error::Config(e) => config_error(py, &e, origin),
         other => python_error(py, "MeshError", (other.to_string(),)),
     }
 }

@@ -2,6 +2,7 @@
 //! on SIGHUP or when the file changes, and drains on SIGTERM/SIGINT before exiting 0.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -50,16 +51,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(&args.log, &args.log_format)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .thread_name("pymesh-worker")
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(run(args))
+    let result = init_logging(&args.log, &args.log_format).and_then(|()| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads.max(1))
+            .thread_name("pymesh-worker")
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        runtime.block_on(run(args))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on, not a debug dump.
+            eprintln!("pymesh-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(filter: &str, format: &str) -> Result<()> {
@@ -77,11 +87,12 @@ fn init_logging(filter: &str, format: &str) -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let initial =
-        config::load_file(&args.config).map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let path = args.config.display();
+    let initial = config::load_file(&args.config)
+        .map_err(|e| anyhow::anyhow!("invalid config {path}: {e}"))?;
     let proxy = Proxy::start(initial)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot start: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot start from {path}: {e}"))?;
     for (name, addr) in proxy.listeners() {
         // One line per listener on stdout, so a supervisor (or a test) learns the ports.
         println!("listening {name} {addr}");
@@ -121,12 +132,14 @@ async fn run(args: Args) -> Result<()> {
 }
 
 async fn reload(proxy: &Proxy, path: &Path) {
-    match config::load_file(path) {
-        // The engine logs the outcome of a reload itself.
-        Ok(config) => {
-            let _ = proxy.reload(config).await;
+    match std::fs::read_to_string(path) {
+        // The engine logs (and counts) the outcome of a reload itself.
+        Ok(text) => {
+            let _ = proxy.reload_text(&text).await;
         }
-        Err(e) => tracing::warn!(error = %e, "configuration rejected; the running one stays"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the config; the running one stays")
+        }
     }
 }
 
