@@ -1,0 +1,221 @@
+//! In-process integration tests: a real backend and a real proxy on 127.0.0.1:0,
+//! talking HTTP/1.1, HTTP/2 and raw TCP through real sockets.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pymesh_engine::{config, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An HTTP/1.1 + HTTP/2 backend answering `<name> <authority> <path>`.
+async fn backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    let authority = req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| {
+                            req.headers()
+                                .get("host")
+                                .map(|h| h.to_str().unwrap().to_owned())
+                        })
+                        .unwrap_or_default();
+                    let body = format!("{name} {authority} {}", req.uri().path());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+fn config(web: &[SocketAddr], extra: &str) -> config::ProxyConfig {
+    let endpoints: Vec<String> = web
+        .iter()
+        .map(|a| format!("{{\"address\": \"{a}\"}}"))
+        .collect();
+    let text = format!(
+        r#"{{
+            "admin": {{"address": "127.0.0.1:0"}},
+            "listeners": [{{"name": "main", "address": "127.0.0.1:0"}} {extra}],
+            "services": [{{"name": "web", "endpoints": [{}]}}, {{"name": "echo", "endpoints": []}}]
+        }}"#,
+        endpoints.join(",")
+    );
+    config::parse(&text).unwrap()
+}
+
+fn listener(proxy: &Proxy, name: &str) -> SocketAddr {
+    proxy
+        .listeners()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1
+}
+
+async fn http1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    host: &str,
+    path: &str,
+) -> (StatusCode, String) {
+    sender.ready().await.unwrap();
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_is_routed_by_host_and_reload_keeps_the_connection() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let proxy = Proxy::start(config(&[a], "")).await.unwrap();
+    let mut client = http1(listener(&proxy, "main")).await;
+
+    assert_eq!(
+        get(&mut client, "web", "/one").await,
+        (StatusCode::OK, "a web /one".into())
+    );
+    let (status, body) = get(&mut client, "elsewhere", "/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("unknown-service"), "{body}");
+
+    proxy.reload(config(&[b], "")).await.unwrap();
+    // Same client connection, new endpoint.
+    assert_eq!(
+        get(&mut client, "web", "/two").await,
+        (StatusCode::OK, "b web /two".into())
+    );
+
+    let mut bad = config(&[b], "");
+    bad.services[0].endpoints[0].address = "nowhere".into();
+    let err = proxy.reload(bad).await.unwrap_err();
+    assert_eq!(err.path(), Some("services[0].endpoints[0].address"));
+    assert_eq!(get(&mut client, "web", "/three").await.1, "b web /three");
+
+    let metrics = proxy.metrics_text();
+    assert!(
+        metrics.contains(r#"config_reload_total{result="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"config_reload_total{result="rejected"} 1"#),
+        "{metrics}"
+    );
+    assert!(proxy.shutdown(Duration::from_secs(1)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_keeps_the_authority() {
+    let a = backend("a").await;
+    let proxy = Proxy::start(config(&[a], "")).await.unwrap();
+    let stream = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..10 {
+        let req = Request::get(format!("http://web/h2/{i}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("a web /h2/{i}"));
+    }
+    assert!(proxy.shutdown(Duration::from_secs(1)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_is_copied_with_half_close() {
+    let echo = tcp_echo().await;
+    let text = format!(
+        r#"{{"admin": {{"address": "127.0.0.1:0"}},
+            "listeners": [{{"name": "tcp", "address": "127.0.0.1:0", "protocol": "OPAQUE", "defaultService": "echo"}}],
+            "services": [{{"name": "echo", "endpoints": [{{"address": "{echo}"}}]}}]}}"#
+    );
+    let proxy = Proxy::start(config::parse(&text).unwrap()).await.unwrap();
+    let mut stream = TcpStream::connect(listener(&proxy, "tcp")).await.unwrap();
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&payload).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, payload);
+    assert!(proxy.shutdown(Duration::from_secs(1)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_added_by_reload_serves_and_a_busy_port_is_rejected() {
+    let a = backend("a").await;
+    let proxy = Proxy::start(config(&[a], "")).await.unwrap();
+    proxy
+        .reload(config(
+            &[a],
+            r#", {"name": "extra", "address": "127.0.0.1:0"}"#,
+        ))
+        .await
+        .unwrap();
+    let mut client = http1(listener(&proxy, "extra")).await;
+    assert_eq!(get(&mut client, "web", "/x").await.1, "a web /x");
+
+    let busy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken = busy.local_addr().unwrap();
+    let extra = format!(r#", {{"name": "taken", "address": "{taken}"}}"#);
+    let err = proxy.reload(config(&[a], &extra)).await.unwrap_err();
+    assert_eq!(err.path(), Some("listeners[1].address"));
+    // The failed reload changed nothing: "extra" was not removed.
+    assert!(proxy.listeners().iter().any(|(n, _)| n == "extra"));
+    assert!(proxy.shutdown(Duration::from_secs(1)).await);
+}
