@@ -5,7 +5,10 @@ engine as a native sidecar binary.
 """
 
 from ._engine import __version__
+from ._engine import init_logging as enable_logging
 from .errors import ConfigError, MeshError, ProxyNotRunning
 from .proxy import Proxy, validate
 
-__all__ = ["ConfigError", "MeshError", "Proxy", "ProxyNotRunning", "__version__", "validate"]
+__all__ = [
+    "ConfigError", "MeshError", "Proxy", "ProxyNotRunning", "__version__", "enable_logging", "validate",
+]

@@ -38,8 +38,16 @@ def proxy_run(
     config: ConfigOption,
     threads: Annotated[int, typer.Option(help="Engine worker threads.", envvar="PYMESH_THREADS")] = 1,
     grace: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
+    log: Annotated[str, typer.Option(help="Engine log filter, e.g. info or pymesh_engine=debug.",
+                                     envvar="PYMESH_LOG")] = "info",
+    log_format: Annotated[str, typer.Option(help="plain or json.", envvar="PYMESH_LOG_FORMAT")] = "plain",
 ) -> None:
     """Run the engine in this process until SIGTERM/SIGINT; SIGHUP reloads the config file."""
+    from . import enable_logging
+
+    if log_format not in ("plain", "json"):
+        raise typer.BadParameter("expected plain or json", param_hint="--log-format")
+    enable_logging(log, log_format == "json")
     stop = threading.Event()
     proxy = Proxy(config, threads=threads)
     try:

@@ -163,10 +163,29 @@ where
     }
 }
 
+/// Sends the engine's logs to stderr, filtered like `info` or `pymesh_engine=debug`.
+/// The first call wins; later calls report whether logging was already on.
+#[pyfunction]
+#[pyo3(signature = (filter = "info", json = false))]
+fn init_logging(filter: &str, json: bool) -> PyResult<bool> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("log filter {filter:?}: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = if json {
+        builder.json().try_init().is_ok()
+    } else {
+        builder.try_init().is_ok()
+    };
+    Ok(installed)
+}
+
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_function(wrap_pyfunction!(validate, m)?)?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -5,7 +5,6 @@ mod cli;
 mod signals;
 
 use std::io::Write;
-
 use std::process::ExitCode;
 
 use anyhow::Context;

@@ -1,0 +1,284 @@
+"""What one pymesh hop costs: direct client→server against client→proxy→server.
+
+Runs, in one session on loopback and interleaved round by round (so drift on a shared
+machine hits every system alike), the constant-rate load generator (coordinated
+omission corrected) against:
+
+  direct     the test backend itself (the floor)
+  native     the backend behind the `pymesh-proxy` sidecar
+  embedded   the backend behind `pymesh.Proxy` running inside this Python process
+
+and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seconds per
+10k requests, and the native sidecar's RSS after at least 100k requests.
+
+    python3 perf/bench_engine.py                     # 1,000 rps, 1 KiB, 5 rounds of 10 s
+    python3 perf/bench_engine.py --rounds 3 --duration 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tool(name: str) -> str:
+    """A perf tool from the release build (cargo builds it on first use)."""
+    path = ROOT / "target" / "release" / name
+    if not path.exists():
+        package = {"pymesh-loadgen": "pymesh-loadgen", "pymesh-backend": "pymesh-backend",
+                   "pymesh-proxy": "pymesh-sidecar"}[name]
+        subprocess.run(["cargo", "build", "-q", "--release", "-p", package], cwd=ROOT, check=True)
+    return str(path)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    values = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+@contextmanager
+def backend(response_size: int) -> Iterator[str]:
+    process = subprocess.Popen([tool("pymesh-backend"), "--listen", "127.0.0.1:0",
+                                "--response-size", str(response_size)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        yield line.strip().rsplit(" ", 1)[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def proxy_config(upstream: str) -> dict:
+    return {
+        "admin": {"address": "127.0.0.1:0"},
+        "listeners": [{"name": "main", "address": "127.0.0.1:0"}],
+        "services": [{"name": "bench", "endpoints": [{"address": upstream}]}],
+    }
+
+
+@contextmanager
+def native_proxy(upstream: str, workdir: Path, cpu: int | None) -> Iterator[tuple[str, int]]:
+    config = workdir / "proxy.json"
+    config.write_text(json.dumps(proxy_config(upstream)))
+    command = [tool("pymesh-proxy"), "--config", str(config), "--log", "warn"]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        address = ""
+        for line in process.stdout:
+            kind, *rest = line.split()
+            if kind == "listening":
+                address = rest[1]
+            if kind == "admin":
+                break
+        yield address, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def embedded_proxy(upstream: str) -> Iterator[tuple[str, int]]:
+    import pymesh
+
+    with pymesh.Proxy(proxy_config(upstream)) as proxy:
+        yield proxy.address("main"), os.getpid()
+
+
+@dataclass
+class Run:
+    system: str
+    round: int
+    latency_us: dict[str, float]
+    requested_rps: float
+    achieved_rps: float
+    requests: int
+    errors: int
+    proxy_cpu_s_per_10k: float | None = None
+
+
+def load(url: str, rate: float, duration: float, warmup: float, connections: int, host: str | None,
+         cpu: int | None) -> dict:
+    command = [tool("pymesh-loadgen"), "--url", url, "--rate", str(rate), "--duration", str(duration),
+               "--warmup", str(warmup), "--connections", str(connections), "--json"]
+    if host:
+        command += ["--header", f"host: {host}"]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=duration + warmup + 60, check=True)
+    return json.loads(result.stdout)
+
+
+def measure(system: str, round_: int, address: str, pid: int | None, args: argparse.Namespace) -> Run:
+    before = cpu_seconds(pid) if pid else 0.0
+    report = load(f"http://{address}/", args.rate, args.duration, args.warmup, args.connections,
+                  None if system == "direct" else "bench", args.load_cpu)
+    used = cpu_seconds(pid) - before if pid else None
+    sent = report["requests"] + round(args.rate * args.warmup)
+    run = Run(system, round_, {k: float(v) for k, v in report["latency_us"].items()},
+              report["requested_rps"], report["achieved_rps"], report["requests"], report["errors"])
+    if used is not None and sent:
+        run.proxy_cpu_s_per_10k = used / sent * 10_000
+    return run
+
+
+@dataclass
+class Summary:
+    system: str
+    p50_us: float
+    p99_us: float
+    p999_us: float
+    added_p50_us: float
+    added_p99_us: float
+    added_p999_us: float
+    achieved_rps: float
+    errors: int
+    cpu_s_per_10k: float | None
+
+
+@dataclass
+class Result:
+    environment: dict
+    load: dict
+    runs: list[Run] = field(default_factory=list)
+    summary: list[Summary] = field(default_factory=list)
+    native_memory_kib: dict = field(default_factory=dict)
+    native_requests_before_memory: int = 0
+
+
+def summarise(runs: list[Run]) -> list[Summary]:
+    by_system: dict[str, list[Run]] = {}
+    for run in runs:
+        by_system.setdefault(run.system, []).append(run)
+
+    def median(system: str, key: str) -> float:
+        return statistics.median(r.latency_us[key] for r in by_system[system])
+
+    direct = {k: median("direct", k) for k in ("p50", "p99", "p999")}
+    out = []
+    for system, group in by_system.items():
+        p = {k: median(system, k) for k in ("p50", "p99", "p999")}
+        cpu = [r.proxy_cpu_s_per_10k for r in group if r.proxy_cpu_s_per_10k is not None]
+        out.append(Summary(
+            system, p["p50"], p["p99"], p["p999"],
+            p["p50"] - direct["p50"], p["p99"] - direct["p99"], p["p999"] - direct["p999"],
+            statistics.median(r.achieved_rps for r in group), sum(r.errors for r in group),
+            statistics.median(cpu) if cpu else None,
+        ))
+    return out
+
+
+def markdown(result: Result) -> str:
+    lines = [
+        f"Load: {result.load['rate']:.0f} rps, HTTP/1.1 keep-alive, {result.load['response_size']} B responses, "
+        f"{result.load['connections']} connections, {result.load['rounds']} rounds × {result.load['duration']} s "
+        "(medians over rounds; added = minus direct in the same round set)",
+        "",
+        "| system | p50 µs | p99 µs | p99.9 µs | added p50 | added p99 | added p99.9 | rps | errors | "
+        "proxy CPU s / 10k req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in result.summary:
+        cpu = f"{s.cpu_s_per_10k:.3f}" if s.cpu_s_per_10k is not None else "–"
+        lines.append(f"| {s.system} | {s.p50_us:.0f} | {s.p99_us:.0f} | {s.p999_us:.0f} | {s.added_p50_us:+.0f} | "
+                     f"{s.added_p99_us:+.0f} | {s.added_p999_us:+.0f} | {s.achieved_rps:.0f} | {s.errors} | {cpu} |")
+    if result.native_memory_kib:
+        lines += ["", f"Native sidecar memory after {result.native_requests_before_memory:,} requests: "
+                      f"RSS {result.native_memory_kib['VmRSS'] / 1024:.1f} MiB, "
+                      f"peak {result.native_memory_kib['VmHWM'] / 1024:.1f} MiB"]
+    embedded = {s.system: s for s in result.summary}
+    if "native" in embedded and "embedded" in embedded and embedded["native"].added_p99_us > 0:
+        ratio = embedded["embedded"].added_p99_us / embedded["native"].added_p99_us
+        lines.append(f"Embedded/native added p99: {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--duration", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--response-size", type=int, default=1024)
+    parser.add_argument("--memory-requests", type=int, default=100_000,
+                        help="requests through the native sidecar before reading its RSS")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the native proxy to CPU 0 and the load generator to CPU 1")
+    parser.add_argument("--json", type=Path, help="write the full result here")
+    args = parser.parse_args()
+    args.load_cpu = 1 if args.pin else None
+    proxy_cpu = 0 if args.pin else None
+
+    result = Result(
+        environment={"machine": platform.machine(), "cpus": os.cpu_count(), "kernel": platform.release(),
+                     "python": platform.python_version(), "pinned": args.pin,
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        load={"rate": args.rate, "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds,
+              "connections": args.connections, "response_size": args.response_size, "protocol": "http1"},
+    )
+    with tempfile.TemporaryDirectory() as tmp, backend(args.response_size) as upstream, \
+            native_proxy(upstream, Path(tmp), proxy_cpu) as (native_address, native_pid), \
+            embedded_proxy(upstream) as (embedded_address, embedded_pid):
+        served_by_native = 0
+        for round_ in range(args.rounds):
+            for system, address, pid in (("direct", upstream, None), ("native", native_address, native_pid),
+                                         ("embedded", embedded_address, embedded_pid)):
+                run = measure(system, round_, address, pid, args)
+                result.runs.append(run)
+                if system == "native":
+                    served_by_native += run.requests + round(args.rate * args.warmup)
+                print(f"round {round_ + 1}/{args.rounds} {system:8} p50 {run.latency_us['p50']:.0f} µs "
+                      f"p99 {run.latency_us['p99']:.0f} µs errors {run.errors}", file=sys.stderr)
+        # Top the native proxy up to the memory mark with a closed-loop burst.
+        for _ in range(10):  # bounded: each burst is a few seconds
+            remaining = args.memory_requests - served_by_native
+            if remaining <= 0:
+                break
+            burst = load(f"http://{native_address}/", 0, min(10.0, max(1.0, remaining / 10_000)), 0,
+                         args.connections, "bench", args.load_cpu)
+            served_by_native += burst["requests"]
+        result.native_memory_kib = memory_kib(native_pid)
+        result.native_requests_before_memory = served_by_native
+
+    result.summary = summarise(result.runs)
+    table = markdown(result)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    if shutil.which("taskset") is None and "--pin" in sys.argv:
+        sys.exit("--pin needs taskset (util-linux)")
+    sys.exit(main())
