@@ -9,10 +9,65 @@ use pymesh_engine::{config, ConfigError, Error, Proxy};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
+/// The engine's Tokio runtime, driven by a thread of its own so that Python threads
+/// only ever wait on it (with the GIL released) and never run it.
+struct Threads {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    driver: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Threads {
+    /// One thread (the default) is a current-thread runtime, as in the sidecar.
+    fn start(threads: usize) -> std::io::Result<Self> {
+        let mut builder = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads).thread_name("pymesh-worker");
+            builder
+        };
+        let runtime = builder.enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = std::thread::Builder::new()
+            .name("pymesh-engine".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            driver: Some(driver),
+        })
+    }
+
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.handle.block_on(future)
+    }
+
+    fn running(&self) -> bool {
+        self.driver.is_some()
+    }
+
+    /// Ends the runtime; tasks still running are dropped.
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.join();
+        }
+    }
+}
+
 /// A running engine. Created started; `stop()` drains it.
 #[pyclass(module = "pymesh._engine", name = "Engine")]
 struct Engine {
-    runtime: Option<tokio::runtime::Runtime>,
+    threads: Threads,
     proxy: Proxy,
 }
 
@@ -29,29 +84,27 @@ impl Engine {
         origin: Option<&str>,
     ) -> PyResult<Self> {
         let config = parse(py, config_text, origin)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("pymesh-worker")
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                PyRuntimeError::new_err(format!("cannot start the engine's threads: {e}"))
-            })?;
-        let proxy = py
-            .detach(|| runtime.block_on(Proxy::start(config)))
-            .map_err(|e| engine_error(py, e, origin))?;
-        Ok(Self {
-            runtime: Some(runtime),
-            proxy,
-        })
+        let mut engine_threads = Threads::start(threads).map_err(|e| {
+            PyRuntimeError::new_err(format!("cannot start the engine's threads: {e}"))
+        })?;
+        match py.detach(|| engine_threads.block_on(Proxy::start(config))) {
+            Ok(proxy) => Ok(Self {
+                threads: engine_threads,
+                proxy,
+            }),
+            Err(e) => {
+                py.detach(|| engine_threads.stop());
+                Err(engine_error(py, e, origin))
+            }
+        }
     }
 
     /// Replaces the running config; on error the running one stays.
     #[pyo3(signature = (config_text, origin = None))]
     fn reload(&self, py: Python<'_>, config_text: &str, origin: Option<&str>) -> PyResult<()> {
-        let runtime = self.runtime(py)?;
-        let proxy = self.proxy.clone();
-        py.detach(|| runtime.block_on(proxy.reload_text(config_text)))
+        self.check_running()?;
+        let proxy = &self.proxy;
+        py.detach(|| self.threads.block_on(proxy.reload_text(config_text)))
             .map_err(|e| engine_error(py, e, origin))
     }
 
@@ -59,21 +112,22 @@ impl Engine {
     /// stops the engine's threads. Returns whether everything drained in time.
     #[pyo3(signature = (grace = 5.0))]
     fn stop(&mut self, py: Python<'_>, grace: f64) -> PyResult<bool> {
-        let Some(runtime) = self.runtime.take() else {
+        if !self.threads.running() {
             return Ok(true);
-        };
+        }
         let grace = Duration::try_from_secs_f64(grace.max(0.0)).unwrap_or(Duration::from_secs(5));
         let proxy = self.proxy.clone();
+        let threads = &mut self.threads;
         Ok(py.detach(move || {
-            let drained = runtime.block_on(proxy.shutdown(grace));
-            runtime.shutdown_timeout(Duration::from_secs(1));
+            let drained = threads.block_on(proxy.shutdown(grace));
+            threads.stop();
             drained
         }))
     }
 
     #[getter]
     fn running(&self) -> bool {
-        self.runtime.is_some()
+        self.threads.running()
     }
 
     /// The admin endpoint's address, `IP:port`.
@@ -104,18 +158,18 @@ impl Engine {
 }
 
 impl Engine {
-    fn runtime(&self, _py: Python<'_>) -> PyResult<&tokio::runtime::Runtime> {
-        self.runtime
-            .as_ref()
-            .ok_or_else(|| PyRuntimeError::new_err("the proxy is stopped"))
+    fn check_running(&self) -> PyResult<()> {
+        if self.threads.running() {
+            Ok(())
+        } else {
+            Err(PyRuntimeError::new_err("the proxy is stopped"))
+        }
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
+        self.threads.stop();
     }
 }
 
@@ -168,8 +222,9 @@ where
 #[pyfunction]
 #[pyo3(signature = (filter = "info", json = false))]
 fn init_logging(filter: &str, json: bool) -> PyResult<bool> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("log filter {filter:?}: {e}")))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+        pyo3::exceptions::PyValueError::new_err(format!("log filter {filter:?}: {e}"))
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
