@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .bench import bench_app
 from .errors import MeshError
 from .proxy import Proxy, validate
 
@@ -19,6 +20,7 @@ app = typer.Typer(help="pymesh: a service mesh with a Rust data plane, driven fr
                   no_args_is_help=True)
 proxy_app = typer.Typer(help="Run or check a proxy in this process.", no_args_is_help=True)
 app.add_typer(proxy_app, name="proxy")
+app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)
 

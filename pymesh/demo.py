@@ -69,7 +69,10 @@ def run(requests: int = 30, instances: int = 2) -> DemoResult:
             "admin": {"address": "127.0.0.1:0"},
             "listeners": [{"name": "outbound", "address": "127.0.0.1:0", "direction": "OUTBOUND"}],
             "services": [
-                {"name": "hello", "endpoints": [{"address": a} for a in endpoints]},
+                # Round-robin, so the demo's one-at-a-time requests visibly spread; the
+                # default (P2C over PeakEWMA) would send them all to the fastest instance.
+                {"name": "hello", "endpoints": [{"address": a} for a in endpoints],
+                 "balancer": {"kind": "ROUND_ROBIN"}},
                 {"name": "gone", "endpoints": [{"address": "127.0.0.1:9"}]},
             ],
         }

@@ -135,11 +135,13 @@ def test_requests_balance_across_endpoints(start_proxy: ProxyFactory) -> None:
 
     backends = [start_echo_backend() for _ in range(3)]
     try:
-        proxy = start_proxy(make_config({"web": [b.address for b in backends]}))
+        config = make_config({"web": [b.address for b in backends]})
+        config["services"][0]["balancer"] = {"kind": "ROUND_ROBIN"}
+        proxy = start_proxy(config)
         with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": "web"}) as client:
             for _ in range(30):
                 assert client.get("/echo").status_code == 200
-        # Round-robin by default: every endpoint took part.
+        # Round-robin: every endpoint took part.
         assert all(b.connections >= 1 for b in backends)
     finally:
         for b in backends:

@@ -2,18 +2,22 @@
 //! sidecar (`pymesh-proxy`) and the Python extension (`pymesh.Proxy`).
 //!
 //! A connection flows `listen` → `detect` → `http` (hyper) or `tcp` (opaque) →
-//! `route` → `balance` → an upstream connection, with `metrics` recorded on the
-//! way and `admin` serving them. `config` validates what drives all of it.
+//! `route` → (`limit`, `retry`) → `balance` → an upstream connection, with `health`
+//! checking endpoints, `metrics` recorded on the way and `admin` serving them.
+//! `config` validates what drives all of it.
 
 pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod detect;
+pub mod health;
 pub mod http;
 pub mod io;
+pub mod limit;
 pub mod listen;
 pub mod metrics;
 pub mod proxy;
+pub mod retry;
 pub mod route;
 pub mod tcp;
 

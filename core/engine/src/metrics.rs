@@ -120,6 +120,38 @@ pub struct Metrics {
     pub tcp_read_bytes: Family<TcpLabels, Counter>,
     pub tcp_write_bytes: Family<TcpLabels, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub ejections: Family<ServiceLabels, Counter>,
+    pub shed: Family<ShedLabels, Counter>,
+    pub rate_limited: Family<ServiceLabels, Counter>,
+    pub endpoints: Family<EndpointStateLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub direction: DirectionLabel,
+    pub dst_service: Label,
+    /// `attempted`, or `budget_exhausted` when a retry was wanted but not allowed.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub dst_service: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    pub dst_service: Label,
+    /// `max_concurrent`, `max_pending` or `max_connections`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    pub dst_service: Label,
+    /// `total`, `ejected` or `unhealthy`.
+    pub state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,6 +179,11 @@ impl Metrics {
         let tcp_read_bytes = Family::<TcpLabels, Counter>::default();
         let tcp_write_bytes = Family::<TcpLabels, Counter>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        let ejections = Family::<ServiceLabels, Counter>::default();
+        let shed = Family::<ShedLabels, Counter>::default();
+        let rate_limited = Family::<ServiceLabels, Counter>::default();
+        let endpoints = Family::<EndpointStateLabels, Gauge>::default();
 
         registry.register("request", "HTTP requests received", requests.clone());
         registry.register("response", "HTTP responses sent", responses.clone());
@@ -177,6 +214,31 @@ impl Metrics {
             "Configuration reloads",
             config_reloads.clone(),
         );
+        registry.register(
+            "retry",
+            "Retries, attempted or refused by the budget",
+            retries.clone(),
+        );
+        registry.register(
+            "endpoint_ejections",
+            "Endpoints taken out of rotation by failure accrual",
+            ejections.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests refused by a service limit",
+            shed.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "balancer_endpoints",
+            "Endpoints per balancer, by state",
+            endpoints.clone(),
+        );
 
         Self {
             registry,
@@ -189,6 +251,11 @@ impl Metrics {
             tcp_read_bytes,
             tcp_write_bytes,
             config_reloads,
+            retries,
+            ejections,
+            shed,
+            rate_limited,
+            endpoints,
         }
     }
 

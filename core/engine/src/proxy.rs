@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ConfigError, ProxyConfig, Settings};
 use crate::listen::{self, Listening};
-use crate::metrics::{Metrics, ReloadLabels};
+use crate::metrics::{EndpointStateLabels, Metrics, ReloadLabels};
 use crate::route::Router;
 
 #[derive(Debug, thiserror::Error)]
@@ -181,7 +181,26 @@ impl Proxy {
     }
 
     pub fn metrics_text(&self) -> String {
-        self.inner.shared.metrics.render()
+        let shared = &self.inner.shared;
+        // Endpoint counts are read off the balancers when asked for, so services
+        // removed by a reload disappear from them too.
+        let gauges = &shared.metrics.endpoints;
+        gauges.clear();
+        for target in shared.router.load().targets() {
+            let balancer = &target.balancer;
+            for (state, count) in [
+                ("total", balancer.endpoints().len()),
+                ("ejected", balancer.ejected()),
+                ("unhealthy", balancer.unhealthy()),
+            ] {
+                let labels = EndpointStateLabels {
+                    dst_service: target.name.clone(),
+                    state,
+                };
+                gauges.get_or_create(&labels).set(count as i64);
+            }
+        }
+        shared.metrics.render()
     }
 
     /// The running config in the protobuf JSON mapping.

@@ -9,26 +9,33 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Semaphore;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Endpoint};
 use crate::config::{Direction, ServiceSettings, Settings};
-use crate::http::upstream::{http1_client, H2Connection, Http1Client};
+use crate::http::upstream::{http1_client, ConnectionLimits, Http1Client};
+use crate::limit::TokenBucket;
 use crate::metrics::{DirectionLabel, Label, Metrics, RouteLabels};
-
-/// One instance of a service.
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    pub authority: http::uri::Authority,
-    pub h2: H2Connection,
-}
+use crate::retry::RetryBudget;
 
 /// A service as the data plane uses it.
 pub struct Target {
     pub name: Label,
     pub settings: Arc<ServiceSettings>,
-    pub balancer: Balancer<Endpoint>,
+    pub balancer: Balancer,
     pub http1: Http1Client,
+    connection_limits: ConnectionLimits,
+    pub budget: RetryBudget,
+    /// Requests in flight to the service (`limits.max_concurrent`).
+    pub concurrency: Arc<Semaphore>,
+    /// Requests waiting for an upstream stream (`limits.max_pending`).
+    pub pending: Arc<Semaphore>,
+    pub rate_limit: Option<TokenBucket>,
+    /// Stops the service's health checks when the target is replaced.
+    _health_checks: Option<DropGuard>,
 }
 
 /// A service reached through one of its authorities.
@@ -84,6 +91,11 @@ impl Router {
         fallback.and_then(|name| self.by_authority.get(name))
     }
 
+    /// Every service's target, for figures such as endpoint counts.
+    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+        self.targets.values()
+    }
+
     fn by_authority(&self, authority: &str) -> Option<&Arc<Route>> {
         let lowered;
         let authority = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -103,38 +115,67 @@ impl Router {
 
 impl Target {
     fn new(settings: Arc<ServiceSettings>, previous: Option<&Target>) -> Self {
-        // Endpoints that stay keep their HTTP/2 connection when timeouts are unchanged.
+        let timeouts = settings.timeouts;
+        let limits = settings.policy.limits;
+        // Endpoints that stay keep their state (load, ejection, HTTP/2 connection)
+        // unless what they were built from changed.
         let reusable: HashMap<SocketAddr, &Arc<Endpoint>> = previous
-            .filter(|p| p.settings.timeouts == settings.timeouts)
+            .filter(|p| {
+                p.settings.timeouts.connect == timeouts.connect
+                    && p.settings.policy.limits == limits
+            })
             .map(|p| p.balancer.endpoints().iter().map(|e| (e.addr, e)).collect())
             .unwrap_or_default();
-        let endpoints = settings
+        let endpoints: Vec<Arc<Endpoint>> = settings
             .endpoints
             .iter()
-            .map(|e| {
-                let endpoint = match reusable.get(&e.addr) {
-                    Some(existing) => Arc::clone(existing),
-                    None => Arc::new(Endpoint {
-                        addr: e.addr,
-                        authority: e
-                            .addr
-                            .to_string()
-                            .parse()
-                            .expect("a socket address is a valid authority"),
-                        h2: H2Connection::new(e.addr, settings.timeouts.connect),
-                    }),
-                };
-                (endpoint, e.weight)
+            .map(|e| match reusable.get(&e.addr) {
+                Some(existing) if existing.weight == e.weight => Arc::clone(existing),
+                _ => Arc::new(Endpoint::new(
+                    e.addr,
+                    e.weight,
+                    timeouts.connect,
+                    limits.max_connections,
+                )),
             })
             .collect();
-        let http1 = match previous {
-            Some(p) if p.settings.timeouts == settings.timeouts => p.http1.clone(),
-            _ => http1_client(&settings.timeouts),
+        let caps: HashMap<SocketAddr, Arc<Semaphore>> = endpoints
+            .iter()
+            .map(|e| (e.addr, e.connections.clone()))
+            .collect();
+        // The HTTP/1 pool survives a reload when its timeouts do.
+        let (http1, connection_limits) = match previous {
+            Some(p) if p.settings.timeouts == timeouts => {
+                p.connection_limits.store(Arc::new(caps));
+                (p.http1.clone(), p.connection_limits.clone())
+            }
+            _ => {
+                let limits: ConnectionLimits = Arc::new(ArcSwap::from_pointee(caps));
+                (http1_client(&timeouts, limits.clone()), limits)
+            }
         };
+        let policy = &settings.policy;
+        let health_checks = policy.health_check.clone().map(|check| {
+            let stop = CancellationToken::new();
+            crate::health::spawn(
+                &settings.name,
+                &endpoints,
+                http1.clone(),
+                check,
+                stop.clone(),
+            );
+            stop.drop_guard()
+        });
         Self {
             name: Label::new(&settings.name),
-            balancer: Balancer::new(endpoints),
+            balancer: Balancer::new(endpoints, policy.balancer.clone(), policy.accrual),
             http1,
+            connection_limits,
+            budget: RetryBudget::new(policy.retries.budget),
+            concurrency: Arc::new(Semaphore::new(limits.max_concurrent)),
+            pending: Arc::new(Semaphore::new(limits.max_pending)),
+            rate_limit: policy.rate_limit.map(TokenBucket::new),
+            _health_checks: health_checks,
             settings,
         }
     }

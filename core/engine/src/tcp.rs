@@ -1,28 +1,53 @@
 //! Opaque TCP: bytes copied both ways to an endpoint, with half-close passed on
 //! (when one side finishes sending, the other side's write half is shut down).
+//! A failed connect counts against the endpoint and is tried on another one.
 
 use std::sync::Arc;
 
 use tokio::io::copy_bidirectional;
 
+use crate::balance::{Transition, Verdict};
 use crate::http::upstream::connect_tcp;
 use crate::io::ClientIo;
 use crate::route::Route;
 
+/// Endpoints tried before giving up on a connection.
+const CONNECT_TRIES: usize = 3;
+
 pub async fn forward(mut client: ClientIo, route: Arc<Route>) {
     let target = &route.target;
-    let Some(endpoint) = target.balancer.pick() else {
-        tracing::info!(service = %target.settings.name, "opaque connection closed: the service has no endpoints");
-        return;
-    };
-    let mut upstream = match connect_tcp(endpoint.addr, target.settings.timeouts.connect).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            tracing::info!(service = %target.settings.name, error = %e, "opaque connection closed");
+    let policy = &target.settings.policy;
+    for _ in 0..CONNECT_TRIES {
+        let Some(endpoint) = target.balancer.pick(None) else {
+            tracing::info!(service = %target.settings.name, "opaque connection closed: the service has no endpoints");
             return;
+        };
+        let in_flight = endpoint.start();
+        let connected = connect_tcp(endpoint.addr, target.settings.timeouts.connect).await;
+        let rtt = in_flight.finish();
+        let verdict = if connected.is_ok() {
+            Verdict::Success
+        } else {
+            Verdict::Failure
+        };
+        let transition =
+            endpoint.record(verdict, rtt, policy.balancer.decay, &policy.accrual, || {
+                target.balancer.may_eject()
+            });
+        if transition == Transition::Ejected {
+            tracing::warn!(service = %target.settings.name, endpoint = %endpoint.addr, "endpoint ejected after failures");
         }
-    };
-    if let Err(e) = copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(service = %target.settings.name, error = %e, "opaque connection ended with an error");
+        match connected {
+            Ok(mut upstream) => {
+                if let Err(e) = copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(service = %target.settings.name, error = %e, "opaque connection ended with an error");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::info!(service = %target.settings.name, error = %e, "opaque connect failed")
+            }
+        }
     }
+    tracing::info!(service = %target.settings.name, "opaque connection closed: no endpoint accepted it");
 }

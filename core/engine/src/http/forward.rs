@@ -1,23 +1,26 @@
-//! Forwarding one HTTP request: route it, pick an endpoint, send it on a pooled
-//! connection of the same protocol, and record the golden metrics.
+//! Forwarding one HTTP request: route it, admit it (rate limit, concurrency limit),
+//! give it a deadline (the request timeout, or a shorter `grpc-timeout`), hand it to
+//! the tries in `attempt`, and record the golden metrics.
 //!
-//! Bodies are streamed both ways (never buffered), trailers pass through, and an
-//! HTTP/1 protocol switch (`Upgrade`, e.g. WebSocket) is bridged as raw bytes.
+//! Bodies are streamed both ways (only a bounded copy is kept for retries), trailers
+//! pass through, and an HTTP/1 protocol switch (`Upgrade`, e.g. WebSocket) is
+//! bridged as raw bytes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, Request, Response, StatusCode, Uri};
+use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use super::attempt::{count_shed, parse_grpc_timeout};
 use super::body::{grpc_status, OnGrpcEnd, ProxyBody};
-use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::local::{respond, Reason};
 use crate::config::Direction;
 use crate::detect::Detected;
-use crate::metrics::{DirectionLabel, Label, LatencyLabels, Metrics, ResponseLabels, RouteLabels};
+use crate::metrics::{
+    DirectionLabel, Label, LatencyLabels, Metrics, ResponseLabels, RouteLabels, ServiceLabels,
+};
 use crate::proxy::Shared;
 use crate::route::{direction_index, Route};
 
@@ -30,7 +33,7 @@ pub struct ConnContext {
 }
 
 /// The outcome of forwarding, before metrics are recorded.
-enum Outcome {
+pub(super) enum Outcome {
     Upstream(Response<Incoming>),
     Local(Reason, String),
 }
@@ -56,14 +59,7 @@ pub async fn handle(
     let dir = direction_index(ctx.direction);
     route.count_request(dir, &ctx.shared.metrics);
 
-    let timeout = route.target.settings.timeouts.request;
-    let outcome = match timeout {
-        Some(limit) => match tokio::time::timeout(limit, forward(&ctx, &route, req)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::Local(Reason::Timeout, format!("no response within {limit:?}")),
-        },
-        None => forward(&ctx, &route, req).await,
-    };
+    let outcome = admit_and_forward(&ctx, &route, dir, req, start, grpc).await;
 
     let metrics = &ctx.shared.metrics;
     let labels = &route.labels[dir];
@@ -117,110 +113,62 @@ impl OnGrpcEnd for GrpcOutcome {
     }
 }
 
-async fn forward(ctx: &ConnContext, route: &Route, mut req: Request<Incoming>) -> Outcome {
+async fn admit_and_forward(
+    ctx: &ConnContext,
+    route: &Route,
+    dir: usize,
+    req: Request<Incoming>,
+    start: Instant,
+    grpc: bool,
+) -> Outcome {
     let target = &route.target;
-    let Some(endpoint) = target.balancer.pick() else {
+    if let Some(bucket) = &target.rate_limit {
+        if !bucket.try_take() {
+            ctx.shared
+                .metrics
+                .rate_limited
+                .get_or_create(&ServiceLabels {
+                    dst_service: target.name.clone(),
+                })
+                .inc();
+            return Outcome::Local(
+                Reason::RateLimited,
+                format!("service {:?} is over its rate limit", target.settings.name),
+            );
+        }
+    }
+    // Shed at once rather than queue without bound.
+    let Ok(_in_flight) = target.concurrency.clone().try_acquire_owned() else {
+        count_shed(ctx, route, "max_concurrent");
         return Outcome::Local(
-            Reason::NoEndpoints,
-            format!("service {:?} has no endpoints", target.settings.name),
+            Reason::Shed,
+            format!(
+                "service {:?} has too many requests in flight",
+                target.settings.name
+            ),
         );
     };
-    match ctx.protocol {
-        Detected::Http2 => {
-            strip_hop_by_hop(req.headers_mut(), false);
-            let mut sender = match endpoint.h2.sender().await {
-                Ok(sender) => sender,
-                Err(e) => return Outcome::Local(Reason::ConnectFailed, e.to_string()),
-            };
-            if let Err(e) = sender.ready().await {
-                return Outcome::Local(
-                    Reason::ConnectFailed,
-                    format!("HTTP/2 connection to {} closed: {e}", endpoint.addr),
-                );
-            }
-            match sender.send_request(req).await {
-                Ok(mut resp) => {
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                    Outcome::Upstream(resp)
-                }
-                Err(e) => Outcome::Local(Reason::UpstreamError, format!("{}: {e}", endpoint.addr)),
-            }
-        }
-        _ => {
-            let upgrade = wants_upgrade(req.headers());
-            let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            strip_hop_by_hop(req.headers_mut(), upgrade);
-            // Keep the authority a client sent in absolute-form as its Host.
-            if !req.headers().contains_key(header::HOST) {
-                if let Some(value) = req.uri().authority().and_then(|a| a.as_str().parse().ok()) {
-                    req.headers_mut().insert(header::HOST, value);
-                }
-            }
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(endpoint.authority.clone());
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-            }
-            match Uri::from_parts(parts) {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(e) => {
-                    return Outcome::Local(
-                        Reason::UpstreamError,
-                        format!("cannot address {}: {e}", endpoint.addr),
-                    )
-                }
-            }
-            match target.http1.request(req).await {
-                Ok(mut resp) => {
-                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    strip_hop_by_hop(resp.headers_mut(), switching);
-                    if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-                        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(bridge_upgrade(client_upgrade, upstream_upgrade));
-                    }
-                    Outcome::Upstream(resp)
-                }
-                Err(e) if e.is_connect() => Outcome::Local(
-                    Reason::ConnectFailed,
-                    format!(
-                        "connecting to {} failed: {}",
-                        endpoint.addr,
-                        source_chain(&e)
-                    ),
-                ),
-                Err(e) => Outcome::Local(
-                    Reason::UpstreamError,
-                    format!("{}: {}", endpoint.addr, source_chain(&e)),
-                ),
-            }
-        }
-    }
-}
+    target.budget.deposit();
 
-/// Copies bytes both ways once both sides have switched protocols.
-async fn bridge_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+    let configured = target.settings.timeouts.request;
+    let asked = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(parse_grpc_timeout);
+    let limit = match (configured, asked) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let deadline = limit.map(|limit| start + limit);
+    let tries = super::attempt::run(ctx, route, dir, req, deadline, grpc);
+    match (deadline, limit) {
+        (Some(deadline), Some(limit)) => tokio::time::timeout_at(deadline, tries)
+            .await
+            .unwrap_or_else(|_| {
+                Outcome::Local(Reason::Timeout, format!("no response within {limit:?}"))
+            }),
+        _ => tries.await,
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// `:authority` (HTTP/2, or HTTP/1 absolute-form), else the `Host` header.

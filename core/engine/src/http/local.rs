@@ -16,6 +16,9 @@ pub enum Reason {
     ConnectFailed,
     Timeout,
     UpstreamError,
+    /// A service limit (concurrency, pending, connections) refused the request.
+    Shed,
+    RateLimited,
 }
 
 impl Reason {
@@ -26,13 +29,16 @@ impl Reason {
             Reason::ConnectFailed => "connect-failed",
             Reason::Timeout => "timeout",
             Reason::UpstreamError => "upstream-error",
+            Reason::Shed => "shed",
+            Reason::RateLimited => "rate-limited",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             Reason::UnknownService => StatusCode::NOT_FOUND,
-            Reason::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::NoEndpoints | Reason::Shed => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::ConnectFailed | Reason::UpstreamError => StatusCode::BAD_GATEWAY,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -42,8 +48,11 @@ impl Reason {
     pub fn grpc_status(self) -> u32 {
         match self {
             Reason::UnknownService => 12, // UNIMPLEMENTED
-            Reason::NoEndpoints | Reason::ConnectFailed | Reason::UpstreamError => 14, // UNAVAILABLE
-            Reason::Timeout => 4, // DEADLINE_EXCEEDED
+            Reason::NoEndpoints | Reason::ConnectFailed | Reason::UpstreamError | Reason::Shed => {
+                14
+            } // UNAVAILABLE
+            Reason::RateLimited => 8,     // RESOURCE_EXHAUSTED
+            Reason::Timeout => 4,         // DEADLINE_EXCEEDED
         }
     }
 }

@@ -1,21 +1,29 @@
 //! Connections to endpoints for HTTP: a keep-alive pool per service for HTTP/1
-//! (hyper-util's pooled client) and one multiplexed HTTP/2 connection per endpoint.
+//! (hyper-util's pooled client, with a cap on connections per endpoint) and one
+//! multiplexed HTTP/2 connection per endpoint.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
-use hyper::body::Incoming;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::Uri;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::replay::RequestBody;
 use crate::config::Timeouts;
 
-pub type Http1Client = Client<HttpConnector, Incoming>;
+pub type Http1Client = Client<LimitedConnector, RequestBody>;
 
 /// Why an upstream connection could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -32,20 +40,25 @@ pub enum ConnectError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("{addr} has reached its connection limit")]
+    Limit { addr: SocketAddr },
 }
 
-/// A pooled HTTP/1 client whose connections honour the service's timeouts.
-pub fn http1_client(timeouts: &Timeouts) -> Http1Client {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(timeouts.connect));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
+/// Connection caps per endpoint address, replaced as endpoints change.
+pub type ConnectionLimits = Arc<ArcSwap<HashMap<SocketAddr, Arc<Semaphore>>>>;
+
+/// A pooled HTTP/1 client whose connections honour the service's timeouts and caps.
+pub fn http1_client(timeouts: &Timeouts, limits: ConnectionLimits) -> Http1Client {
+    let mut inner = HttpConnector::new();
+    inner.set_connect_timeout(Some(timeouts.connect));
+    inner.set_nodelay(true);
+    inner.enforce_http(true);
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle)
         .pool_max_idle_per_host(256)
-        .build(connector)
+        .build(LimitedConnector { inner, limits })
 }
 
 /// Opens a TCP connection within the connect timeout.
@@ -59,11 +72,106 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
     Ok(stream)
 }
 
+/// hyper-util's connector, refusing at once when an endpoint is at its cap.
+#[derive(Clone)]
+pub struct LimitedConnector {
+    inner: HttpConnector,
+    limits: ConnectionLimits,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for LimitedConnector {
+    type Response = LimitedIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<LimitedIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.inner, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let addr: Option<SocketAddr> = uri.authority().and_then(|a| a.as_str().parse().ok());
+        let permit = match addr
+            .and_then(|addr| self.limits.load().get(&addr).cloned().map(|s| (addr, s)))
+        {
+            Some((addr, semaphore)) => match semaphore.try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Box::pin(async move { Err(ConnectError::Limit { addr }.into()) }),
+            },
+            None => None,
+        };
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(LimitedIo {
+                io,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+pin_project! {
+    /// A pooled connection holding its slot under the endpoint's cap until it closes.
+    pub struct LimitedIo {
+        #[pin]
+        io: TokioIo<TcpStream>,
+        _permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl Connection for LimitedIo {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for LimitedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for LimitedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+}
+
 /// One shared HTTP/2 connection to an endpoint, re-established when it closes.
 pub struct H2Connection {
     addr: SocketAddr,
     connect_timeout: Duration,
-    current: ArcSwapOption<http2::SendRequest<Incoming>>,
+    current: ArcSwapOption<http2::SendRequest<RequestBody>>,
     // Serialises reconnects so a burst of requests opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -79,7 +187,7 @@ impl H2Connection {
     }
 
     /// A sender on a live connection, connecting first if there is none.
-    pub async fn sender(&self) -> Result<http2::SendRequest<Incoming>, ConnectError> {
+    pub async fn sender(&self) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
@@ -108,7 +216,7 @@ impl H2Connection {
         Ok(sender)
     }
 
-    fn live(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn live(&self) -> Option<http2::SendRequest<RequestBody>> {
         let guard = self.current.load();
         guard
             .as_ref()

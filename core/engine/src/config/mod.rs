@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use pymesh_api::config::v1 as api;
 
+pub mod policy;
+
 pub use api::ProxyConfig;
+pub use policy::ServicePolicy;
 
 /// A configuration that was rejected, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -123,13 +126,14 @@ pub struct ListenerSettings {
     pub protocol: ListenerProtocol,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSettings {
     pub name: String,
     /// Lower-cased `host` or `host:port` values, the name first.
     pub authorities: Vec<String>,
     pub endpoints: Vec<EndpointSettings>,
     pub timeouts: Timeouts,
+    pub policy: ServicePolicy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +149,8 @@ pub struct Timeouts {
     pub request: Option<Duration>,
     pub idle: Duration,
     pub detect: Duration,
+    /// One try of a request, when set.
+    pub per_try: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -154,6 +160,7 @@ impl Default for Timeouts {
             request: Some(Duration::from_secs(10)),
             idle: Duration::from_secs(90),
             detect: Duration::from_secs(1),
+            per_try: None,
         }
     }
 }
@@ -378,6 +385,7 @@ fn service(
         authorities,
         endpoints,
         timeouts: timeouts(defaults, svc.timeouts.as_ref(), &format!("{at}.timeouts"))?,
+        policy: policy::service_policy(svc, at)?,
     })
 }
 
@@ -407,6 +415,9 @@ fn timeouts(base: Timeouts, t: Option<&api::Timeouts>, at: &str) -> Result<Timeo
     }
     if let Some(d) = &t.detect {
         out.detect = positive(d, "detect")?;
+    }
+    if let Some(d) = &t.per_try {
+        out.per_try = Some(positive(d, "per_try")?);
     }
     if let Some(d) = &t.request {
         let value = duration(d, &format!("{at}.request"))?;

@@ -1,0 +1,85 @@
+"""The idle-connection client: open N TCP connections through a proxy with asyncio, send one
+HTTP/1.1 keep-alive request on each (so every proxy has parsed, routed and answered on it,
+and holds it as an idle keep-alive connection rather than an undecided socket), hold them all,
+call back to measure memory while they are held, then close them.
+
+Bounded everywhere: N connections, at most `concurrency` being opened at once, a timeout on
+every connect and response, a fixed hold time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+CONNECT_TIMEOUT_S = 5.0
+RESPONSE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class IdleOutcome:
+    """What happened to the connections, and what the callback measured while they were held."""
+
+    requested: int
+    opened: int = 0  # connected and answered 2xx
+    held: int = 0  # still open after the hold
+    failures: dict[str, int] = field(default_factory=dict)
+    measured: Any = None
+
+
+async def _open_one(host: str, port: int, authority: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nhost: {authority}\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RESPONSE_TIMEOUT_S)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next((int(v) for k, _, v in (line.partition(":") for line in lines[1:])
+                       if k.strip().lower() == "content-length"), None)
+        if length is None:
+            raise ValueError("response without content-length")
+        await asyncio.wait_for(reader.readexactly(length), RESPONSE_TIMEOUT_S)
+        if not 200 <= status < 300:
+            raise ValueError(f"status {status}")
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _hold(address: str, count: int, hold_s: float, concurrency: int,
+                measure: Callable[[], Any]) -> IdleOutcome:
+    host, _, port_text = address.rpartition(":")
+    outcome = IdleOutcome(requested=count)
+    gate = asyncio.Semaphore(concurrency)
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def one() -> None:
+        async with gate:
+            try:
+                connections.append(await _open_one(host.strip("[]"), int(port_text), address))
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, asyncio.LimitOverrunError) as e:
+                kind = type(e).__name__
+                outcome.failures[kind] = outcome.failures.get(kind, 0) + 1
+
+    try:
+        await asyncio.gather(*(one() for _ in range(count)))
+        outcome.opened = len(connections)
+        await asyncio.sleep(hold_s)
+        outcome.held = sum(1 for reader, _ in connections if not reader.at_eof())
+        outcome.measured = measure()
+    finally:
+        for _, writer in connections:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for _, w in connections), return_exceptions=True)
+    return outcome
+
+
+def hold_idle(address: str, count: int, hold_s: float, measure: Callable[[], Any],
+              concurrency: int = 100) -> IdleOutcome:
+    """Open `count` idle keep-alive connections to `address`, hold them `hold_s` seconds, call
+    `measure()` while they are held, close them, and say how many made it."""
+    return asyncio.run(_hold(address, count, hold_s, concurrency, measure))

@@ -1,0 +1,116 @@
+"""Driving `pymesh-loadgen`: what it can do (read from its `--help`), the command line for a
+scenario, and one bounded run that returns its `--json` report.
+
+A scenario the load generator cannot offer is reported as skipped with the reason (gRPC, a new
+connection per request) rather than approximated with something else.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .procs import pinned
+from .scenarios import Scenario
+
+# Flags the harness uses when the load generator gains these features.
+GRPC_PROTOCOL = "grpc"
+NEW_CONNECTION_FLAG = "--new-connection-per-request"
+EXIT_GRACE_S = 30.0
+
+
+class LoadgenError(Exception):
+    """The load generator failed or returned something unreadable."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which scenario features this build of the load generator supports."""
+
+    grpc: bool
+    new_connection: bool
+    help_text: str = ""
+
+    @classmethod
+    def of(cls, binary: Path) -> Capabilities:
+        result = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=20)
+        text = result.stdout
+        protocols = text.split("--protocol", 1)[1].split("\n      --", 1)[0] if "--protocol" in text else ""
+        return cls(grpc=f"- {GRPC_PROTOCOL}:" in protocols or f"{GRPC_PROTOCOL} =" in protocols,
+                   new_connection=NEW_CONNECTION_FLAG in text, help_text=text)
+
+    def unsupported(self, scenario: Scenario) -> str | None:
+        """Why the load generator cannot offer `scenario`, or None if it can."""
+        if scenario.kind == "idle":
+            return None  # the harness's own asyncio client holds idle connections
+        if scenario.protocol == "grpc" and not self.grpc:
+            return ("pymesh-loadgen cannot speak gRPC (its --protocol offers http1 and http2 only); "
+                    "gRPC unary is not faked with plain HTTP/2")
+        if scenario.new_connection_per_request and not self.new_connection:
+            return ("pymesh-loadgen has no new-connection-per-request mode (it always reuses keep-alive "
+                    f"connections; the harness would pass {NEW_CONNECTION_FLAG})")
+        return None
+
+
+def command(binary: Path, url: str, scenario: Scenario, *, cpu: int | None = None,
+            duration: float | None = None, warmup: float | None = None, rate: float | None = None) -> list[str]:
+    """The command line that offers `scenario` to `url` (the overrides serve short probes)."""
+    args = [
+        str(binary), "--url", url, "--json",
+        "--rate", f"{scenario.rate if rate is None else rate:g}",
+        "--duration", f"{scenario.duration if duration is None else duration:g}",
+        "--warmup", f"{scenario.warmup if warmup is None else warmup:g}",
+        "--connections", str(scenario.connections),
+        "--protocol", scenario.protocol,
+        "--method", scenario.method,
+        "--body-size", str(scenario.body_size),
+    ]
+    if scenario.protocol == "grpc":
+        args += ["--header", "content-type: application/grpc"]
+    if scenario.inflight is not None:
+        args += ["--inflight", str(scenario.inflight)]
+    if scenario.new_connection_per_request:
+        args.append(NEW_CONNECTION_FLAG)
+    return pinned(args, cpu)
+
+
+def run(args: list[str], expected_s: float, on_tick: Callable[[float], None] | None = None) -> dict[str, Any]:
+    """Run one load-generator command to completion (at most `expected_s` + a grace period),
+    calling `on_tick(elapsed_seconds)` a few times a second, and return its JSON report."""
+    # Files, not pipes: nothing the generator prints can fill a pipe and stall it.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(args, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True)
+        start = time.monotonic()
+        deadline = start + expected_s + EXIT_GRACE_S
+        try:
+            while process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise LoadgenError(f"pymesh-loadgen ran past {expected_s + EXIT_GRACE_S:.0f} s; killed")
+                if on_tick:
+                    on_tick(time.monotonic() - start)
+                time.sleep(0.1)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    if process.returncode != 0:
+        raise LoadgenError(f"pymesh-loadgen exited with {process.returncode}: {err.strip()[-1500:]}")
+    try:
+        report: dict[str, Any] = json.loads(out)
+    except json.JSONDecodeError as e:
+        raise LoadgenError(f"pymesh-loadgen printed no JSON: {out[-500:]!r} {err[-500:]!r}") from e
+    return report
+
+
+def expected_seconds(scenario: Scenario, duration: float | None = None, warmup: float | None = None) -> float:
+    """How long a run of `scenario` should take: warm-up + measured window + drain."""
+    return (scenario.warmup if warmup is None else warmup) + (scenario.duration if duration is None else duration) + 1

@@ -1,0 +1,91 @@
+"""What every system under test offers the runner: whether it is available here (else a reason,
+and it is reported as skipped), its version and configuration summary, and a context manager
+that starts it in front of a backend for one scenario and always stops it.
+
+Every proxy is given the same resources: one worker thread (`THREADS`), 127.0.0.1 ports from
+the OS, upstream keep-alive/pooling, no access log, and the scenario's protocol on both sides
+where it can speak it upstream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..procs import Child
+from ..scenarios import Scenario
+
+THREADS = 1  # pymesh's default engine thread count; every peer is matched to it
+
+
+class Unavailable(Exception):
+    """The system cannot run here; the message says why (it is reported as skipped)."""
+
+
+@dataclass
+class Context:
+    """What the runner gives every system: a scratch directory, pinning, extra paths."""
+
+    workdir: Path
+    proxy_cpu: int | None = None  # taskset CPU for the proxy, when pinning
+    linkerd2_proxy: Path | None = None
+
+
+@dataclass
+class Running:
+    """A started system: where to send load, and the process tree to measure (None: direct)."""
+
+    address: str
+    pid: int | None
+    config_name: str = ""  # file name for the generated config in the report directory
+    config_text: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class System(ABC):
+    """One system under test."""
+
+    name: ClassVar[str]
+    label: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise Unavailable when the system cannot run here."""
+
+    def version(self) -> str | None:
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """How the system is configured for the benchmark (for the report)."""
+        return {"threads": THREADS}
+
+    @abstractmethod
+    def start(self, upstream: str, scenario: Scenario) -> AbstractContextManager[Running]:
+        """Start in front of `upstream` (host:port of the backend) for `scenario`."""
+
+    def scratch(self, scenario: Scenario) -> Path:
+        path = self.context.workdir / scenario.name / self.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@contextmanager
+def supervised(child: Child) -> Iterator[Child]:
+    """Stop `child` however the block ends."""
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)

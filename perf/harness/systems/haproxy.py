@@ -1,0 +1,79 @@
+"""`haproxy`: HAProxy as an HTTP reverse proxy, a foreground child process (`-db`) with a
+generated config in a scratch directory: one thread (`nbthread 1`, matched to pymesh),
+keep-alive on both sides with idle upstream connections reused (`http-reuse always`), no log.
+
+HTTP/2 scenarios: the frontend binds `proto h2` (h2c, prior knowledge) and the server line
+says `proto h2`, so the upstream hop is HTTP/2 too, as pymesh's is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..procs import Child, free_port, pinned
+from ..scenarios import Scenario
+from ..tools import system_binary, version_of
+from .base import THREADS, Running, System, Unavailable, supervised
+
+CONFIG = """\
+global
+    nbthread {threads}
+    maxconn 10000
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 90s
+    timeout server 90s
+    timeout http-keep-alive 90s
+    option http-keep-alive
+    http-reuse always
+
+frontend bench
+    bind {listen}{proto}
+    default_backend upstream
+
+backend upstream
+    server backend {upstream}{proto}
+"""
+
+
+class Haproxy(System):
+    name = "haproxy"
+    label = "HAProxy"
+    description = "HAProxy reverse proxy, 1 thread, http-reuse always"
+
+    def binary(self) -> Path:
+        path = system_binary("haproxy")
+        if path is None:
+            raise Unavailable("haproxy is not installed (apt-get install haproxy; scripts/install --test)")
+        return path
+
+    def check(self) -> None:
+        self.binary()
+
+    def version(self) -> str | None:
+        return version_of([str(self.binary()), "-v"])
+
+    def settings(self) -> dict[str, Any]:
+        return {"threads": THREADS, "nbthread": THREADS, "http_reuse": "always",
+                "upstream": "HTTP/1.1 keep-alive; HTTP/2 (proto h2) for HTTP/2 clients", "log": "off"}
+
+    def config(self, upstream: str, listen: str, scenario: Scenario) -> str:
+        proto = " proto h2" if scenario.protocol in ("http2", "grpc") else ""
+        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto=proto)
+
+    @contextmanager
+    def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
+        workdir = self.scratch(scenario)
+        listen = f"127.0.0.1:{free_port()}"
+        path = workdir / "haproxy.cfg"
+        path.write_text(self.config(upstream, listen, scenario))
+        command = pinned([str(self.binary()), "-db", "-f", str(path)], self.context.proxy_cpu)
+        with supervised(Child(self.name, command, workdir / "haproxy.log")) as child:
+            child.wait_for_port(listen)
+            yield Running(address=listen, pid=child.pid, config_name=f"haproxy-{scenario.protocol}.cfg",
+                          config_text=path.read_text())

@@ -1,0 +1,51 @@
+"""`pymesh-embedded`: the same engine inside Python: a separate Python subprocess running
+`pymesh proxy run --config` (the `pymesh.Proxy` extension), measured as that Python process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..procs import Child, pinned
+from ..scenarios import Scenario
+from .base import THREADS, Running, System, Unavailable, supervised
+from .pymesh_native import ADMIN, LISTENING, proxy_config
+
+# `pymesh proxy run …` with this interpreter (no reliance on the console script or a pyenv shim).
+RUN_CLI = "import sys; from pymesh.cli import main; sys.argv[0] = 'pymesh'; main()"
+
+
+class PymeshEmbedded(System):
+    name = "pymesh-embedded"
+    label = "pymesh (embedded in Python)"
+    description = "`pymesh proxy run` in its own Python process: the engine as a Python extension"
+
+    def check(self) -> None:
+        if importlib.util.find_spec("pymesh") is None or importlib.util.find_spec("pymesh._engine") is None:
+            raise Unavailable("the pymesh Python package with its engine extension is not installed "
+                              "(scripts/install)")
+
+    def version(self) -> str | None:
+        import pymesh
+
+        return f"pymesh {pymesh.__version__} (Python {sys.version.split()[0]})"
+
+    def settings(self) -> dict[str, Any]:
+        return {"threads": THREADS, "python": sys.executable, "upstream": "as pymesh (same engine)"}
+
+    @contextmanager
+    def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
+        workdir = self.scratch(scenario)
+        path = workdir / "proxy.json"
+        path.write_text(json.dumps(proxy_config(upstream), indent=2))
+        command = pinned([sys.executable, "-c", RUN_CLI, "proxy", "run", "--config", str(path), "--log", "warn",
+                          "--threads", str(THREADS), "--grace", "1"], self.context.proxy_cpu)
+        with supervised(Child(self.name, command, workdir / "proxy.log")) as child:
+            address = child.wait_for_line(LISTENING).group(1)
+            child.wait_for_line(ADMIN)
+            yield Running(address=address, pid=child.pid, config_name="pymesh-embedded.json",
+                          config_text=path.read_text())

@@ -1,0 +1,174 @@
+"""`pymesh bench`: the perf harness from the command line (run, list, compare).
+
+The harness lives in the checkout's `perf/harness/` and is not installed with the package:
+these commands add the repository root to `sys.path` when `pymesh` runs from a checkout
+(an editable install, as scripts/install makes), and say so clearly otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HARNESS = REPO_ROOT / "perf" / "harness"
+
+bench_app = typer.Typer(
+    help="Benchmark pymesh side by side with direct connections, nginx, HAProxy, Envoy and linkerd2-proxy.",
+    no_args_is_help=True,
+)
+console = Console()
+err = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def harness() -> ModuleType:
+    """The `perf.harness` package of this checkout (exits with a clear message outside one)."""
+    if not (HARNESS / "__init__.py").is_file():
+        err.print("[red]pymesh bench needs a source checkout:[/red] the perf harness (perf/harness/) is not "
+                  f"installed with the package, and {HARNESS} does not exist. Clone the repository and install "
+                  "it from there (scripts/install makes an editable install), then run `pymesh bench` again.")
+        raise typer.Exit(2)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    module = importlib.import_module("perf.harness")
+    if not str(Path(module.__file__ or "").resolve()).startswith(str(HARNESS)):
+        err.print(f"[red]pymesh bench:[/red] `perf.harness` resolved to {module.__file__}, not {HARNESS}; "
+                  "another installed package named `perf` shadows the checkout's.")
+        raise typer.Exit(2)
+    return module
+
+
+@bench_app.command("run")
+def run(
+    scenarios: Annotated[str, typer.Option(help="Comma-separated scenario sets or names (see `pymesh bench list`), "
+                                                "e.g. smoke, full, http1,idle.")] = "smoke",
+    systems: Annotated[str, typer.Option(help="Comma-separated systems, or all. direct is always added "
+                                              "(the floor).")] = "all",
+    out: Annotated[Path | None, typer.Option(help="Directory for result.json, report.md and the PNG plots "
+                                                  "(default: perf/results/bench-TIMESTAMP).",
+                                             file_okay=False)] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds per scenario; figures are medians over rounds.",
+                                        min=1, max=100)] = 1,
+    pin: Annotated[bool, typer.Option(help="Pin the proxy to CPU 0 and the load generator to CPU 1 "
+                                           "(taskset).")] = False,
+    duration: Annotated[float | None, typer.Option(help="Override every load scenario's measured seconds.",
+                                                   min=0.5, max=600)] = None,
+    warmup: Annotated[float | None, typer.Option(help="Override every load scenario's warm-up seconds.",
+                                                 min=0, max=60)] = None,
+    linkerd2_proxy: Annotated[Path | None, typer.Option("--linkerd2-proxy", help="A linkerd2-proxy binary to "
+                                                        "include (needs LINKERD2_PROXY_* control-plane settings).",
+                                                        dir_okay=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start every system, run the scenarios against each (interleaved), and write the reports."""
+    h = harness()
+    try:
+        plan = h.Plan(scenarios=h.select_scenarios(scenarios), systems=h.select_systems(systems), rounds=rounds,
+                      pin=pin, duration=duration, warmup=warmup, linkerd2_proxy=linkerd2_proxy,
+                      command=shlex.join(["pymesh", "bench", *sys.argv[sys.argv.index("run"):]])
+                      if "run" in sys.argv else "pymesh bench run",
+                      scenario_spec=scenarios, system_spec=systems)
+    except ValueError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    from perf.harness import report
+    from perf.harness.tools import ToolMissing
+
+    target = out or REPO_ROOT / "perf" / "results" / f"bench-{datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        result = h.run(plan, err)
+    except (ValueError, ToolMissing) as e:
+        err.print(f"[red]cannot run:[/red] {e}")
+        raise typer.Exit(1) from e
+    paths = report.write(result, target)
+    if as_json:
+        console.print_json(json.dumps({"out": str(target), "files": {k: str(v) for k, v in paths.items()},
+                                       "outcomes": [o.__dict__ for o in result.outcomes]}))
+        return
+    console.print(paths["markdown"].read_text().split("## Plots")[0].rstrip(), markup=False, highlight=False)
+    console.print(f"\nwritten: {paths['json']}, {paths['markdown']}, {len(paths) - 2} plot(s) in {target}")
+
+
+@bench_app.command("list")
+def list_(as_json: JsonOption = False) -> None:
+    """The scenarios and sets, and the systems with whether each can run here."""
+    h = harness()
+    from perf.harness.loadgen import Capabilities
+    from perf.harness.systems import Context, Unavailable
+    from perf.harness.tools import RELEASE, ToolMissing, rust_tool
+
+    try:
+        capabilities = Capabilities.of(rust_tool("pymesh-loadgen", build=False))
+    except ToolMissing:
+        capabilities = None
+    scenario_rows: list[dict[str, Any]] = []
+    for s in h.SCENARIOS:
+        reason = capabilities.unsupported(s) if capabilities else f"pymesh-loadgen not built in {RELEASE}"
+        sets = [name for name, members in h.SETS.items() if s.name in members]
+        scenario_rows.append({**s.to_dict(), "sets": sets, "runnable": reason is None, "reason": reason or ""})
+    context = Context(Path("."))
+    system_rows = []
+    for name, cls in h.SYSTEMS.items():
+        system = cls(context)
+        try:
+            system.check()
+            status, reason = "available", ""
+        except Unavailable as e:
+            status, reason = "skipped", str(e)
+        system_rows.append({"name": name, "label": system.label, "description": system.description,
+                            "status": status, "reason": reason})
+    if as_json:
+        console.print_json(json.dumps({"scenarios": scenario_rows, "sets": h.SETS, "systems": system_rows}))
+        return
+    table = Table(title="scenarios", title_justify="left")
+    for column in ("name", "sets", "protocol", "rate", "response", "body", "conns", "seconds", "notes"):
+        table.add_column(column)
+    for s in scenario_rows:
+        rate = "closed loop" if s["kind"] == "max" else ("–" if s["kind"] == "idle" else f"{s['rate']:,.0f}")
+        conns = s["idle_connections"] if s["kind"] == "idle" else s["connections"]
+        seconds = s["idle_hold"] if s["kind"] == "idle" else s["duration"]
+        note = f"[yellow]skipped: {s['reason']}[/yellow]" if s["reason"] else s["description"]
+        table.add_row(s["name"], ",".join(x for x in s["sets"] if x != "full"), s["protocol"], rate,
+                      f"{s['response_size']:,} B", f"{s['body_size']:,} B", f"{conns:,}", f"{seconds:g}", note)
+    console.print(table)
+    systems_table = Table(title="systems", title_justify="left")
+    for column in ("name", "status", "what"):
+        systems_table.add_column(column)
+    for r in system_rows:
+        status = ("[green]available[/green]" if r["status"] == "available"
+                  else f"[yellow]skipped[/yellow]: {r['reason']}")
+        systems_table.add_row(r["name"], status, r["description"])
+    console.print(systems_table)
+
+
+@bench_app.command("compare")
+def compare(
+    old: Annotated[Path, typer.Argument(help="The earlier result.json.", exists=True, dir_okay=False)],
+    new: Annotated[Path, typer.Argument(help="The later result.json.", exists=True, dir_okay=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Per system and scenario: how each figure changed from OLD to NEW."""
+    harness()
+    from perf.harness import compare as compare_module
+
+    try:
+        rows = compare_module.compare_files(old, new)
+    except compare_module.CompareError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
+    if as_json:
+        console.print_json(json.dumps(compare_module.as_json(rows)))
+        return
+    compare_module.render(rows, console, str(old), str(new))

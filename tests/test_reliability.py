@@ -1,0 +1,762 @@
+"""Per-service reliability through the proxy, with numbers: failure accrual (ejection),
+PeakEWMA and the other balancers, retries with a budget and body replay, deadlines
+(request, per-try, gRPC), load shedding, rate limiting, memory under overload, and active
+health checks.
+
+Backends are `ControlBackend`s whose behaviour each test changes while traffic flows.
+Tests run against both front doors where the front door could matter (config plumbing,
+reloads); the heavier load tests use the native sidecar only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import gc
+import hashlib
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+import pymesh
+from pymesh.metrics import total
+
+from .conftest import NativeProxy, ProxyFactory, RunningProxy, make_config, wait_until
+from .control_backend import (
+    REQUEST_ID,
+    SERVED_BY,
+    ControlBackend,
+    ControlBackends,
+    ControlGrpcBackend,
+    GrpcHeaderRecorder,
+    grpc_timeout_seconds,
+)
+
+# ---- names the engine exposes for these features: adjust here, in one place -------------
+
+# Counter of endpoints taken out of rotation by failure accrual; labels: dst_service.
+EJECTIONS = "endpoint_ejections_total"
+# Counter of retries; labels: dst_service, and RETRY_RESULT = attempted | budget_exhausted.
+RETRIES = "retry_total"
+RETRY_RESULT = "result"
+RETRY_ATTEMPTED = "attempted"
+RETRY_BUDGET_EXHAUSTED = "budget_exhausted"
+# The header on answers the proxy makes itself, and its values.
+REASON = "pymesh-reason"
+SHED = "shed"
+RATE_LIMITED = "rate-limited"
+TIMEOUT = "timeout"
+NO_ENDPOINTS = "no-endpoints"
+CONNECT_FAILED = "connect-failed"
+
+SERVICE = "web"
+MiB = 1024 * 1024
+
+
+def service_config(addresses: list[str], **service: Any) -> dict[str, Any]:
+    """One listener, one service `web` over `addresses`, with `service` settings merged in
+    (protobuf JSON names). The schema already knows every setting, so it is checked here."""
+    config = make_config({SERVICE: addresses})
+    config["services"][0].update(service)
+    pymesh.validate(config)
+    return config
+
+
+def with_endpoints(config: dict[str, Any], addresses: list[str]) -> dict[str, Any]:
+    changed = copy.deepcopy(config)
+    changed["services"][0]["endpoints"] = [{"address": a} for a in addresses]
+    return changed
+
+
+def retries(text: str, result: str) -> float:
+    return total(text, RETRIES, dst_service=SERVICE, **{RETRY_RESULT: result})
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    index: int
+    status: int | None  # None: the client got no response (error says why)
+    served_by: str
+    reason: str
+    latency: float
+    error: str = ""
+
+
+@dataclass
+class Load:
+    """Client threads sending GETs, each on one keep-alive connection, bounded in count and
+    time; paced to `rate` requests per second over all clients if given, else flat out.
+    Outcomes are kept in completion order."""
+
+    address: str
+    host: str = SERVICE
+    path: str = "/work"
+    clients: int = 4
+    rate: float | None = None
+    max_requests: int = 10_000
+    max_seconds: float = 30.0
+    headers: Callable[[int], dict[str, str]] | None = None
+    timeout: float = 10.0
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _next: int = 0
+    _started: float = 0.0
+    elapsed: float = 0.0
+
+    def __enter__(self) -> Load:
+        self._started = time.monotonic()
+        for _ in range(self.clients):
+            thread = threading.Thread(target=self._run, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+    def join(self) -> None:
+        """Waits for the clients to reach their bounds (or to be stopped)."""
+        for thread in self._threads:
+            thread.join(timeout=self.max_seconds + self.timeout + 5)
+        if not self.elapsed:
+            self.elapsed = time.monotonic() - self._started
+
+    @property
+    def sent(self) -> int:
+        with self._lock:
+            return len(self.outcomes)
+
+    @property
+    def statuses(self) -> Counter[int | None]:
+        with self._lock:
+            return Counter(o.status for o in self.outcomes)
+
+    @property
+    def errors(self) -> list[str]:
+        with self._lock:
+            return [o.error for o in self.outcomes if o.status is None]
+
+    @property
+    def served_by(self) -> Counter[str]:
+        with self._lock:
+            return Counter(o.served_by for o in self.outcomes)
+
+    def wait_for(self, requests: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sent < requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.sent >= requests, f"load stalled at {self.sent} of {requests} requests"
+
+    def _take(self) -> int | None:
+        with self._lock:
+            index = self._next
+            if index >= self.max_requests:
+                return None
+            self._next += 1
+            return index
+
+    def _run(self) -> None:
+        deadline = self._started + self.max_seconds
+        with httpx.Client(base_url=f"http://{self.address}", headers={"host": self.host},
+                          timeout=self.timeout) as client:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                index = self._take()
+                if index is None:
+                    return
+                if self.rate:
+                    slot = self._started + index / self.rate
+                    if self._stop.wait(max(0.0, slot - time.monotonic())):
+                        return
+                headers = self.headers(index) if self.headers else None
+                started = time.monotonic()
+                try:
+                    response = client.get(self.path, headers=headers)
+                    outcome = Outcome(index, response.status_code, response.headers.get(SERVED_BY, ""),
+                                      response.headers.get(REASON, ""), time.monotonic() - started)
+                except httpx.HTTPError as e:
+                    outcome = Outcome(index, None, "", "", time.monotonic() - started,
+                                      f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self.outcomes.append(outcome)
+
+
+def sequential(address: str, count: int, *, host: str = SERVICE, path: str = "/work") -> list[Outcome]:
+    """`count` GETs one after another on one connection, with the collector paused."""
+    outcomes = []
+    gc.collect()
+    gc.disable()
+    try:
+        with httpx.Client(base_url=f"http://{address}", headers={"host": host}, timeout=10) as client:
+            for i in range(count):
+                started = time.monotonic()
+                response = client.get(path)
+                outcomes.append(Outcome(i, response.status_code, response.headers.get(SERVED_BY, ""),
+                                        response.headers.get(REASON, ""), time.monotonic() - started))
+    finally:
+        gc.enable()
+    return outcomes
+
+
+@dataclass
+class Burst:
+    """Clients whose connections to the proxy are opened beforehand (through an unlimited
+    `warm` service), released at once by a barrier, each sending `per_client` GETs."""
+
+    proxy: RunningProxy
+    clients: int
+    per_client: int = 1
+    outcomes: list[Outcome] = field(default_factory=list)
+    duration: float = 0.0
+
+    connections: list[httpx.Client] = field(default_factory=list)
+
+    def open(self) -> Burst:
+        """Opens every client's connection, one request at a time (nothing may hit a limit)."""
+        for _ in range(self.clients):
+            client = httpx.Client(base_url=f"http://{self.proxy.address()}", timeout=10)
+            self.connections.append(client)
+            assert client.get("/warm-up", headers={"host": "warm"}).status_code == 200
+        return self
+
+    def run(self) -> list[Outcome]:
+        lock = threading.Lock()
+        barrier = threading.Barrier(self.clients + 1)
+        connections = self.connections
+        assert len(connections) == self.clients, "open() first"
+        try:
+
+            def send(i: int) -> None:
+                barrier.wait(timeout=10)
+                for j in range(self.per_client):
+                    started = time.monotonic()
+                    try:
+                        response = connections[i].get("/work", headers={"host": SERVICE})
+                        outcome = Outcome(i * self.per_client + j, response.status_code,
+                                          response.headers.get(SERVED_BY, ""), response.headers.get(REASON, ""),
+                                          time.monotonic() - started)
+                    except httpx.HTTPError as e:
+                        outcome = Outcome(i, None, "", "", time.monotonic() - started, f"{type(e).__name__}: {e}")
+                    with lock:
+                        self.outcomes.append(outcome)
+
+            threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(self.clients)]
+            for thread in threads:
+                thread.start()
+            barrier.wait(timeout=10)
+            started = time.monotonic()
+            for thread in threads:
+                thread.join(timeout=30)
+            self.duration = time.monotonic() - started
+            assert not any(t.is_alive() for t in threads), "burst clients did not finish"
+        finally:
+            for client in connections:
+                client.close()
+        return self.outcomes
+
+
+def with_warm_service(config: dict[str, Any], address: str) -> dict[str, Any]:
+    """Adds a service `warm` without limits, for opening client connections beforehand."""
+    config = copy.deepcopy(config)
+    config["services"].append({"name": "warm", "endpoints": [{"address": address}]})
+    return config
+
+
+@pytest.fixture
+def backends3() -> Iterator[ControlBackends]:
+    with ControlBackends(3) as backends:
+        yield backends
+
+
+# ---- failure accrual ----------------------------------------------------------------------
+
+
+def test_failing_endpoint_is_ejected(start_proxy: ProxyFactory, backends3: ControlBackends) -> None:
+    """One of three endpoints answers every request 503: once failure accrual has ejected it,
+    clients see ≥ 99.9% success, and the failing endpoint sees almost no traffic."""
+    bad = backends3[2]
+    bad.fail(1.0, 503)
+    proxy = start_proxy(service_config(backends3.addresses,
+                                       failureAccrual={"consecutiveFailures": 5, "baseEjection": "1s"}))
+    with Load(proxy.address(), clients=4, max_requests=2000, max_seconds=60) as load:
+        load.join()
+    assert load.errors == [], load.errors[:5]
+    assert load.sent == 2000
+    after = load.outcomes[100:]
+    succeeded = sum(1 for o in after if o.status == 200)
+    assert succeeded / len(after) >= 0.999, Counter((o.status, o.reason) for o in after)
+    # Ejected, not merely retried around: only the first failures and the re-admission
+    # probes reach it (5 + one per ejection period).
+    assert bad.traffic <= 40, f"the failing endpoint still got {bad.traffic} of 2000 requests"
+    assert total(proxy.metrics(), EJECTIONS, dst_service=SERVICE) >= 1
+
+
+# ---- balancers ----------------------------------------------------------------------------
+
+
+def test_peak_ewma_steers_away_from_a_slow_endpoint(native_proxy: Callable[..., NativeProxy],
+                                                    backends3: ControlBackends) -> None:
+    """One endpoint 50 ms slower, default balancer: the client's p99 stays within 2× of a
+    healthy endpoint's own p99, and most traffic goes to the fast endpoints."""
+    slow, healthy = backends3[0], backends3[1]
+    slow.set_latency(0.050)
+    proxy = native_proxy(service_config(backends3.addresses))  # PEAK_EWMA is the default
+
+    baseline = sequential(healthy.address, 2000)
+    sequential(proxy.address(), 200)  # warm-up: the balancer learns the latencies
+    measured = sequential(proxy.address(), 2000)
+
+    assert {o.status for o in baseline} == {200} and {o.status for o in measured} == {200}
+    healthy_p99 = percentile([o.latency for o in baseline], 0.99)
+    p99 = percentile([o.latency for o in measured], 0.99)
+    served = Counter(o.served_by for o in measured)
+    assert p99 <= 2 * healthy_p99, (
+        f"p99 through the proxy {p99 * 1000:.2f} ms vs healthy endpoint {healthy_p99 * 1000:.2f} ms; "
+        f"served by {dict(served)}")
+    fast_share = (len(measured) - served[slow.name]) / len(measured)
+    assert fast_share >= 0.95, dict(served)
+    assert served[backends3[1].name] > 0 and served[backends3[2].name] > 0, dict(served)
+
+
+def test_round_robin_spreads_evenly(start_proxy: ProxyFactory, backends3: ControlBackends) -> None:
+    proxy = start_proxy(service_config(backends3.addresses, balancer={"kind": "ROUND_ROBIN"}))
+    outcomes = sequential(proxy.address(), 300)
+    assert {o.status for o in outcomes} == {200}
+    served = Counter(o.served_by for o in outcomes)
+    assert set(served) == {b.name for b in backends3}
+    assert max(served.values()) - min(served.values()) <= 2, dict(served)
+    assert [b.traffic for b in backends3] == [served[b.name] for b in backends3]
+
+
+def test_least_request_prefers_the_idle_endpoint(native_proxy: Callable[..., NativeProxy]) -> None:
+    """Two endpoints, one holding every request 300 ms: with LEAST_REQUEST nearly all
+    requests go to the one with nothing in flight (round-robin would split them evenly)."""
+    with ControlBackends(2) as backends:
+        busy, idle = backends[0], backends[1]
+        busy.set_latency(0.3)
+        proxy = native_proxy(service_config(backends.addresses, balancer={"kind": "LEAST_REQUEST"}))
+        with Load(proxy.address(), clients=8, max_requests=4000, max_seconds=3) as load:
+            load.join()
+        assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
+        served = load.served_by
+        assert load.sent >= 200, f"only {load.sent} requests in 3 s"
+        assert served[idle.name] / load.sent >= 0.9, dict(served)
+
+
+def test_ring_hash_is_sticky_and_reloads_fail_nothing(start_proxy: ProxyFactory) -> None:
+    """RING_HASH on `x-user`: a user always reaches the same endpoint; adding an endpoint moves
+    users only onto it, removing one moves only its users; and neither reload fails a
+    request in flight."""
+    users = [f"user-{i}" for i in range(40)]
+    with ControlBackends(4) as backends:
+        a, b, c, d = backends
+        for backend in backends:
+            backend.set_latency(0.010)  # so that requests are in flight at each reload
+        config = service_config([a.address, b.address, c.address],
+                                balancer={"kind": "RING_HASH", "hashHeader": "x-user"})
+        proxy = start_proxy(config)
+
+        def placement() -> dict[str, str]:
+            placed: dict[str, str] = {}
+            with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": SERVICE},
+                              timeout=10) as client:
+                for user in users:
+                    seen = set()
+                    for _ in range(3):
+                        response = client.get("/who", headers={"x-user": user})
+                        assert response.status_code == 200, response.text
+                        seen.add(response.headers[SERVED_BY])
+                    assert len(seen) == 1, f"{user} was spread over {seen}"
+                    placed[user] = seen.pop()
+            return placed
+
+        before = placement()
+        assert len(set(before.values())) >= 2, f"40 users all hashed to one endpoint: {before}"
+
+        with Load(proxy.address(), clients=4, max_requests=20_000, max_seconds=40,
+                  headers=lambda i: {"x-user": users[i % len(users)]}) as load:
+            load.wait_for(100)
+            proxy.reload(with_endpoints(config, [a.address, b.address, c.address, d.address]))
+            load.wait_for(load.sent + 100)
+            grown = placement()
+            proxy.reload(with_endpoints(config, [b.address, c.address, d.address]))
+            load.wait_for(load.sent + 100)
+            shrunk = placement()
+            load.wait_for(load.sent + 50)
+        assert load.errors == [], load.errors[:5]
+        assert set(load.statuses) == {200}, load.statuses
+
+        assert d.name in grown.values(), "the added endpoint got no users"
+        moved = {u: (before[u], grown[u]) for u in users if grown[u] not in (before[u], d.name)}
+        assert moved == {}, f"adding an endpoint moved users between old endpoints: {moved}"
+        assert a.name not in shrunk.values()
+        moved = {u: (grown[u], shrunk[u]) for u in users if grown[u] != a.name and shrunk[u] != grown[u]}
+        assert moved == {}, f"removing an endpoint moved users of other endpoints: {moved}"
+
+
+# ---- retries ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["graceful", "abrupt"])
+def test_rolling_restart_loses_no_get(native_proxy: Callable[..., NativeProxy],
+                                      backends3: ControlBackends, graceful: bool) -> None:
+    """All three endpoints restarted one after another under ~500 requests/s: not one GET is
+    lost. Graceful (in-flight requests finish, idle connections close) relies on the default
+    retry policy and failure accrual; abrupt (every connection reset) also retries `reset`."""
+    for backend in backends3:
+        backend.set_latency(0.010)  # ~5 requests in flight at any time
+    service: dict[str, Any] = {}
+    if not graceful:
+        service["retries"] = {"retryOn": ["connect-failure", "reset", "gateway-error"]}
+    proxy = native_proxy(service_config(backends3.addresses, **service))
+    rate = 500
+    served_after_restart = {}
+    with Load(proxy.address(), clients=12, rate=rate, max_requests=rate * 12, max_seconds=12) as load:
+        load.wait_for(rate // 2)
+        for backend in backends3:
+            backend.stop(graceful=graceful)
+            time.sleep(0.5)
+            backend.start()
+            came_back = backend.traffic
+            time.sleep(2.5)
+            served_after_restart[backend.name] = backend.traffic - came_back
+        load.stop()
+    assert load.errors == [], (len(load.errors), load.errors[:5])
+    assert set(load.statuses) == {200}, (load.statuses, Counter(o.reason for o in load.outcomes if o.status != 200))
+    assert load.sent >= 0.6 * rate * load.elapsed, f"only {load.sent} requests in {load.elapsed:.1f} s"
+    # Each endpoint was taken back into rotation after its restart.
+    assert all(n > 0 for n in served_after_restart.values()), served_after_restart
+
+
+def test_retry_budget_caps_extra_load(native_proxy: Callable[..., NativeProxy],
+                                      backends3: ControlBackends) -> None:
+    """Every endpoint fails: retries add at most ratio × requests + min_per_second × seconds,
+    far below the max_attempts× a budgetless retry policy would send."""
+    for backend in backends3:
+        backend.fail(1.0, 503)
+    ratio, min_per_second, max_attempts = 0.2, 1, 3
+    proxy = native_proxy(service_config(
+        backends3.addresses,
+        retries={"maxAttempts": max_attempts, "budget": {"ratio": ratio, "minPerSecond": min_per_second}},
+        failureAccrual={"consecutiveFailures": 0},  # off: only the budget limits retries here
+    ))
+    requests = 300
+    with Load(proxy.address(), clients=4, rate=100, max_requests=requests, max_seconds=30) as load:
+        load.join()
+    assert load.errors == [] and load.sent == requests, (load.sent, load.errors[:3])
+    assert set(load.statuses) == {503}, load.statuses
+    received = backends3.traffic
+    seconds = math.ceil(load.elapsed)
+    bound = requests * (1 + ratio) + min_per_second * seconds + 10
+    assert received <= bound, f"backends got {received} requests for {requests} sent (bound {bound:.0f})"
+    assert received < 1.5 * requests < requests * max_attempts
+    assert received > requests, "no retry was attempted at all"
+    text = proxy.metrics()
+    attempted, exhausted = retries(text, RETRY_ATTEMPTED), retries(text, RETRY_BUDGET_EXHAUSTED)
+    assert attempted == received - requests, (attempted, received)
+    assert exhausted >= requests / 2, f"{RETRIES}{{{RETRY_RESULT}={RETRY_BUDGET_EXHAUSTED}}} = {exhausted}"
+
+
+def _chunks(body: bytes, size: int = 1000) -> Iterator[bytes]:
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
+def test_retries_replay_request_bodies(start_proxy: ProxyFactory) -> None:
+    """POSTs (retry_non_idempotent) against a backend failing every other request all
+    succeed, and every copy of every body the backend received is intact, sized or chunked.
+    A body over max_body_bytes is sent once and not retried."""
+    with ControlBackend("a") as backend:
+        backend.fail(0.5, 503)
+        proxy = start_proxy(service_config(
+            [backend.address],
+            retries={"retryNonIdempotent": True, "maxAttempts": 3, "maxBodyBytes": 16 * 1024,
+                     "budget": {"ratio": 1.0, "minPerSecond": 100}},
+            failureAccrual={"consecutiveFailures": 0},
+        ))
+        bodies = {f"small-{i}": os.urandom(10 * 1024) for i in range(40)}
+        with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": SERVICE}, timeout=10) as client:
+            for i, (request_id, body) in enumerate(bodies.items()):
+                content = body if i % 2 == 0 else _chunks(body)  # Content-Length, then chunked
+                response = client.post("/upload", content=content, headers={REQUEST_ID: request_id})
+                assert response.status_code == 200, (request_id, response.status_code, response.text)
+                assert response.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+            copies: dict[str, list[tuple[int, str]]] = defaultdict(list)
+            for seen in backend.received:
+                copies[seen.request_id].append((seen.body_size, seen.body_sha256))
+            for request_id, body in bodies.items():
+                expected = (len(body), hashlib.sha256(body).hexdigest())
+                assert copies[request_id] and set(copies[request_id]) == {expected}, request_id
+            replayed = [r for r in bodies if len(copies[r]) > 1]
+            assert len(replayed) >= len(bodies) // 4, f"only {len(replayed)} requests were retried"
+
+            # Every attempt fails now: a small body is tried max_attempts times, a big one once.
+            backend.fail(1.0, 503)
+            small, big = os.urandom(10 * 1024), os.urandom(32 * 1024)
+            for request_id, body in (("small-failing", small), ("big-failing", big)):
+                response = client.post("/upload", content=body, headers={REQUEST_ID: request_id})
+                assert response.status_code == 503, response.text
+        attempts = Counter(seen.request_id for seen in backend.received)
+        assert attempts["small-failing"] == 3
+        assert attempts["big-failing"] == 1, "a body over max_body_bytes was retried"
+        [big_seen] = [s for s in backend.received if s.request_id == "big-failing"]
+        assert (big_seen.body_size, big_seen.body_sha256) == (len(big), hashlib.sha256(big).hexdigest())
+
+
+def test_grpc_unavailable_is_retried(start_proxy: ProxyFactory) -> None:
+    """A gRPC backend answering every other call UNAVAILABLE: with retries (retry_on_grpc
+    defaults to UNAVAILABLE) every call succeeds."""
+    with ControlGrpcBackend("g") as backend:
+        backend.fail(0.5, grpc.StatusCode.UNAVAILABLE)
+        proxy = start_proxy(service_config(
+            [backend.address],
+            retries={"retryNonIdempotent": True, "budget": {"ratio": 1.0, "minPerSecond": 100}},
+            failureAccrual={"consecutiveFailures": 0},
+        ))
+        with grpc_channel(proxy) as channel:
+            call = channel.unary_unary("/test.Echo/Unary")
+            for i in range(30):
+                assert call(b"hello-%d" % i, timeout=5) == b"g:hello-%d" % i
+        outcomes = backend.outcomes()
+        assert outcomes[grpc.StatusCode.UNAVAILABLE] >= 10, outcomes
+        assert outcomes[grpc.StatusCode.OK] == 30, outcomes
+        assert retries(proxy.metrics(), RETRY_ATTEMPTED) == outcomes[grpc.StatusCode.UNAVAILABLE]
+
+
+# ---- deadlines ----------------------------------------------------------------------------
+
+
+def test_service_request_timeout_answers_504_quickly(start_proxy: ProxyFactory) -> None:
+    with ControlBackend() as slow:
+        slow.set_latency(2.0)
+        proxy = start_proxy(service_config([slow.address], timeouts={"request": "0.3s"}))
+        started = time.monotonic()
+        response = httpx.get(f"http://{proxy.address()}/work", headers={"host": SERVICE}, timeout=10)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    assert response.headers.get(REASON) == TIMEOUT
+    assert 0.25 <= elapsed < 1.0, f"answered after {elapsed:.2f} s"
+
+
+def test_per_try_timeout_retries_on_the_fast_endpoint(start_proxy: ProxyFactory) -> None:
+    with ControlBackends(2) as backends:
+        slow, fast = backends[0], backends[1]
+        slow.set_latency(2.0)
+        proxy = start_proxy(service_config(backends.addresses, balancer={"kind": "ROUND_ROBIN"},
+                                           timeouts={"perTry": "0.1s", "request": "5s"}))
+        with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": SERVICE}, timeout=10) as client:
+            for i in range(10):
+                started = time.monotonic()
+                response = client.get(f"/work/{i}")
+                elapsed = time.monotonic() - started
+                assert response.status_code == 200, (i, response.status_code, response.headers.get(REASON))
+                assert response.headers[SERVED_BY] == fast.name
+                assert elapsed < 0.5, f"request {i} took {elapsed:.2f} s"
+        assert slow.traffic >= 1, "the slow endpoint was never tried"
+        assert retries(proxy.metrics(), RETRY_ATTEMPTED) >= 1
+
+
+def grpc_channel(proxy: RunningProxy, authority: str = SERVICE) -> grpc.Channel:
+    return grpc.insecure_channel(proxy.address(), options=[
+        ("grpc.default_authority", authority),
+        ("grpc.enable_http_proxy", 0),
+        ("grpc.enable_retries", 0),  # retries, if any, are the proxy's
+    ])
+
+
+def test_grpc_client_deadline_is_propagated(start_proxy: ProxyFactory) -> None:
+    """A client deadline of 0.3 s against a 2 s handler: DEADLINE_EXCEEDED at the deadline,
+    the server saw the deadline (not none), and its handler was cancelled, not left running."""
+    with ControlGrpcBackend("g") as backend:
+        backend.set_latency(2.0)
+        proxy = start_proxy(service_config([backend.address]))
+        with grpc_channel(proxy) as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary("/test.Echo/Slow")(b"x", timeout=0.3)
+            elapsed = time.monotonic() - started
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        assert elapsed < 0.5, f"DEADLINE_EXCEEDED after {elapsed:.2f} s"
+        assert wait_until(lambda: backend.total == 1, timeout=2)
+        [call] = backend.calls
+        assert call.deadline is not None, "the server saw no deadline: grpc-timeout was not propagated"
+        assert 0 < call.deadline <= 0.31, call  # grpcio rounds 0.3 s up to "301m" on the wire
+        assert call.cancelled_after is not None and call.cancelled_after < 0.6, call
+
+
+def test_grpc_timeout_header_shrinks_through_the_proxy(start_proxy: ProxyFactory) -> None:
+    """A gRPC request sent with `grpc-timeout: 300m` reaches the server with less than
+    300 ms: the proxy forwards the time left, not the client's header unchanged."""
+    with GrpcHeaderRecorder() as recorder:
+        proxy = start_proxy(service_config([recorder.address]))
+        with httpx.Client(http1=False, http2=True, base_url=f"http://{proxy.address()}", timeout=5) as client:
+            response = client.post("/test.Echo/Unary", content=b"\x00\x00\x00\x00\x00", headers={
+                "host": SERVICE, "content-type": "application/grpc", "te": "trailers", "grpc-timeout": "300m",
+            })
+        assert response.status_code == 200 and response.headers.get("grpc-status") == "0", response.headers
+        [seen] = recorder.headers
+        assert "grpc-timeout" in seen, f"grpc-timeout was dropped: {seen}"
+        forwarded = grpc_timeout_seconds(seen["grpc-timeout"])
+        assert 0.2 < forwarded < 0.3, f"the server got grpc-timeout {seen['grpc-timeout']} for a client's 300m"
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+def test_max_concurrent_sheds_the_excess_fast(start_proxy: ProxyFactory) -> None:
+    with ControlBackend() as backend:
+        proxy = start_proxy(with_warm_service(
+            service_config([backend.address], limits={"maxConcurrent": 5}), backend.address))
+        burst = Burst(proxy, clients=50).open()
+        backend.set_latency(1.0)
+        backend.reset_counts()
+        outcomes = burst.run()
+        statuses = Counter(o.status for o in outcomes)
+        assert [o.error for o in outcomes if o.status is None] == []
+        assert statuses == {200: 5, 503: 45}, statuses
+        shed = [o for o in outcomes if o.status == 503]
+        assert {o.reason for o in shed} == {SHED}
+        slowest = max(o.latency for o in shed)
+        assert slowest < 0.1, f"a shed request waited {slowest * 1000:.0f} ms"
+        assert backend.max_in_flight <= 5 and backend.traffic == 5
+
+
+def test_rate_limit_answers_429(start_proxy: ProxyFactory) -> None:
+    with ControlBackend() as backend:
+        proxy = start_proxy(with_warm_service(
+            service_config([backend.address], rateLimit={"requestsPerSecond": 50, "burst": 10}),
+            backend.address))
+        burst = Burst(proxy, clients=20, per_client=5).open()
+        backend.reset_counts()
+        outcomes = burst.run()
+        assert burst.duration < 0.8, f"the clients took {burst.duration:.2f} s for a burst of 100"
+        statuses = Counter(o.status for o in outcomes)
+        assert len(outcomes) == 100 and set(statuses) <= {200, 429}, statuses
+        assert 10 <= statuses[200] <= 60, statuses
+        assert {o.reason for o in outcomes if o.status == 429} == {RATE_LIMITED}
+        assert backend.traffic == statuses[200]
+
+
+def vm_rss(pid: int) -> int:
+    """Resident memory of a process in bytes, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def test_memory_stays_bounded_under_overload(native_proxy: Callable[..., NativeProxy]) -> None:
+    """200 clients against max_concurrent 20 (10× overload): the excess is shed, what is
+    admitted succeeds, and the sidecar's resident memory stays under 64 MiB."""
+    with ControlBackend() as backend:
+        backend.set_latency(0.1)
+        proxy = native_proxy(service_config([backend.address], limits={"maxConcurrent": 20}))
+        pid = proxy.process.pid
+        rss_before = vm_rss(pid)
+        peak = [rss_before]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.02):
+                peak[0] = max(peak[0], vm_rss(pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            statuses, reasons, errors = asyncio.run(_overload(proxy.address(), clients=200, requests=4000,
+                                                              max_seconds=20))
+        finally:
+            sampling.set()
+            sampler.join(timeout=5)
+        assert proxy.process.poll() is None, "the proxy died under overload"
+        assert errors == [], (len(errors), errors[:5])
+        assert sum(statuses.values()) >= 2000, statuses
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses[503] >= sum(statuses.values()) / 2, statuses
+        assert statuses[200] >= 20, statuses
+        assert set(reasons) == {SHED}, reasons
+        assert backend.max_in_flight <= 20
+        assert peak[0] < 64 * MiB, f"peak RSS {peak[0] / MiB:.1f} MiB (before the load {rss_before / MiB:.1f} MiB)"
+
+
+async def _overload(address: str, *, clients: int, requests: int, max_seconds: float
+                    ) -> tuple[Counter[int], Counter[str], list[str]]:
+    statuses: Counter[int] = Counter()
+    reasons: Counter[str] = Counter()
+    errors: list[str] = []
+    remaining = [requests]
+    deadline = time.monotonic() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=f"http://{address}", headers={"host": SERVICE}, limits=limits,
+                                 timeout=10) as client:
+
+        async def worker() -> None:
+            while remaining[0] > 0 and time.monotonic() < deadline:
+                remaining[0] -= 1
+                try:
+                    response = await client.get("/work")
+                    statuses[response.status_code] += 1
+                    if response.status_code != 200:
+                        reasons[response.headers.get(REASON, "")] += 1
+                except httpx.HTTPError as e:
+                    errors.append(f"{type(e).__name__}: {e}")
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return statuses, reasons, errors
+
+
+# ---- active health checks -----------------------------------------------------------------
+
+
+def test_active_health_check_takes_an_endpoint_out_and_back(native_proxy: Callable[..., NativeProxy],
+                                                            backends3: ControlBackends) -> None:
+    """An endpoint whose /healthz fails (while its real traffic still succeeds) stops
+    receiving traffic within ~1 s, and gets it again once /healthz passes."""
+    flaky = backends3[1]
+    proxy = native_proxy(service_config(
+        backends3.addresses, balancer={"kind": "ROUND_ROBIN"},
+        healthCheck={"path": "/healthz", "interval": "0.2s", "unhealthyThreshold": 2},
+    ))
+    with Load(proxy.address(), clients=2, rate=100, max_requests=2000, max_seconds=15) as load:
+        assert wait_until(lambda: all(b.health_checks >= 2 for b in backends3), timeout=2), \
+            [b.health_checks for b in backends3]
+        load.wait_for(50)
+        assert flaky.traffic > 0
+
+        flaky.set_health(500)
+        time.sleep(1.0)
+        out_at, checks_at, sent_at = flaky.traffic, flaky.health_checks, load.sent
+        time.sleep(1.0)
+        assert flaky.traffic == out_at, f"still got {flaky.traffic - out_at} requests 1-2 s after failing /healthz"
+        assert load.sent - sent_at >= 50, "traffic stalled while the endpoint was out"
+        assert flaky.health_checks > checks_at, "an endpoint out of rotation must still be checked"
+
+        flaky.set_health(200)
+        assert wait_until(lambda: flaky.traffic > out_at, timeout=1.5), "it did not come back after passing /healthz"
+        load.stop()
+    assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
+    assert set(flaky.outcomes) == {200}
