@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ bench_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages unwrapped: greppable, copyable
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -81,7 +82,7 @@ def run(
                       if "run" in sys.argv else "pymesh bench run",
                       scenario_spec=scenarios, system_spec=systems)
     except ValueError as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
     from perf.harness import report
     from perf.harness.tools import ToolMissing
@@ -90,14 +91,15 @@ def run(
     try:
         result = h.run(plan, err)
     except (ValueError, ToolMissing) as e:
-        err.print(f"[red]cannot run:[/red] {e}")
+        err.print(f"[red]cannot run:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
     paths = report.write(result, target)
     if as_json:
         console.print_json(json.dumps({"out": str(target), "files": {k: str(v) for k, v in paths.items()},
                                        "outcomes": [o.__dict__ for o in result.outcomes]}))
         return
-    console.print(paths["markdown"].read_text().split("## Plots")[0].rstrip(), markup=False, highlight=False)
+    console.print(paths["markdown"].read_text().split("## Plots")[0].rstrip(), markup=False, highlight=False,
+                  soft_wrap=True)
     console.print(f"\nwritten: {paths['json']}, {paths['markdown']}, {len(paths) - 2} plot(s) in {target}")
 
 
@@ -133,24 +135,34 @@ def list_(as_json: JsonOption = False) -> None:
         console.print_json(json.dumps({"scenarios": scenario_rows, "sets": h.SETS, "systems": system_rows}))
         return
     table = Table(title="scenarios", title_justify="left")
-    for column in ("name", "sets", "protocol", "rate", "response", "body", "conns", "seconds", "notes"):
+    for column in ("name", "sets", "proto", "rate", "response", "body", "conns", "s", "runs here"):
         table.add_column(column)
+    skipped: dict[str, list[str]] = {}
     for s in scenario_rows:
-        rate = "closed loop" if s["kind"] == "max" else ("–" if s["kind"] == "idle" else f"{s['rate']:,.0f}")
+        rate = "closed" if s["kind"] == "max" else ("idle" if s["kind"] == "idle" else f"{s['rate']:,.0f}")
         conns = s["idle_connections"] if s["kind"] == "idle" else s["connections"]
         seconds = s["idle_hold"] if s["kind"] == "idle" else s["duration"]
-        note = f"[yellow]skipped: {s['reason']}[/yellow]" if s["reason"] else s["description"]
+        if s["reason"]:
+            skipped.setdefault(s["reason"], []).append(s["name"])
         table.add_row(s["name"], ",".join(x for x in s["sets"] if x != "full"), s["protocol"], rate,
-                      f"{s['response_size']:,} B", f"{s['body_size']:,} B", f"{conns:,}", f"{seconds:g}", note)
+                      _size(s["response_size"]), _size(s["body_size"]), f"{conns:,}", f"{seconds:g}",
+                      "[green]yes[/green]" if s["runnable"] else "[yellow]skipped[/yellow]")
     console.print(table)
+    for reason, names in skipped.items():
+        console.print(f"[yellow]skipped[/yellow] {', '.join(names)}: {escape(reason)}")
+    console.print(f"sets: {', '.join(h.SETS)} (full = every scenario but smoke)\n")
     systems_table = Table(title="systems", title_justify="left")
     for column in ("name", "status", "what"):
         systems_table.add_column(column)
     for r in system_rows:
         status = ("[green]available[/green]" if r["status"] == "available"
-                  else f"[yellow]skipped[/yellow]: {r['reason']}")
+                  else f"[yellow]skipped[/yellow]: {escape(r['reason'])}")
         systems_table.add_row(r["name"], status, r["description"])
     console.print(systems_table)
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
 
 
 @bench_app.command("compare")
@@ -166,7 +178,7 @@ def compare(
     try:
         rows = compare_module.compare_files(old, new)
     except compare_module.CompareError as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(1) from e
     if as_json:
         console.print_json(json.dumps(compare_module.as_json(rows)))

@@ -536,9 +536,11 @@ class GrpcHeaderRecorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._headers: list[dict[str, str]] = []
+        self._writers: set[asyncio.StreamWriter] = set()
         self._loop = LoopThread()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._writers.add(writer)
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
                                                                         header_encoding="utf-8"))
             conn.initiate_connection()
@@ -561,6 +563,7 @@ class GrpcHeaderRecorder:
             except (ConnectionError, h2.exceptions.ProtocolError):
                 pass
             finally:
+                self._writers.discard(writer)
                 writer.close()
 
         async def start() -> asyncio.base_events.Server:
@@ -575,7 +578,16 @@ class GrpcHeaderRecorder:
             return list(self._headers)
 
     def close(self) -> None:
-        self.server.close()
+        async def stop() -> None:
+            self.server.close()
+            for writer in list(self._writers):
+                writer.close()
+            for _ in range(100):  # the handlers see the connections end, and return
+                if not self._writers:
+                    break
+                await asyncio.sleep(0.01)
+
+        self._loop.run(stop())
         self._loop.close()
 
     def __enter__(self) -> GrpcHeaderRecorder:

@@ -30,6 +30,11 @@ def _nines(percentile: float) -> float:
     return 1.0 / (1.0 - percentile / 100.0)
 
 
+def _colours(data: dict[str, Any]) -> dict[str, str]:
+    """One colour per system, the same in every plot (matplotlib's cycle, by report order)."""
+    return {s["name"]: f"C{i % 10}" for i, s in enumerate(data["systems"])}
+
+
 def _ok(data: dict[str, Any], kind: str | None = None) -> list[dict[str, Any]]:
     return [o for o in data["outcomes"] if o["status"] == "ok" and (kind is None or o["kind"] == kind)]
 
@@ -37,7 +42,8 @@ def _ok(data: dict[str, Any], kind: str | None = None) -> list[dict[str, Any]]:
 def latency_curves(data: dict[str, Any], scenario: str, path: Path) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = False
+    colours = _colours(data)
+    drawn, top = False, 0.0
     for outcome in _ok(data):
         if outcome["scenario"] != scenario or outcome["kind"] == "idle":
             continue
@@ -50,13 +56,17 @@ def latency_curves(data: dict[str, Any], scenario: str, path: Path) -> bool:
         points = [(p, v) for p, v in run["histogram"] if p < 100]
         if not points:
             continue
-        ax.plot([_nines(p) for p, _ in points], [max(v, 1) for _, v in points], marker=".", label=outcome["system"])
-        drawn = True
+        ax.plot([_nines(p) for p, _ in points], [max(v, 1) for _, v in points], marker=".", label=outcome["system"],
+                color=colours.get(outcome["system"]))
+        drawn, top = True, max(top, points[-1][0])
     if drawn:
+        ticks = [p for p in PERCENTILE_TICKS if p <= top] or PERCENTILE_TICKS[:2]
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks([_nines(p) for p in PERCENTILE_TICKS])
-        ax.set_xticklabels([f"{p:g}%" for p in PERCENTILE_TICKS])
+        ax.set_xticks([_nines(p) for p in ticks])
+        ax.set_xticklabels([f"{p:g}%" for p in ticks])
+        ax.minorticks_off()
+        ax.set_xlim(0.9, _nines(top) * 1.2)
         ax.set_xlabel("percentile")
         ax.set_ylabel("latency, µs (from intended send time)")
         ax.set_title(f"Latency by percentile — {scenario}")
@@ -80,11 +90,13 @@ def added_p99_vs_rate(data: dict[str, Any], path: Path) -> bool:
             (o["requested_rps"], o["added_latency_us"]["p99"]))
     if not families:
         return False
+    colours = _colours(data)
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
     for ax, (family, systems) in zip(axes[0], sorted(families.items()), strict=True):
         for system, points in systems.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system,
+                    color=colours.get(system))
         ax.set_title(family)
         ax.set_xlabel("requested rate, requests/s")
         ax.set_ylabel("added p99 over direct, µs")
@@ -117,10 +129,10 @@ def rss(data: dict[str, Any], path: Path) -> bool:
     width = 0.4 if idle else 0.6
     xs = range(len(systems))
     ax.bar([x - (width / 2 if idle else 0) for x in xs], [under_load.get(s, 0) for s in systems], width,
-           label="peak RSS under load (VmHWM)")
+           label="peak RSS under load (VmHWM)", color="C0")
     if idle:
         ax.bar([x + width / 2 for x in xs], [idle.get(s, 0) for s in systems], width,
-               label="RSS holding idle connections")
+               label=f"RSS holding {_idle_count(data)} idle connections", color="C1")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(systems, rotation=15)
     ax.set_ylabel("MiB (summed over the proxy's processes)")
@@ -131,6 +143,11 @@ def rss(data: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _idle_count(data: dict[str, Any]) -> str:
+    counts = {s["idle_connections"] for s in data["scenarios"] if s["kind"] == "idle"}
+    return f"{counts.pop():,}" if len(counts) == 1 else "the"
 
 
 def max_throughput(data: dict[str, Any], path: Path) -> bool:

@@ -79,7 +79,7 @@ class Child:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise self.fail(f"exited with status {self.process.returncode} before {what}")
+                raise self.fail(f"exited with status {self.process.returncode} while waiting to {what}")
             if ready():
                 return
             time.sleep(0.05)

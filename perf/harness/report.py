@@ -137,7 +137,13 @@ def problems_list(data: dict[str, Any]) -> str:
 def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
     env = data["environment"]
     systems = "\n".join(
-        f"| {s['name']} | {s['status']} | {_cell(s.get('version') or s.get('reason', ''))} |" for s in data["systems"])
+        f"| {s['name']} | {s['status']} | {_cell(s.get('version') or s.get('reason', ''))} "
+        f"| {_cell(str(s.get('settings', {}).get('upstream', '')))} |" for s in data["systems"])
+    load = ""
+    if env.get("loadavg_start") and env.get("loadavg_end"):
+        load = (f" Load average (1/5/15 min) at start {'/'.join(map(str, env['loadavg_start']))}, at end "
+                f"{'/'.join(map(str, env['loadavg_end']))}: on {env['cpus']} CPUs, anything else running skews "
+                "the figures.")
     warnings = "\n".join(f"- {o['system']}, {o['scenario']}: {w}" for o in data["outcomes"] for w in o["warnings"])
     parts = [
         f"# pymesh bench — {data['start_time']}",
@@ -145,14 +151,14 @@ def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
         f"Command: `{data['command']}`",
         "",
         f"Machine: {env['cpus']} × {env['cpu_model'] or env['machine']}, {env['mem_mb']:,} MiB, {env['os']}, "
-        f"Linux {env['kernel']}; traffic on {env['network']}. Every proxy runs one worker thread "
-        f"({env['proxy_threads']}). Pinning: {env['pinning']}. Rounds: {data['options']['rounds']} "
+        f"Linux {env['kernel']}; traffic on {env['network']}. Every proxy runs {env['proxy_threads']} worker "
+        f"thread(s), matched to pymesh's default. Pinning: {env['pinning']}. Rounds: {data['options']['rounds']} "
         "(figures are medians over rounds; systems interleaved within a scenario, order rotating per round). "
         "Latency is from each request's intended send time (coordinated omission corrected); *added* is the "
-        "system's figure minus direct's in the same run. Proxy CPU includes the warm-up's requests.",
+        "system's figure minus direct's in the same run. Proxy CPU includes the warm-up's requests." + load,
         "",
-        "| system | status | version / reason |",
-        "|---|---|---|",
+        "| system | status | version / reason | upstream hop |",
+        "|---|---|---|---|",
         systems,
         "",
         "## Load",

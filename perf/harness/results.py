@@ -26,6 +26,7 @@ class Run:
     requested_rps: float
     achieved_rps: float
     requests: int
+    responses: int
     errors: int
     latency_us: dict[str, float]
     send_delay_us: dict[str, float]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from . import loadgen, measure
@@ -30,7 +31,7 @@ from .procs import Child, StartError
 from .results import BenchResult, IdleRun, Problem, Run, summarise
 from .scenarios import Scenario
 from .systems import SYSTEMS, THREADS, Context, Running, System, Unavailable
-from .tools import rust_tool, version_of
+from .tools import rust_tool, snapshot, version_of
 
 PROXY_CPU, LOAD_CPU = 0, 1
 PROBE_RATE, PROBE_SECONDS, PROBE_ATTEMPTS = 200.0, 0.3, 3
@@ -90,7 +91,7 @@ def environment(pin: bool, tools: dict[str, str | None]) -> dict[str, Any]:
         "machine": platform.machine(), "cpu_model": model, "cpus": os.cpu_count(), "mem_mb": mem_mb,
         "kernel": platform.release(), "os": distro, "python": platform.python_version(),
         "pinned": pin, "pinning": pinning(pin), "proxy_threads": THREADS, "tools": tools,
-        "network": "loopback (127.0.0.1)",
+        "network": "loopback (127.0.0.1)", "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -121,7 +122,12 @@ class Runner:
             systems=[], scenarios=[s.to_dict() for s in self.scenarios],
         )
         with tempfile.TemporaryDirectory(prefix="pymesh-bench-") as tmp:
-            context = Context(Path(tmp), PROXY_CPU if plan.pin else None, plan.linkerd2_proxy)
+            binaries = ["pymesh-loadgen", "pymesh-backend"] + (["pymesh-proxy"] if "pymesh" in plan.systems else [])
+            snap = snapshot(Path(tmp), binaries, pymesh_package="pymesh-embedded" in plan.systems)
+            self.loadgen = snap.path("pymesh-loadgen") or self.loadgen
+            self.backend = snap.path("pymesh-backend") or self.backend
+            result.environment["builds"] = {name: b.describe() for name, b in snap.builds.items()}
+            context = Context(Path(tmp), PROXY_CPU if plan.pin else None, plan.linkerd2_proxy, snap)
             available = self._systems(context, result)
             runnable = []
             for scenario in self.scenarios:
@@ -138,6 +144,7 @@ class Runner:
                 for scenario in runnable:
                     self._scenario(scenario, available, Path(tmp), result, progress, overall, current)
         result.end_time = now()
+        result.environment["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         result.outcomes = summarise(result)
         return result
 
@@ -176,13 +183,17 @@ class Runner:
                 return
             active: list[_Active] = []
             for system in systems:
+                own = ExitStack()  # stops this system at once if it fails its probe
                 try:
-                    running = stack.enter_context(system.start(upstream, scenario))
+                    running = own.enter_context(system.start(upstream, scenario))
                     self._probe(scenario, running)
                 except (StartError, Unavailable, loadgen.LoadgenError) as e:
+                    own.close()
                     result.problems.append(Problem(system.name, scenario.name, "failed", str(e)))
+                    progress.console.print(f"{scenario.name} · {system.name}: failed to start: {escape(str(e))}")
                     progress.advance(overall, self.plan.rounds)
                     continue
+                stack.enter_context(own)
                 if running.config_name:
                     result.configs[running.config_name] = running.config_text
                 active.append(_Active(system, running))
@@ -190,19 +201,40 @@ class Runner:
                 shift = round_ % max(1, len(active))
                 for item in active[shift:] + active[:shift]:
                     label = f"{scenario.name} · {item.system.name} · round {round_ + 1}/{self.plan.rounds}"
+                    gone = item.running.died()
+                    if gone:  # died in an earlier round: nothing left to measure
+                        progress.advance(overall)
+                        continue
                     try:
-                        if scenario.kind == "idle":
-                            progress.update(current, description=label, total=1, completed=0)
-                            result.idle_runs.append(self._idle(scenario, item, round_))
-                        else:
-                            expected = loadgen.expected_seconds(scenario)
-                            progress.update(current, description=label, total=expected, completed=0)
-                            result.runs.append(self._load(scenario, item, round_,
-                                                          lambda t: progress.update(current, completed=t)))
+                        self._measure(scenario, item, round_, label, result, progress, current)
                     except (loadgen.LoadgenError, OSError) as e:
                         result.problems.append(Problem(item.system.name, scenario.name, "failed", str(e), round_))
+                        progress.console.print(f"{label}: failed: {escape(str(e))}")
+                    gone = item.running.died()
+                    if gone:
+                        result.problems.append(Problem(item.system.name, scenario.name, "failed",
+                                                       f"{item.system.name} {gone}", round_))
+                        progress.console.print(f"{label}: [red]{item.system.name} {escape(gone)}[/red]")
                     progress.advance(overall)
             progress.update(current, description=f"{scenario.name}: stopping", total=1, completed=1)
+
+    def _measure(self, scenario: Scenario, item: _Active, round_: int, label: str, result: BenchResult,
+                 progress: Progress, current: TaskID) -> None:
+        """One measured run of one system, recorded in `result` and logged above the progress bars."""
+        if scenario.kind == "idle":
+            progress.update(current, description=label, total=1, completed=0)
+            idle = self._idle(scenario, item, round_)
+            result.idle_runs.append(idle)
+            rss = "–" if idle.rss_held_kib is None else f"{idle.rss_held_kib / 1024:.1f} MiB"
+            progress.console.print(f"{label}: held {idle.held:,}/{idle.requested:,}, RSS {rss}")
+            return
+        progress.update(current, description=label, total=loadgen.expected_seconds(scenario), completed=0)
+        run = self._load(scenario, item, round_, lambda t: progress.update(current, completed=t))
+        if not run.responses:  # nothing answered: a failure, not a latency figure
+            raise loadgen.LoadgenError(f"no responses to {run.requests:,} requests ({run.error_counts})")
+        result.runs.append(run)
+        progress.console.print(f"{label}: p50 {run.latency_us['p50']:,.0f} µs, p99 {run.latency_us['p99']:,.0f} µs, "
+                               f"{run.achieved_rps:,.0f} rps, {run.errors} errors")
 
     def _probe(self, scenario: Scenario, running: Running) -> None:
         """A short load through the system, so no measured run meets a system that cannot serve."""
@@ -227,7 +259,7 @@ class Runner:
         run = Run(
             system=item.system.name, scenario=scenario.name, round=round_, start_time=start, end_time=now(),
             requested_rps=float(report["requested_rps"]), achieved_rps=float(report["achieved_rps"]),
-            requests=int(report["requests"]), errors=int(report["errors"]),
+            requests=int(report["requests"]), responses=int(report["responses"]), errors=int(report["errors"]),
             latency_us={k: float(v) for k, v in report["latency_us"].items()},
             send_delay_us={k: float(v) for k, v in report["send_delay_us"].items()},
             status_counts=dict(report["status_counts"]), error_counts=dict(report["error_counts"]),

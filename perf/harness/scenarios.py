@@ -108,7 +108,7 @@ BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
 
 SETS: dict[str, list[str]] = {
     "smoke": ["smoke"],
-    "http1": [s.name for s in SCENARIOS if s.family == "http1-1k" and s.name != "smoke"],
+    "http1": [s.name for s in SCENARIOS if s.family == "http1-1k" and s.kind != "idle" and s.name != "smoke"],
     "http2": [s.name for s in SCENARIOS if s.family == "http2-1k"],
     "grpc": [s.name for s in SCENARIOS if s.protocol == "grpc"],
     "large": ["http1-100k-1000rps"],

@@ -4,14 +4,22 @@ checkout's release build, and the peers (nginx, HAProxy, Envoy) from the system 
 The release binaries in `target/release/` are what gets measured. The load generator and the
 backend are built with cargo when missing (they are the harness's own tools); so is the
 sidecar, which is this project's.
+
+A run measures a snapshot: the binaries and the `pymesh` package (with its engine extension)
+are copied into the run's scratch directory first, so a rebuild in the checkout during the run
+(which may overwrite a loaded shared object in place) can neither change nor crash what is
+being measured; the report records each snapshot's SHA-256 and build time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -75,3 +83,69 @@ def version_of(command: list[str]) -> str | None:
         return None
     text = (result.stdout.strip() or result.stderr.strip())
     return text.splitlines()[0].strip() if text else None
+
+
+@dataclass
+class Build:
+    """One snapshotted artefact: where the copy is, where it came from, and which build it is."""
+
+    path: Path
+    source: Path
+    sha256: str
+    modified: str  # the source's mtime, UTC
+
+    def describe(self) -> dict[str, str]:
+        return {"source": str(self.source), "sha256": self.sha256[:16], "built": self.modified}
+
+
+@dataclass
+class Snapshot:
+    """The copies a run measures (see the module docstring)."""
+
+    builds: dict[str, Build] = field(default_factory=dict)
+    pythonpath: Path | None = None  # holds a copy of the `pymesh` package, for the embedded proxy
+
+    def path(self, name: str) -> Path | None:
+        build = self.builds.get(name)
+        return build.path if build else None
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy(name: str, source: Path, target: Path) -> Build:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+    return Build(target, source, _digest(target), _copy_time(source))
+
+
+def snapshot(workdir: Path, binaries: list[str], *, pymesh_package: bool) -> Snapshot:
+    """Copy `binaries` (workspace tools, built if missing) and optionally the `pymesh` package
+    into `workdir`. A binary that cannot be had is left out (its system reports why)."""
+    snap = Snapshot()
+    for name in binaries:
+        try:
+            source = rust_tool(name)
+        except ToolMissing:
+            continue
+        snap.builds[name] = _copy(name, source, workdir / "bin" / name)
+    spec = importlib.util.find_spec("pymesh") if pymesh_package else None
+    if spec and spec.submodule_search_locations:
+        package = Path(next(iter(spec.submodule_search_locations)))
+        target = workdir / "python" / "pymesh"
+        shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        engine = next(package.glob("_engine*.so"), None)
+        if engine is not None:
+            snap.builds["pymesh._engine"] = Build(target / engine.name, engine, _digest(target / engine.name),
+                                                  _copy_time(engine))
+        snap.pythonpath = target.parent
+    return snap
+
+
+def _copy_time(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

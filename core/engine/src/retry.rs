@@ -158,7 +158,8 @@ mod tests {
         assert!(!retryable(&p, &Method::GET, Failure::Status(500)));
         assert!(retryable(&p, &Method::POST, Failure::Grpc(14)));
         assert!(!retryable(&p, &Method::POST, Failure::Grpc(13)));
-        assert!(!retryable(&p, &Method::GET, Failure::Reset));
+        assert!(retryable(&p, &Method::GET, Failure::Reset));
+        assert!(!retryable(&p, &Method::POST, Failure::Reset));
     }
 
     #[test]

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from ..procs import Child
 from ..scenarios import Scenario
+from ..tools import Snapshot
 
 THREADS = 1  # pymesh's default engine thread count; every peer is matched to it
 
@@ -33,17 +34,32 @@ class Context:
     workdir: Path
     proxy_cpu: int | None = None  # taskset CPU for the proxy, when pinning
     linkerd2_proxy: Path | None = None
+    snapshot: Snapshot = field(default_factory=Snapshot)  # the copies of this project's builds to measure
+    build: bool = True  # may a missing workspace binary be built with cargo
 
 
 @dataclass
 class Running:
-    """A started system: where to send load, and the process tree to measure (None: direct)."""
+    """A started system: where to send load, and its process (the root of the tree to measure;
+    None for direct)."""
 
     address: str
-    pid: int | None
+    child: Child | None = None
     config_name: str = ""  # file name for the generated config in the report directory
     config_text: str = ""
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child else None
+
+    def died(self) -> str | None:
+        """Why the process is gone (exit status and log tail), or None while it runs."""
+        if self.child is None or self.child.alive():
+            return None
+        tail = self.child.tail()
+        return f"exited with status {self.child.process.returncode} during the run" + (
+            f"; its log ends:\n{tail}" if tail else "")
 
 
 class System(ABC):

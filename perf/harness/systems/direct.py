@@ -24,4 +24,4 @@ class Direct(System):
 
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
-        yield Running(address=upstream, pid=None)
+        yield Running(address=upstream)

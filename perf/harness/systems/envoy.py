@@ -10,11 +10,12 @@ keep-alive pooled for HTTP/1.1 clients, HTTP/2 for HTTP/2 clients, as pymesh doe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..procs import Child, free_port, pinned
 from ..scenarios import Scenario
@@ -25,7 +26,7 @@ OPEN = 1_000_000_000  # "no limit" for the circuit breakers
 
 
 def bootstrap(upstream: str, listen: str, admin: str) -> dict[str, Any]:
-    """The static bootstrap (written as JSON, which is YAML)."""
+    """The static bootstrap."""
     up_host, up_port = host_port(upstream)
     ln_host, ln_port = host_port(listen)
     ad_host, ad_port = host_port(admin)
@@ -107,9 +108,9 @@ class Envoy(System):
         workdir = self.scratch(scenario)
         listen, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         path = workdir / "envoy.yaml"
-        path.write_text(json.dumps(bootstrap(upstream, listen, admin), indent=2))
+        path.write_text(yaml.safe_dump(bootstrap(upstream, listen, admin), sort_keys=False))
         command = pinned([str(self.binary()), "-c", str(path), "--concurrency", str(THREADS), "--log-level", "warn",
                           "--disable-hot-restart"], self.context.proxy_cpu)
         with supervised(Child(self.name, command, workdir / "envoy.log")) as child:
             child.wait_for_port(listen, timeout=30)
-            yield Running(address=listen, pid=child.pid, config_name="envoy.yaml", config_text=path.read_text())
+            yield Running(address=listen, child=child, config_name="envoy.yaml", config_text=path.read_text())

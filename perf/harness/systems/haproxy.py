@@ -21,7 +21,7 @@ from .base import THREADS, Running, System, Unavailable, supervised
 CONFIG = """\
 global
     nbthread {threads}
-    maxconn 10000
+    maxconn 4000
 
 defaults
     mode http
@@ -75,5 +75,5 @@ class Haproxy(System):
         command = pinned([str(self.binary()), "-db", "-f", str(path)], self.context.proxy_cpu)
         with supervised(Child(self.name, command, workdir / "haproxy.log")) as child:
             child.wait_for_port(listen)
-            yield Running(address=listen, pid=child.pid, config_name=f"haproxy-{scenario.protocol}.cfg",
+            yield Running(address=listen, child=child, config_name=f"haproxy-{scenario.protocol}.cfg",
                           config_text=path.read_text())

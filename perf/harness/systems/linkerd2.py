@@ -65,7 +65,7 @@ class Linkerd2Proxy(System):
         command = pinned([str(self.binary())], self.context.proxy_cpu)
         with supervised(Child(self.name, command, workdir / "linkerd2-proxy.log", env=env)) as child:
             child.wait_for(lambda: _ready(ports["ADMIN"]), "report /ready", READY_TIMEOUT_S)
-            yield Running(address=ports["OUTBOUND"], pid=child.pid, config_name="linkerd2-proxy.env",
+            yield Running(address=ports["OUTBOUND"], child=child, config_name="linkerd2-proxy.env",
                           config_text=config + "\n",
                           notes=[f"load sent to the outbound listener; routing follows the original destination "
                                  f"(backend {upstream})"])

@@ -104,5 +104,5 @@ class Nginx(System):
                          self.context.proxy_cpu)
         with supervised(Child(self.name, command, workdir / "nginx.log")) as child:
             child.wait_for_port(listen)
-            yield Running(address=listen, pid=child.pid, config_name=f"nginx-{scenario.protocol}.conf",
+            yield Running(address=listen, child=child, config_name=f"nginx-{scenario.protocol}.conf",
                           config_text=path.read_text())

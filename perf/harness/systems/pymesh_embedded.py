@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +36,9 @@ class PymeshEmbedded(System):
         return f"pymesh {pymesh.__version__} (Python {sys.version.split()[0]})"
 
     def settings(self) -> dict[str, Any]:
-        return {"threads": THREADS, "python": sys.executable, "upstream": "as pymesh (same engine)"}
+        build = self.context.snapshot.builds.get("pymesh._engine")
+        return {"threads": THREADS, "python": sys.executable, "upstream": "as pymesh (same engine)",
+                "build": build.describe() if build else "the installed pymesh package"}
 
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
@@ -44,8 +47,12 @@ class PymeshEmbedded(System):
         path.write_text(json.dumps(proxy_config(upstream), indent=2))
         command = pinned([sys.executable, "-c", RUN_CLI, "proxy", "run", "--config", str(path), "--log", "warn",
                           "--threads", str(THREADS), "--grace", "1"], self.context.proxy_cpu)
-        with supervised(Child(self.name, command, workdir / "proxy.log")) as child:
+        env = dict(os.environ)
+        if self.context.snapshot.pythonpath:  # the run's copy of the package, not the checkout's
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.context.snapshot.pythonpath),
+                                                              env.get("PYTHONPATH")]))
+        with supervised(Child(self.name, command, workdir / "proxy.log", env=env)) as child:
             address = child.wait_for_line(LISTENING).group(1)
             child.wait_for_line(ADMIN)
-            yield Running(address=address, pid=child.pid, config_name="pymesh-embedded.json",
+            yield Running(address=address, child=child, config_name="pymesh-embedded.json",
                           config_text=path.read_text())

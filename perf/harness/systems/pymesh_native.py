@@ -33,8 +33,12 @@ class PymeshNative(System):
     description = "pymesh-proxy, the native sidecar binary (target/release)"
 
     def binary(self) -> Path:
+        """The run's snapshot of target/release/pymesh-proxy (built if missing)."""
+        snapped = self.context.snapshot.path("pymesh-proxy")
+        if snapped:
+            return snapped
         try:
-            return rust_tool("pymesh-proxy")
+            return rust_tool("pymesh-proxy", build=self.context.build)
         except ToolMissing as e:
             raise Unavailable(str(e)) from e
 
@@ -45,8 +49,10 @@ class PymeshNative(System):
         return version_of([str(self.binary()), "--version"])
 
     def settings(self) -> dict[str, Any]:
-        return {"threads": THREADS, "binary": str(self.binary()), "upstream": "pooled HTTP/1.1 keep-alive; "
-                "one multiplexed HTTP/2 connection for HTTP/2 clients", "metrics": "on (always)"}
+        build = self.context.snapshot.builds.get("pymesh-proxy")
+        return {"threads": THREADS, "build": build.describe() if build else str(self.binary()),
+                "upstream": "pooled HTTP/1.1 keep-alive; one multiplexed HTTP/2 connection for HTTP/2 clients",
+                "metrics": "on (always)"}
 
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
@@ -59,4 +65,4 @@ class PymeshNative(System):
         with supervised(Child(self.name, command, workdir / "proxy.log")) as child:
             address = child.wait_for_line(LISTENING).group(1)
             child.wait_for_line(ADMIN)
-            yield Running(address=address, pid=child.pid, config_name="pymesh.json", config_text=path.read_text())
+            yield Running(address=address, child=child, config_name="pymesh.json", config_text=path.read_text())

@@ -191,7 +191,9 @@ fn retries(r: Option<&api::RetryPolicy>, at: &str) -> Result<RetrySettings, Conf
         on_connect_failure: true,
         on_5xx: false,
         on_gateway_error: true,
-        on_reset: false,
+        // Idempotent requests only: a keep-alive connection closed by a restarting
+        // server just as a request went out is the common case.
+        on_reset: true,
         grpc_codes: vec![14],
         non_idempotent: false,
         max_body_bytes: 64 * 1024,

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::body::grpc_status;
+use super::body::{grpc_status, UpstreamBody};
 use super::forward::{ConnContext, Outcome};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::local::Reason;
@@ -107,6 +108,18 @@ pub(super) async fn run(
                 }),
             None => sending.await,
         };
+        // A gRPC status may only be in the trailers: read ahead to find it when the
+        // answer decides a retry. Only once the request body is complete, so that a
+        // stream whose server waits for the client can't stall here.
+        let peek =
+            grpc && attempt < max_attempts && replay.as_ref().is_some_and(|r| r.is_complete());
+        let result = match result {
+            Ok(response) if peek => read_ahead(response).await,
+            other => other.map(|response| Answer {
+                grpc_status: grpc_status(response.headers()),
+                response: response.map(UpstreamBody::new),
+            }),
+        };
         let rtt = in_flight.finish();
 
         let (verdict, failure) = classify(&result);
@@ -119,10 +132,11 @@ pub(super) async fn run(
         if let Some(failure) = failure {
             let wanted =
                 attempt < max_attempts && retry::retryable(&policy.retries, &parts.method, failure);
-            if let Some(next) = wanted
-                .then(|| replay.as_ref().and_then(|r| r.body()))
-                .flatten()
-            {
+            let next = match (&replay, wanted) {
+                (Some(replay), true) => replay.body().await,
+                _ => None,
+            };
+            if let Some(next) = next {
                 let allowed = target.budget.withdraw();
                 count_retry(ctx, route, dir, allowed);
                 if allowed {
@@ -137,21 +151,57 @@ pub(super) async fn run(
             }
         }
         return match result {
-            Ok(response) => Outcome::Upstream(response),
+            Ok(answer) => Outcome::Upstream(answer.response),
             Err(e) => Outcome::Local(e.reason, e.detail),
         };
     }
 }
 
+/// An upstream response, with its gRPC status when it is already known.
+struct Answer {
+    response: Response<UpstreamBody>,
+    grpc_status: Option<u32>,
+}
+
+/// Reads a gRPC response's first frame: trailers there (a status and no message) are
+/// the call's outcome. The frame is put back in front of the body either way.
+async fn read_ahead(response: Response<Incoming>) -> Result<Answer, TryError> {
+    if let Some(status) = grpc_status(response.headers()) {
+        return Ok(Answer {
+            grpc_status: Some(status),
+            response: response.map(UpstreamBody::new),
+        });
+    }
+    let (parts, mut body) = response.into_parts();
+    match body.frame().await {
+        Some(Ok(frame)) => {
+            let status = frame.trailers_ref().and_then(grpc_status);
+            Ok(Answer {
+                grpc_status: status,
+                response: Response::from_parts(parts, UpstreamBody::with_first(frame, body)),
+            })
+        }
+        None => Ok(Answer {
+            grpc_status: None,
+            response: Response::from_parts(parts, UpstreamBody::new(body)),
+        }),
+        Some(Err(e)) => Err(TryError {
+            failure: Failure::Reset,
+            reason: Reason::UpstreamError,
+            detail: format!("the response broke: {e}"),
+        }),
+    }
+}
+
 /// Whether the endpoint did its job, and what (if anything) is worth a retry.
-fn classify(result: &Result<Response<Incoming>, TryError>) -> (Verdict, Option<Failure>) {
+fn classify(result: &Result<Answer, TryError>) -> (Verdict, Option<Failure>) {
     match result {
-        Ok(response) => {
-            let status = response.status().as_u16();
+        Ok(answer) => {
+            let status = answer.response.status().as_u16();
             if status >= 500 {
                 return (Verdict::Failure, Some(Failure::Status(status)));
             }
-            match grpc_status(response.headers()).filter(|code| *code != 0) {
+            match answer.grpc_status.filter(|code| *code != 0) {
                 // UNAVAILABLE says the endpoint could not serve; other codes are the
                 // application's answer.
                 Some(14) => (Verdict::Failure, Some(Failure::Grpc(14))),

