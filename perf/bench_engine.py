@@ -13,6 +13,7 @@ and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seco
 
     python3 perf/bench_engine.py                     # 1,000 rps, 1 KiB, 5 rounds of 10 s
     python3 perf/bench_engine.py --rounds 3 --duration 5 --json out.json
+    python3 perf/bench_engine.py --baseline-proxy /path/to/older/pymesh-proxy   # A/B two builds
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -83,10 +84,11 @@ def proxy_config(upstream: str) -> dict:
 
 
 @contextmanager
-def native_proxy(upstream: str, workdir: Path, cpu: int | None) -> Iterator[tuple[str, int]]:
-    config = workdir / "proxy.json"
+def native_proxy(upstream: str, workdir: Path, cpu: int | None, binary: str | None = None
+                 ) -> Iterator[tuple[str, int]]:
+    config = workdir / f"proxy-{os.urandom(4).hex()}.json"
     config.write_text(json.dumps(proxy_config(upstream)))
-    command = [tool("pymesh-proxy"), "--config", str(config), "--log", "warn"]
+    command = [binary or tool("pymesh-proxy"), "--config", str(config), "--log", "warn"]
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -214,10 +216,12 @@ def markdown(result: Result) -> str:
         lines += ["", f"Native sidecar memory after {result.native_requests_before_memory:,} requests: "
                       f"RSS {result.native_memory_kib['VmRSS'] / 1024:.1f} MiB, "
                       f"peak {result.native_memory_kib['VmHWM'] / 1024:.1f} MiB"]
-    embedded = {s.system: s for s in result.summary}
-    if "native" in embedded and "embedded" in embedded and embedded["native"].added_p99_us > 0:
-        ratio = embedded["embedded"].added_p99_us / embedded["native"].added_p99_us
-        lines.append(f"Embedded/native added p99: {ratio:.2f}")
+    by_system = {s.system: s for s in result.summary}
+    native = by_system.get("native")
+    for other in ("embedded", "baseline"):
+        if native and other in by_system and native.added_p99_us > 0:
+            ratio = by_system[other].added_p99_us / native.added_p99_us
+            lines.append(f"{other.capitalize()}/native added p99: {ratio:.2f}")
     return "\n".join(lines)
 
 
@@ -234,6 +238,8 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true",
                         help="pin the native proxy to CPU 0 and the load generator to CPU 1")
     parser.add_argument("--json", type=Path, help="write the full result here")
+    parser.add_argument("--baseline-proxy", metavar="PATH",
+                        help="another pymesh-proxy build, measured alongside as 'baseline' (A/B)")
     args = parser.parse_args()
     args.load_cpu = 1 if args.pin else None
     proxy_cpu = 0 if args.pin else None
@@ -245,13 +251,19 @@ def main() -> int:
         load={"rate": args.rate, "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds,
               "connections": args.connections, "response_size": args.response_size, "protocol": "http1"},
     )
-    with tempfile.TemporaryDirectory() as tmp, backend(args.response_size) as upstream, \
-            native_proxy(upstream, Path(tmp), proxy_cpu) as (native_address, native_pid), \
-            embedded_proxy(upstream) as (embedded_address, embedded_pid):
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        upstream = stack.enter_context(backend(args.response_size))
+        native_address, native_pid = stack.enter_context(native_proxy(upstream, Path(tmp), proxy_cpu))
+        embedded_address, embedded_pid = stack.enter_context(embedded_proxy(upstream))
+        systems: list[tuple[str, str, int | None]] = [
+            ("direct", upstream, None), ("native", native_address, native_pid),
+            ("embedded", embedded_address, embedded_pid)]
+        if args.baseline_proxy:
+            systems.append(("baseline", *stack.enter_context(
+                native_proxy(upstream, Path(tmp), proxy_cpu, args.baseline_proxy))))
         served_by_native = 0
         for round_ in range(args.rounds):
-            for system, address, pid in (("direct", upstream, None), ("native", native_address, native_pid),
-                                         ("embedded", embedded_address, embedded_pid)):
+            for system, address, pid in systems:
                 run = measure(system, round_, address, pid, args)
                 result.runs.append(run)
                 if system == "native":

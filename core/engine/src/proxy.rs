@@ -54,6 +54,8 @@ pub struct Proxy {
 
 struct Inner {
     shared: Arc<Shared>,
+    /// Set when a control plane is configured: its last state, merged on reload.
+    discovered: Option<crate::discover::SharedDelivered>,
     /// Running listeners by name. Only reloads touch this.
     listeners: Mutex<HashMap<String, Arc<Listening>>>,
     admin_addr: SocketAddr,
@@ -63,7 +65,12 @@ impl Proxy {
     /// Validates the config, binds every listener and the admin endpoint, and starts
     /// serving. Must be called within a Tokio runtime.
     pub async fn start(config: ProxyConfig) -> Result<Self, Error> {
+        let discovered = config
+            .control_plane
+            .is_some()
+            .then(|| crate::discover::new_state(config.clone()));
         let settings = Settings::from_config(config)?;
+        let control_plane = settings.control_plane.clone();
         let metrics = Metrics::new();
         let router = Router::build(&settings, None);
         let admin_listener = listen::bind(settings.admin)
@@ -95,6 +102,7 @@ impl Proxy {
         let proxy = Proxy {
             inner: Arc::new(Inner {
                 shared: shared.clone(),
+                discovered: discovered.clone(),
                 listeners: Mutex::new(listeners),
                 admin_addr,
             }),
@@ -105,6 +113,13 @@ impl Proxy {
             Arc::downgrade(&proxy.inner).into(),
             shared.shutdown.clone(),
         ));
+        if let (Some(settings), Some(state)) = (control_plane, discovered) {
+            tokio::spawn(crate::discover::run(
+                Arc::downgrade(&proxy.inner).into(),
+                settings,
+                state,
+            ));
+        }
         tracing::info!(admin = %admin_addr, "proxy started");
         Ok(proxy)
     }
@@ -112,6 +127,12 @@ impl Proxy {
     /// Replaces the running config. On any error nothing changes; on success,
     /// connections in flight carry on and new requests use the new config.
     pub async fn reload(&self, config: ProxyConfig) -> Result<(), Error> {
+        self.finish_reload(self.inner.reload_own(config))
+    }
+
+    /// Applies a state delivered by the control plane (services with endpoints,
+    /// merged into the proxy's own config).
+    pub(crate) async fn apply_discovered(&self, config: ProxyConfig) -> Result<(), Error> {
         self.finish_reload(self.inner.reload(config))
     }
 
@@ -119,7 +140,7 @@ impl Proxy {
     pub async fn reload_text(&self, text: &str) -> Result<(), Error> {
         let result = crate::config::parse(text)
             .map_err(Error::from)
-            .and_then(|config| self.inner.reload(config));
+            .and_then(|config| self.inner.reload_own(config));
         self.finish_reload(result)
     }
 
@@ -214,6 +235,24 @@ impl Proxy {
 }
 
 impl Inner {
+    /// A new config of the proxy's own (file, admin API, Python): with a control
+    /// plane, its services are merged in.
+    fn reload_own(&self, config: ProxyConfig) -> Result<(), Error> {
+        let running = self.shared.settings.load().control_plane.clone();
+        let wanted = Settings::from_config(config.clone())?.control_plane;
+        if running != wanted {
+            return Err(ConfigError::new(
+                "control_plane",
+                "cannot be added, removed or changed while running; restart the proxy",
+            )
+            .into());
+        }
+        match &self.discovered {
+            Some(state) => self.reload(crate::discover::set_bootstrap(state, config)),
+            None => self.reload(config),
+        }
+    }
+
     fn reload(&self, config: ProxyConfig) -> Result<(), Error> {
         let shared = &self.shared;
         if shared.shutdown.is_cancelled() {

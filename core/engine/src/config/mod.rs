@@ -90,6 +90,19 @@ pub struct Settings {
     pub limits: Limits,
     /// Proxy-wide timeouts (detection uses these; services start from them).
     pub timeouts: Timeouts,
+    pub control_plane: Option<ControlPlaneSettings>,
+}
+
+/// Where services and endpoints come from when a control plane is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlaneSettings {
+    /// `http://host:port` of each replica.
+    pub addresses: Vec<String>,
+    pub namespace: String,
+    pub service_account: String,
+    pub workload: String,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -257,12 +270,13 @@ impl Settings {
         }
 
         Ok(Self {
-            source: config,
             listeners,
             services,
             admin,
             limits,
             timeouts: defaults,
+            control_plane: control_plane(config.control_plane.as_ref())?,
+            source: config,
         })
     }
 }
@@ -424,6 +438,68 @@ fn timeouts(base: Timeouts, t: Option<&api::Timeouts>, at: &str) -> Result<Timeo
         out.request = (!value.is_zero()).then_some(value);
     }
     Ok(out)
+}
+
+fn control_plane(
+    cp: Option<&api::ControlPlane>,
+) -> Result<Option<ControlPlaneSettings>, ConfigError> {
+    let Some(cp) = cp else { return Ok(None) };
+    if cp.addresses.is_empty() {
+        return Err(ConfigError::new(
+            "control_plane.addresses",
+            "at least one address is required, for example 127.0.0.1:8086",
+        ));
+    }
+    let mut addresses = Vec::with_capacity(cp.addresses.len());
+    for (i, a) in cp.addresses.iter().enumerate() {
+        let a = a.trim().trim_start_matches("http://");
+        let valid = a
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(ConfigError::new(
+                format!("control_plane.addresses[{i}]"),
+                format!("{a:?} is not host:port"),
+            ));
+        }
+        addresses.push(format!("http://{a}"));
+    }
+    let bound = |d: Option<&pbjson_types::Duration>, default: Duration, field: &str| match d {
+        Some(d) => duration(d, &format!("control_plane.{field}")).map(|v| {
+            if v.is_zero() {
+                default
+            } else {
+                v
+            }
+        }),
+        None => Ok(default),
+    };
+    let backoff_base = bound(
+        cp.backoff_base.as_ref(),
+        Duration::from_millis(100),
+        "backoff_base",
+    )?;
+    let backoff_max = bound(
+        cp.backoff_max.as_ref(),
+        Duration::from_secs(10),
+        "backoff_max",
+    )?;
+    Ok(Some(ControlPlaneSettings {
+        addresses,
+        namespace: if cp.namespace.is_empty() {
+            "default".into()
+        } else {
+            cp.namespace.clone()
+        },
+        service_account: if cp.service_account.is_empty() {
+            "default".into()
+        } else {
+            cp.service_account.clone()
+        },
+        workload: cp.workload.clone(),
+        backoff_base,
+        backoff_max: backoff_max.max(backoff_base),
+    }))
 }
 
 fn limits(l: Option<&api::Limits>) -> Result<Limits, ConfigError> {
