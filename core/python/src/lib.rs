@@ -227,7 +227,8 @@ fn init_logging(filter: &str, json: bool) -> PyResult<bool> {
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let installed = if json {
         builder.json().try_init().is_ok()
     } else {

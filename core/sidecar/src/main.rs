@@ -86,7 +86,8 @@ fn init_logging(filter: &str, format: &str) -> Result<()> {
         .with_context(|| format!("--log {filter:?}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         "json" => builder.json().init(),
         "plain" => builder.init(),

@@ -481,7 +481,8 @@ fn control_plane(
     )?;
     let backoff_max = bound(
         cp.backoff_max.as_ref(),
-        Duration::from_secs(10),
+        // Short enough that a returning control plane is back in use within seconds.
+        Duration::from_secs(3),
         "backoff_max",
     )?;
     Ok(Some(ControlPlaneSettings {
