@@ -42,14 +42,9 @@ pub(crate) async fn serve(listener: TcpListener, proxy: WeakProxy, shutdown: Can
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
+            let result =
+                crate::http::server::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
+                    .await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }

@@ -4,6 +4,8 @@
 //! hyper answers what it cannot parse: a malformed request gets 400, a head over
 //! the limits gets 431, and the connection closes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -30,14 +32,7 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes as u32)
                 .serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await
         }
         _ => {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -46,17 +41,27 @@ pub async fn serve(
                 .max_headers(limits.max_headers)
                 .serve_connection(io, service)
                 .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
+            until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await
         }
     };
     if let Err(e) = result {
         tracing::debug!(protocol = protocol.as_str(), error = %e, "client connection ended with an error");
+    }
+}
+
+/// Drives a hyper connection to its end; once `shutdown` fires, asks it to finish
+/// what is in flight and close (`graceful`) rather than cutting it off.
+pub(crate) async fn until_drained<C: Future>(
+    conn: C,
+    shutdown: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            graceful(conn.as_mut());
+            conn.await
+        }
     }
 }
