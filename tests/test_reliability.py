@@ -670,8 +670,10 @@ def test_max_concurrent_sheds_the_excess_fast(start_proxy: ProxyFactory) -> None
         assert statuses == {200: 5, 503: 45}, statuses
         shed = [o for o in outcomes if o.status == 503]
         assert {o.reason for o in shed} == {SHED}
+        # The backend holds each request 1 s: a queued request would wait that long. The
+        # bound leaves room for a busy machine, not for queueing.
         slowest = max(o.latency for o in shed)
-        assert slowest < 0.1, f"a shed request waited {slowest * 1000:.0f} ms"
+        assert slowest < 0.5, f"a shed request waited {slowest * 1000:.0f} ms"
         assert backend.max_in_flight <= 5 and backend.traffic == 5
 
 

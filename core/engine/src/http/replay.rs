@@ -31,7 +31,7 @@ struct Copy {
     lost: bool,
 }
 
-struct Shared {
+pub struct Shared {
     copy: Mutex<Copy>,
     settled: Notify,
     cap: usize,
@@ -74,24 +74,37 @@ impl Shared {
     }
 }
 
-/// The kept copy of a request body, shared with the body being streamed.
+/// The kept copy of a request body, shared with the body being streamed. An empty
+/// body (most requests) needs no copy, and no allocation.
 #[derive(Clone)]
-pub struct Replay(Arc<Shared>);
+pub enum Replay {
+    Empty,
+    Copied(Arc<Shared>),
+}
 
 impl Replay {
     /// Whether the whole body has been seen and fits the cap (no waiting).
     pub fn is_complete(&self) -> bool {
-        let copy = self.0.copy.lock().unwrap_or_else(|p| p.into_inner());
+        let Replay::Copied(shared) = self else {
+            return true;
+        };
+        let copy = shared.copy.lock().unwrap_or_else(|p| p.into_inner());
         copy.complete && !copy.lost
     }
 
     /// A body for another try: waits for the client's body to finish arriving, and
     /// gives `None` if it was too big or broke.
     pub async fn body(&self) -> Option<RequestBody> {
+        let Replay::Copied(shared) = self else {
+            return Some(RequestBody::Buffered {
+                chunks: VecDeque::new(),
+                trailers: None,
+            });
+        };
         loop {
-            let settled = self.0.settled.notified();
+            let settled = shared.settled.notified();
             {
-                let copy = self.0.copy.lock().unwrap_or_else(|p| p.into_inner());
+                let copy = shared.copy.lock().unwrap_or_else(|p| p.into_inner());
                 if copy.lost {
                     return None;
                 }
@@ -124,26 +137,22 @@ impl RequestBody {
     /// The body for the first try, and a handle for replaying it when retries are
     /// possible (`cap` is the most that will be copied).
     pub fn first(inner: Incoming, cap: Option<usize>) -> (Self, Option<Replay>) {
-        let empty = inner.is_end_stream();
-        // A body announced as larger than the cap can never be replayed: don't copy it.
-        let cap = cap.filter(|cap| inner.size_hint().lower() <= *cap as u64);
-        let replay = cap.map(|cap| {
-            Replay(Arc::new(Shared {
-                copy: Mutex::new(Copy {
-                    complete: empty,
-                    ..Copy::default()
-                }),
-                settled: Notify::new(),
-                cap,
-            }))
-        });
-        if empty {
+        if inner.is_end_stream() {
             let body = RequestBody::Buffered {
                 chunks: VecDeque::new(),
                 trailers: None,
             };
-            return (body, replay);
+            return (body, cap.map(|_| Replay::Empty));
         }
+        // A body announced as larger than the cap can never be replayed: don't copy it.
+        let cap = cap.filter(|cap| inner.size_hint().lower() <= *cap as u64);
+        let replay = cap.map(|cap| {
+            Replay::Copied(Arc::new(Shared {
+                copy: Mutex::new(Copy::default()),
+                settled: Notify::new(),
+                cap,
+            }))
+        });
         let body = RequestBody::Streaming {
             inner: Some(inner),
             replay: replay.clone(),
@@ -166,8 +175,8 @@ impl Body for RequestBody {
                     return Poll::Ready(None);
                 };
                 let frame = std::task::ready!(Pin::new(body).poll_frame(cx));
-                if let Some(replay) = replay {
-                    replay.0.record(frame.as_ref());
+                if let Some(Replay::Copied(shared)) = replay {
+                    shared.record(frame.as_ref());
                 }
                 Poll::Ready(frame)
             }
@@ -208,18 +217,18 @@ impl Drop for RequestBody {
         // Dropped half-read (the upstream answered early): read the rest into the copy.
         let RequestBody::Streaming {
             inner,
-            replay: Some(replay),
+            replay: Some(Replay::Copied(shared)),
         } = self
         else {
             return;
         };
         let Some(mut body) = inner.take() else { return };
-        if replay.0.settled() {
+        if shared.settled() {
             return;
         }
-        let replay = replay.clone();
+        let shared = shared.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            replay.0.abandon();
+            shared.abandon();
             return;
         };
         runtime.spawn(async move {
@@ -227,15 +236,15 @@ impl Drop for RequestBody {
                 loop {
                     let frame = body.frame().await;
                     let done = frame.is_none();
-                    replay.0.record(frame.as_ref());
-                    if done || replay.0.settled() {
+                    shared.record(frame.as_ref());
+                    if done || shared.settled() {
                         return;
                     }
                 }
             })
             .await;
             if drained.is_err() {
-                replay.0.abandon();
+                shared.abandon();
             }
         });
     }
