@@ -13,6 +13,7 @@ from rich.console import Console
 
 from . import __version__
 from .bench import bench_app
+from .control.cli import check_command, control_app
 from .errors import MeshError
 from .proxy import Proxy, validate
 
@@ -21,6 +22,8 @@ app = typer.Typer(help="pymesh: a service mesh with a Rust data plane, driven fr
 proxy_app = typer.Typer(help="Run or check a proxy in this process.", no_args_is_help=True)
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(bench_app, name="bench")
+app.add_typer(control_app, name="control")
+app.command("check")(check_command)
 console = Console()
 err = Console(stderr=True)
 

@@ -1,0 +1,94 @@
+"""``pymesh control run``: the source, the mesh state, the Discovery server and the admin
+endpoint wired together on one uvloop event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+import prometheus_client
+import uvloop
+
+from .http import AdminServer
+from .metrics import ControlMetrics
+from .server import DiscoveryServer
+from .settings import ControlSettings
+from .sources import Source, SourceError, make_source
+from .state import MeshState
+
+log = logging.getLogger("pymesh.control")
+
+#: bounds of the delay before the source is read again after it failed
+RETRY_BASE = 0.1
+RETRY_MAX = 5.0
+
+
+async def run_source(source: Source, state: MeshState) -> None:
+    """Loads the source into the state and follows its changes, for ever. When the source
+    fails, the state keeps what it had (proxies are served their last good state) while the
+    source is tried again with a growing delay."""
+    delay = RETRY_BASE
+    while True:
+        try:
+            await source.load(state)
+            state.mark_loaded()
+            delay = RETRY_BASE
+            await source.watch(state)
+            continue  # the source asked to be read again from scratch
+        except SourceError as e:
+            state.report_errors({**state.source_errors, e.where: e.message})
+        except Exception:  # a bug; keep serving the last state and try again
+            log.exception("the source %s failed", source.name)
+            state.report_errors({**state.source_errors, "": "internal error; see the control plane's log"})
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
+
+
+async def serve(settings: ControlSettings, announce: Callable[[str], None] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Runs the control plane until ``stop`` is set (or SIGTERM/SIGINT). ``announce`` gets the
+    ``listening IP:PORT`` and ``admin IP:PORT`` lines once both are bound."""
+    source = make_source(settings.source, poll_interval=settings.poll_interval, etcd_prefix=settings.etcd_prefix)
+    metrics = ControlMetrics()
+    state = MeshState(source.name, metrics, max_pending=settings.max_pending_updates)
+    server = DiscoveryServer(state, source, metrics)
+    admin = AdminServer(state, metrics)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    driver: asyncio.Task[None] | None = None
+    try:
+        listening = await server.start(settings.listen)
+        admin_address = await admin.start(settings.admin)
+        driver = asyncio.create_task(run_source(source, state), name="source")
+        log.info("control plane for %s: discovery on %s, admin on %s", source.name, listening, admin_address)
+        if announce is not None:
+            announce(f"listening {listening}")
+            announce(f"admin {admin_address}")
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        if driver is not None:
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+        await server.stop(settings.shutdown_grace)
+        await admin.stop()
+        await source.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(settings: ControlSettings) -> None:
+    """Runs the control plane in this process on uvloop until SIGTERM/SIGINT."""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prometheus_client.disable_created_metrics()  # this process serves only its own metrics
+    uvloop.run(serve(settings, announce=_print))

@@ -1,0 +1,169 @@
+"""The control plane's commands: ``pymesh control run`` and ``pymesh check``.
+
+Heavy imports (grpc, aiohttp, the sources) happen inside the commands, so that ``pymesh``
+starts fast whatever it is asked to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+control_app = typer.Typer(help="Run the control plane.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@control_app.command("run")
+def control_run(
+    source: Annotated[str | None, typer.Option(
+        help="file:DIR (a directory of YAML files), etcd:HOST:PORT[,HOST:PORT], or kubernetes[:KUBECONFIG].",
+        envvar="PYMESH_CONTROL_SOURCE")] = None,
+    listen: Annotated[str | None, typer.Option(
+        help="IP:PORT for the Discovery gRPC service (port 0: a free one). Default 127.0.0.1:4200.",
+        envvar="PYMESH_CONTROL_LISTEN")] = None,
+    admin: Annotated[str | None, typer.Option(
+        help="IP:PORT for /metrics, /live and /ready. Default 127.0.0.1:4290.",
+        envvar="PYMESH_CONTROL_ADMIN")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Settings as YAML (source, listen, admin, pollInterval, …); flags win.",
+        envvar="PYMESH_CONTROL_CONFIG", exists=True, dir_okay=False)] = None,
+    log_level: Annotated[str | None, typer.Option(
+        "--log-level", help="debug, info, warning or error.", envvar="PYMESH_LOG_LEVEL")] = None,
+) -> None:
+    """Run the control plane until SIGTERM/SIGINT. Prints `listening IP:PORT` and
+    `admin IP:PORT` once both are bound."""
+    import pymesh
+
+    from .app import run
+    from .settings import load_settings
+    from .sources import make_source
+
+    try:
+        settings = load_settings(config).merged(source=source, listen=listen, admin=admin, log_level=log_level)
+    except pymesh.ConfigError as e:
+        err.print(f"[red]invalid settings:[/red] {e}")
+        raise typer.Exit(2) from e
+    if not settings.source:
+        raise typer.BadParameter("a source is required: file:DIR or etcd:HOST:PORT", param_hint="--source")
+    try:
+        make_source(settings.source)  # fail fast on a malformed spec
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--source") from e
+    if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter("expected debug, info, warning or error", param_hint="--log-level")
+    try:
+        run(settings)
+    except OSError as e:
+        err.print(f"[red]cannot start:[/red] {e}")
+        raise typer.Exit(1) from e
+
+
+@dataclass
+class Check:
+    """One line of `pymesh check`."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    hint: str = ""
+
+
+@dataclass
+class CheckReport:
+    control_plane: str
+    checks: list[Check] = field(default_factory=list)
+    proxies: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def run_checks(address: str, timeout: float) -> CheckReport:
+    """Asks the control plane at ``address`` for its status and judges it."""
+    import grpc
+    from google.protobuf import json_format
+
+    from pymesh._proto.pymesh.mesh.v1 import discovery_pb2, discovery_pb2_grpc
+
+    report = CheckReport(address)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            status = discovery_pb2_grpc.DiscoveryStub(channel).Status(discovery_pb2.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code().name if hasattr(e, "code") else "UNKNOWN"
+            details = e.details() if hasattr(e, "details") else str(e)
+            report.checks.append(Check("control plane is reachable", False, f"{code}: {details}",
+                                       f"is `pymesh control run` listening on {address}?"))
+            report.checks.append(Check("source is healthy", False, "not checked: the control plane is unreachable"))
+            return report
+    report.checks.append(Check("control plane is reachable", True, f"pymesh {status.version}"))
+    report.checks.append(Check(
+        "source is healthy", status.source_healthy,
+        status.source if status.source_healthy else f"{status.source}: {status.source_error}",
+        "" if status.source_healthy else "fix the source; proxies are served its last good state meanwhile"))
+    for proxy in status.proxies:
+        entry = json_format.MessageToDict(proxy.identity, preserving_proto_field_name=True)
+        entry.update(config_version=proxy.config_version, endpoint_watches=proxy.endpoint_watches,
+                     current=not proxy.config_version or proxy.config_version == status.config_version)
+        report.proxies.append(entry)
+    report.checks.append(Check("proxies are connected", True, f"{len(status.proxies)} connected"))
+    stale = [p["proxy_id"] for p in report.proxies if not p["current"]]
+    report.checks.append(Check(
+        "proxies have the current config", not stale,
+        f"config version {status.config_version}" + (f"; behind: {', '.join(stale)}" if stale else ""),
+        "a proxy behind for long is stuck; see its logs" if stale else ""))
+    return report
+
+
+def check_command(
+    control_plane: Annotated[str, typer.Option(
+        "--control-plane", help="HOST:PORT of a control plane's Discovery service.",
+        envvar="PYMESH_CONTROL_PLANE")] = "127.0.0.1:4200",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the control plane.", min=0.1)] = 5.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a mesh: control plane reachable, source healthy, proxies and their config.
+
+    Exits 1 if any check fails.
+    """
+    report = run_checks(control_plane, timeout)
+    if as_json:
+        console.print_json(json.dumps({
+            "control_plane": report.control_plane, "ok": report.ok,
+            "checks": [asdict(c) for c in report.checks], "proxies": report.proxies,
+        }))
+    else:
+        _print_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_report(report: CheckReport) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console.print(f"control plane {escape(report.control_plane)}")
+    for check in report.checks:
+        mark = "[green]✔[/green]" if check.ok else "[red]✖[/red]"
+        detail = f" [dim]({escape(check.detail)})[/dim]" if check.detail else ""
+        console.print(f"{mark} {escape(check.name)}{detail}")
+        if check.hint and not check.ok:
+            console.print(f"    [yellow]hint:[/yellow] {escape(check.hint)}")
+    if report.proxies:
+        table = Table("proxy", "workload", "namespace", "config version", "endpoint watches")
+        for proxy in report.proxies:
+            version = proxy["config_version"] or "-"
+            table.add_row(proxy.get("proxy_id", ""), proxy.get("workload", ""), proxy.get("namespace", ""),
+                          version if proxy["current"] else f"[red]{version}[/red]", str(proxy["endpoint_watches"]))
+        console.print(table)
+    console.print("[green]Status check results are ✔[/green]" if report.ok
+                  else "[red]Status check results are ✖[/red]")

@@ -1,0 +1,272 @@
+"""The ``pymesh.mesh.v1.Discovery`` gRPC service (grpcio's asyncio server).
+
+- ``WatchConfig``: the full ``ProxyConfig`` (services, no endpoints) at once, then a new full
+  one after every change; ``version`` changes with it.
+- ``WatchEndpoints``: one service's endpoints, the full set first (``full``), then changes
+  (``added`` are new or changed endpoints, ``removed`` addresses). Every new stream, so every
+  reconnecting watcher, starts with the full set.
+- ``Register``/``Deregister``: write through the source (shared by replicas with etcd).
+- ``Status``: the control plane, its source's health and the connected proxies.
+
+Updates are pushed: each stream waits on its own event, set by the state when something it
+watches changes. Each update is serialized once and the same bytes are written to every
+watcher. Streams are independent tasks, so a slow watcher only delays itself; its queue is
+bounded (see :mod:`pymesh.control.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import json_format
+
+import pymesh
+from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
+
+from .metrics import ControlMetrics
+from .sources import RegistrationError, Source, validate_endpoint
+from .state import MeshState
+
+log = logging.getLogger("pymesh.control.server")
+
+SERVICE_NAME = "pymesh.mesh.v1.Discovery"
+
+#: Keepalive: the server pings idle connections to find dead proxies, and lets proxies ping
+#: it every 5 s. SO_REUSEPORT is off so that two control planes never share a port. gRPC core
+#: cancels calls beyond 1,000 waiting to be picked up by the (one) Python server loop; when a
+#: thousand proxies reconnect at once (a control plane restart) each opens several streams,
+#: so the queue may hold more: allow it.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
+]
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+@dataclass
+class ConnectedProxy:
+    """What the server knows of one proxy (by ``proxy_id``, else by its connection)."""
+
+    identity: discovery_pb2.ProxyIdentity
+    config_version: str = ""
+    config_watches: int = 0
+    endpoint_watches: int = 0
+
+    @property
+    def streams(self) -> int:
+        return self.config_watches + self.endpoint_watches
+
+
+class DiscoveryServer:
+    """Serves the mesh state to proxies."""
+
+    def __init__(self, state: MeshState, source: Source, metrics: ControlMetrics) -> None:
+        self.state = state
+        self.source = source
+        self.metrics = metrics
+        self.proxies: dict[str, ConnectedProxy] = {}
+        self._server: grpc.aio.Server | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The Discovery methods; streaming responses are pre-serialized bytes."""
+        pb = discovery_pb2
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "WatchConfig": grpc.unary_stream_rpc_method_handler(
+                self.watch_config, request_deserializer=pb.WatchConfigRequest.FromString,
+                response_serializer=_identity),
+            "WatchEndpoints": grpc.unary_stream_rpc_method_handler(
+                self.watch_endpoints, request_deserializer=pb.WatchEndpointsRequest.FromString,
+                response_serializer=_identity),
+            "Register": grpc.unary_unary_rpc_method_handler(
+                self.register, request_deserializer=pb.RegisterRequest.FromString,
+                response_serializer=pb.RegisterResponse.SerializeToString),
+            "Deregister": grpc.unary_unary_rpc_method_handler(
+                self.deregister, request_deserializer=pb.DeregisterRequest.FromString,
+                response_serializer=pb.DeregisterResponse.SerializeToString),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self.status, request_deserializer=pb.StatusRequest.FromString,
+                response_serializer=pb.StatusResponse.SerializeToString),
+        })
+
+    async def start(self, address: str) -> str:
+        """Binds ``address`` (``IP:port``, port 0 for a free one); returns the bound ``IP:port``."""
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{address!r} is not IP:PORT")
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((self.handler(),))
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from None
+        if not bound:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        return f"{host}:{bound}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Closes every stream (proxies keep their last state and reconnect elsewhere)."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    # -- proxies --------------------------------------------------------------------------
+
+    def _attach(self, identity: discovery_pb2.ProxyIdentity, context: grpc.aio.ServicerContext,
+                kind: str) -> tuple[str, ConnectedProxy]:
+        key = identity.proxy_id or f"peer:{context.peer()}"
+        proxy = self.proxies.get(key)
+        if proxy is None:
+            proxy = self.proxies[key] = ConnectedProxy(discovery_pb2.ProxyIdentity())
+            proxy.identity.CopyFrom(identity)
+            if not identity.proxy_id:
+                proxy.identity.proxy_id = key
+            log.info("proxy connected: %s", _describe(proxy.identity))
+        if kind == "config":
+            proxy.config_watches += 1
+        else:
+            proxy.endpoint_watches += 1
+        self.metrics.connected_proxies.set(len(self.proxies))
+        return key, proxy
+
+    def _detach(self, key: str, proxy: ConnectedProxy, kind: str) -> None:
+        if kind == "config":
+            proxy.config_watches -= 1
+        else:
+            proxy.endpoint_watches -= 1
+        if proxy.streams <= 0 and self.proxies.get(key) is proxy:
+            del self.proxies[key]
+            log.info("proxy disconnected: %s", _describe(proxy.identity))
+        self.metrics.connected_proxies.set(len(self.proxies))
+
+    # -- RPCs -----------------------------------------------------------------------------
+
+    async def watch_config(self, request: discovery_pb2.WatchConfigRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        key, proxy = self._attach(request.identity, context, "config")
+        watch = self.state.subscribe_config()
+        latency = self.metrics.push_latency.labels("config")
+        pushes = self.metrics.pushes.labels("config", "true")
+        try:
+            await self.state.loaded.wait()
+            while True:
+                await watch.event.wait()
+                watch.event.clear()
+                update = self.state.take_config(watch)
+                if update is None:
+                    continue
+                payload, since = update
+                yield payload
+                proxy.config_version = watch.sent_version
+                pushes.inc()
+                latency.observe(time.monotonic() - since)
+        finally:
+            self.state.unsubscribe_config(watch)
+            self._detach(key, proxy, "config")
+
+    async def watch_endpoints(self, request: discovery_pb2.WatchEndpointsRequest,
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        if not request.service:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service: required; name the service to watch")
+        key, proxy = self._attach(request.identity, context, "endpoints")
+        watch = self.state.subscribe_endpoints(request.service)
+        latency = self.metrics.push_latency.labels("endpoints")
+        full_pushes = self.metrics.pushes.labels("endpoints", "true")
+        delta_pushes = self.metrics.pushes.labels("endpoints", "false")
+        try:
+            await self.state.loaded.wait()
+            while True:
+                await watch.event.wait()
+                watch.event.clear()
+                while (update := self.state.take_endpoints(watch)) is not None:
+                    payload, since, full = update
+                    yield payload
+                    (full_pushes if full else delta_pushes).inc()
+                    latency.observe(time.monotonic() - since)
+        finally:
+            self.state.unsubscribe_endpoints(watch)
+            self._detach(key, proxy, "endpoints")
+
+    async def register(self, request: discovery_pb2.RegisterRequest,
+                       context: grpc.aio.ServicerContext) -> discovery_pb2.RegisterResponse:
+        service = request.service
+        if not service:
+            await self._refuse(context, "register", "INVALID_ARGUMENT", "service: required")
+        try:
+            endpoint = validate_endpoint(service, json_format.MessageToDict(request.endpoint))
+        except pymesh.ConfigError as e:
+            await self._refuse(context, "register", "INVALID_ARGUMENT",
+                               f"endpoint.{e.path}: {e.message}" if e.path else f"endpoint: {e.message}")
+        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 0.0
+        if ttl < 0:
+            await self._refuse(context, "register", "INVALID_ARGUMENT", "ttl: must not be negative")
+        await self._known(context, "register", service)
+        try:
+            await self.source.register(service, endpoint, ttl or None)
+        except RegistrationError as e:
+            await self._refuse(context, "register", e.code, e.message)
+        self.metrics.registrations.labels("register", "ok").inc()
+        log.info("registered %s for %s%s", endpoint.address, service, f" (ttl {ttl:g}s)" if ttl else "")
+        return discovery_pb2.RegisterResponse()
+
+    async def deregister(self, request: discovery_pb2.DeregisterRequest,
+                         context: grpc.aio.ServicerContext) -> discovery_pb2.DeregisterResponse:
+        if not request.service or not request.address:
+            await self._refuse(context, "deregister", "INVALID_ARGUMENT", "service and address are required")
+        try:
+            await self.source.deregister(request.service, request.address)
+        except RegistrationError as e:
+            await self._refuse(context, "deregister", e.code, e.message)
+        self.metrics.registrations.labels("deregister", "ok").inc()
+        log.info("deregistered %s from %s", request.address, request.service)
+        return discovery_pb2.DeregisterResponse()
+
+    async def status(self, request: discovery_pb2.StatusRequest,
+                     context: grpc.aio.ServicerContext) -> discovery_pb2.StatusResponse:
+        state = self.state
+        response = discovery_pb2.StatusResponse(
+            version=pymesh.__version__, source=self.source.name,
+            source_healthy=state.loaded.is_set() and state.healthy,
+            source_error=state.source_error if state.loaded.is_set() or state.source_errors
+            else "the source has not loaded yet",
+            config_version=state.config_version)
+        for _, proxy in sorted(self.proxies.items()):
+            response.proxies.add(identity=proxy.identity, config_version=proxy.config_version,
+                                 endpoint_watches=proxy.endpoint_watches)
+        return response
+
+    async def _known(self, context: grpc.aio.ServicerContext, operation: str, service: str) -> None:
+        if service not in self.state.services:
+            await self._refuse(context, operation, "NOT_FOUND",
+                               f"service: unknown service {service!r}; define it in {self.source.name} first")
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, operation: str, code: str, message: str) -> None:
+        self.metrics.registrations.labels(operation, code.lower()).inc()
+        await context.abort(grpc.StatusCode[code], message)
+
+
+def _describe(identity: discovery_pb2.ProxyIdentity) -> str:
+    parts = [identity.proxy_id]
+    if identity.workload:
+        parts.append(f"workload={identity.workload}")
+    if identity.namespace:
+        parts.append(f"namespace={identity.namespace}")
+    if identity.service_account:
+        parts.append(f"serviceAccount={identity.service_account}")
+    return " ".join(parts)

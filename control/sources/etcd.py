@@ -1,0 +1,368 @@
+"""The etcd source (etcd v3 API, through the ``aetcd`` asyncio client).
+
+Keys, under a prefix (``/pymesh/`` by default):
+
+- ``/pymesh/services/<name>``: a ``pymesh.config.v1.Service`` in the protobuf JSON mapping,
+  without endpoints;
+- ``/pymesh/endpoints/<service>/<address>``: a ``pymesh.config.v1.Endpoint`` (``{}`` is
+  enough: the address comes from the key). Registrations with a ttl are attached to an
+  etcd lease, so etcd expires them, whichever replica wrote them.
+
+Several control-plane replicas on one etcd share this state; each watches the prefix and
+serves any proxy. A key whose value is invalid (the engine judges it) is reported with the
+key and field path, and its last good value is kept. After a lost connection the watch
+resumes from the last revision applied (another endpoint of the list is tried on each
+attempt); if etcd compacted that revision away, the whole prefix is read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+
+import pymesh
+from pymesh._proto.pymesh.config.v1 import proxy_pb2
+
+from ..state import Delta, Snapshot
+from .base import (
+    RegistrationError,
+    Sink,
+    Source,
+    SourceError,
+    check_services,
+    endpoint_json,
+    strip_path,
+    validate_endpoint,
+    validate_merged,
+)
+
+log = logging.getLogger("pymesh.control.etcd")
+
+#: keepalive pings detect a dead etcd even when no change is flowing (etcd allows one per 5 s)
+_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.max_receive_message_length": 256 * 1024 * 1024,
+}
+#: reconnect backoff bounds, seconds
+BACKOFF_BASE = 0.1
+BACKOFF_MAX = 5.0
+#: how long Register/Deregister wait for their own change to come back through the watch
+APPLY_WAIT = 5.0
+_CONNECTION = "connection"
+
+
+class EtcdSource(Source):
+    """State shared through etcd."""
+
+    def __init__(self, endpoints: list[tuple[str, int]], *, prefix: str = "/pymesh/", timeout: float = 5.0) -> None:
+        if not prefix.endswith("/"):
+            prefix += "/"
+        self.endpoints = endpoints
+        self.prefix = prefix
+        self.timeout = timeout
+        self.name = "etcd:" + ",".join(f"{h}:{p}" for h, p in endpoints)
+        self._next = 0
+        self._client: aetcd.Client | None = None
+        self._revision = 0
+        self._applied = asyncio.Condition()
+        self._services: dict[str, proxy_pb2.Service] = {}
+        self._settings: dict[str, dict[str, Any]] = {}
+        self._endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
+        self._errors: dict[str, str] = {}
+
+    # -- Source ---------------------------------------------------------------------------
+
+    async def load(self, sink: Sink) -> None:
+        client = await self._connected()
+        try:
+            result = await client.get_prefix(self.prefix.encode())
+        except Exception as e:  # noqa: BLE001 (any client failure is a connection problem)
+            await self._drop(e)
+            raise SourceError(_CONNECTION, f"cannot read {self.prefix} from etcd: {_reason(e)}") from None
+        self._errors.pop(_CONNECTION, None)
+        self._load([(kv.key.decode(), kv.value) for kv in result])
+        await self._advance(result.header.revision)
+        sink.replace(Snapshot(dict(self._services), {s: dict(e) for s, e in self._endpoints.items()}))
+        sink.report_errors(self._errors)
+        log.info("loaded %d services and %d endpoints from %s at revision %d", len(self._services),
+                 sum(len(e) for e in self._endpoints.values()), self.name, self._revision)
+
+    async def watch(self, sink: Sink) -> None:
+        delay = BACKOFF_BASE
+        while True:
+            try:
+                client = await self._connected()
+                # From the last revision applied, inclusive: applying an event twice is harmless.
+                stream = await client.watch_prefix(self.prefix.encode(), start_revision=self._revision)
+                if self._errors.pop(_CONNECTION, None) is not None:
+                    sink.report_errors(self._errors)
+                delay = BACKOFF_BASE
+                async for event in stream:
+                    self._on_event(event, sink)
+                    await self._advance(event.kv.mod_revision)
+            except aetcd.exceptions.RevisionCompactedError as e:
+                log.warning("etcd compacted revision %d away (%s); reading everything again", self._revision, e)
+                return
+            except SourceError as e:
+                self._errors[_CONNECTION] = e.message
+                sink.report_errors(self._errors)
+            except Exception as e:  # noqa: BLE001 (the stream broke: reconnect and resume)
+                await self._drop(e)
+                self._errors[_CONNECTION] = f"watch interrupted: {_reason(e)}; resuming from revision {self._revision}"
+                sink.report_errors(self._errors)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def register(self, service: str, endpoint: proxy_pb2.Endpoint, ttl: float | None) -> None:
+        key = self._endpoint_key(service, endpoint.address).encode()
+        try:
+            client = await self._connected()
+            lease = await client.lease(max(1, math.ceil(ttl))) if ttl else None
+            result = await client.put(key, endpoint_json(endpoint).encode(), lease=lease)
+        except SourceError as e:
+            raise RegistrationError("UNAVAILABLE", e.message) from None
+        except aetcd.exceptions.ClientError as e:
+            await self._drop(e)
+            raise RegistrationError("UNAVAILABLE", f"etcd refused the registration: {_reason(e)}") from None
+        await self._wait_applied(result.header.revision)
+
+    async def deregister(self, service: str, address: str) -> None:
+        key = self._endpoint_key(service, address).encode()
+        try:
+            client = await self._connected()
+            result = await client.delete(key)
+        except SourceError as e:
+            raise RegistrationError("UNAVAILABLE", e.message) from None
+        except aetcd.exceptions.ClientError as e:
+            await self._drop(e)
+            raise RegistrationError("UNAVAILABLE", f"etcd refused the deregistration: {_reason(e)}") from None
+        if result is None:
+            raise RegistrationError("NOT_FOUND", f"no endpoint {address} is registered for service {service!r}")
+        await self._wait_applied(result.header.revision)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.close(), self.timeout)
+            except Exception as e:  # noqa: BLE001 (closing: nothing left to do)
+                log.debug("closing the etcd client: %s", e)
+
+    # -- the connection -------------------------------------------------------------------
+
+    async def _connected(self) -> aetcd.Client:
+        """The current client, or one connected to the first endpoint that answers."""
+        if self._client is not None:
+            return self._client
+        reasons = []
+        for _ in range(len(self.endpoints)):
+            host, port = self.endpoints[self._next]
+            self._next = (self._next + 1) % len(self.endpoints)
+            client = aetcd.Client(host=host, port=port, timeout=self.timeout, options=_CHANNEL_OPTIONS)
+            try:
+                await asyncio.wait_for(client.status(), self.timeout)
+            except Exception as e:  # noqa: BLE001 (try the next endpoint)
+                reasons.append(f"{host}:{port}: {_reason(e)}")
+                await _close_quietly(client)
+                continue
+            self._client = client
+            log.info("connected to etcd at %s:%d", host, port)
+            return client
+        raise SourceError(_CONNECTION, "cannot reach etcd (" + "; ".join(reasons) + ")")
+
+    async def _drop(self, error: BaseException) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            log.warning("etcd connection lost: %s", _reason(error))
+            await _close_quietly(client)
+
+    async def _advance(self, revision: int) -> None:
+        async with self._applied:
+            if revision > self._revision:
+                self._revision = revision
+                self._applied.notify_all()
+
+    async def _wait_applied(self, revision: int) -> None:
+        """Waits until this replica's watch has applied ``revision`` (read your writes)."""
+        async with self._applied:
+            try:
+                await asyncio.wait_for(self._applied.wait_for(lambda: self._revision >= revision), APPLY_WAIT)
+            except TimeoutError:
+                log.warning("revision %d not seen through the watch within %.0f s", revision, APPLY_WAIT)
+
+    # -- keys and values ------------------------------------------------------------------
+
+    def _endpoint_key(self, service: str, address: str) -> str:
+        return f"{self.prefix}endpoints/{service}/{address}"
+
+    def _parse_key(self, key: str) -> tuple[str, str, str] | None:
+        """``/pymesh/services/web`` → ("services", "web", ""); ``/pymesh/endpoints/web/1.2.3.4:80``
+        → ("endpoints", "web", "1.2.3.4:80"); anything else → None."""
+        rest = key[len(self.prefix):] if key.startswith(self.prefix) else None
+        if rest is None:
+            return None
+        kind, _, tail = rest.partition("/")
+        if kind == "services" and tail and "/" not in tail:
+            return kind, tail, ""
+        if kind == "endpoints":
+            service, _, address = tail.partition("/")
+            if service and address:
+                return kind, service, address
+        return None
+
+    def _load(self, items: list[tuple[str, bytes]]) -> None:
+        """The whole prefix: services validated one by one, then merged (a conflicting one
+        is left out and reported); endpoints validated per service."""
+        self._services, self._settings, self._endpoints = {}, {}, {}
+        self._errors = {k: v for k, v in self._errors.items() if k == _CONNECTION}
+        candidates: dict[str, tuple[str, proxy_pb2.Service, dict[str, Any]]] = {}
+        endpoint_values: dict[str, dict[str, tuple[str, Any]]] = {}
+        for key, value in items:
+            parsed = self._parse_key(key)
+            if parsed is None:
+                continue
+            kind, service, address = parsed
+            try:
+                document = _json(value)
+                if kind == "services":
+                    checked, settings = self._check_service(service, document)
+                    candidates[service] = (key, checked, settings)
+                else:
+                    endpoint_values.setdefault(service, {})[address] = (key, self._check_address(address, document))
+            except pymesh.ConfigError as e:
+                self._errors[key] = _message(e)
+        for _ in range(len(candidates) + 1):
+            names = sorted(candidates)
+            try:
+                validate_merged([candidates[n][2] for n in names])
+                break
+            except pymesh.ConfigError as e:
+                index = _index(e.path)
+                if index is None or index >= len(names):
+                    raise
+                key = candidates.pop(names[index])[0]
+                self._errors[key] = f"{strip_path(e.path, f'services[{index}]')}: {e.message}"
+        for name, (_, service, settings) in candidates.items():
+            self._services[name] = service
+            self._settings[name] = settings
+        for service, values in endpoint_values.items():
+            for address, (key, document) in values.items():
+                try:
+                    self._endpoints.setdefault(service, {})[address] = validate_endpoint(service, document)
+                except pymesh.ConfigError as e:
+                    self._errors[key] = _message(e)
+
+    def _on_event(self, event: aetcd.rtypes.Event, sink: Sink) -> None:
+        key = event.kv.key.decode()
+        parsed = self._parse_key(key)
+        if parsed is None:
+            return
+        kind, service, address = parsed
+        had_error = self._errors.pop(key, None) is not None
+        delta = Delta()
+        if event.kind == "DELETE":
+            if kind == "services":
+                if self._services.pop(service, None) is not None:
+                    self._settings.pop(service, None)
+                    delta.services[service] = None
+            elif self._endpoints.get(service, {}).pop(address, None) is not None:
+                delta.endpoints[service] = {address: None}
+        else:
+            try:
+                document = _json(event.kv.value)
+                if kind == "services":
+                    checked, settings = self._check_service(service, document)
+                    self._check_merged(service, settings)
+                    self._services[service] = checked
+                    self._settings[service] = settings
+                    delta.services[service] = checked
+                else:
+                    endpoint = validate_endpoint(service, self._check_address(address, document))
+                    self._endpoints.setdefault(service, {})[address] = endpoint
+                    delta.endpoints[service] = {address: endpoint}
+            except pymesh.ConfigError as e:
+                self._errors[key] = _message(e)
+                had_error = True
+        if delta:
+            sink.apply(delta)
+        if had_error:
+            sink.report_errors(self._errors)
+
+    def _check_service(self, name: str, document: Any) -> tuple[proxy_pb2.Service, dict[str, Any]]:
+        if not isinstance(document, dict):
+            raise pymesh.ConfigError("", f"expected a Service object, found {type(document).__name__}")
+        if document.get("endpoints"):
+            raise pymesh.ConfigError("endpoints", f"endpoints belong under {self.prefix}endpoints/{name}/<address>")
+        given = document.get("name", name)
+        if given != name:
+            raise pymesh.ConfigError("name", f"{given!r} differs from the key's name {name!r}")
+        try:
+            services, normalised = check_services([{**document, "name": name}])
+        except pymesh.ConfigError as e:
+            raise pymesh.ConfigError(strip_path(e.path, "services[0]"), e.message) from None
+        return services[0], normalised[0]
+
+    def _check_merged(self, name: str, settings: dict[str, Any]) -> None:
+        """The engine's verdict on every service together with this one (authorities unique)."""
+        others = [s for n, s in sorted(self._settings.items()) if n != name]
+        try:
+            validate_merged([*others, settings])
+        except pymesh.ConfigError as e:
+            index = _index(e.path)
+            if index is not None and index < len(others):
+                raise pymesh.ConfigError("", f"conflicts with service {others[index].get('name')!r}: "
+                                             f"{e.message}") from None
+            raise pymesh.ConfigError(strip_path(e.path, f"services[{len(others)}]"), e.message) from None
+
+    @staticmethod
+    def _check_address(address: str, document: Any) -> Any:
+        if document is None or document == "":
+            return {"address": address}
+        if not isinstance(document, dict):
+            raise pymesh.ConfigError("", f"expected an Endpoint object, found {type(document).__name__}")
+        given = document.get("address", address)
+        if given != address:
+            raise pymesh.ConfigError("address", f"{given!r} differs from the key's address {address!r}")
+        return {**document, "address": address}
+
+
+def _json(value: bytes) -> Any:
+    if not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise pymesh.ConfigError("", f"malformed JSON: {e}") from None
+
+
+def _message(error: pymesh.ConfigError) -> str:
+    return f"{error.path}: {error.message}" if error.path else error.message
+
+
+def _index(path: str) -> int | None:
+    if not path.startswith("services["):
+        return None
+    try:
+        return int(path[len("services["):path.index("]")])
+    except ValueError:
+        return None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    try:
+        await asyncio.wait_for(client.close(), 2)
+    except Exception as e:  # noqa: BLE001 (closing a broken client)
+        log.debug("closing an etcd client: %s", e)

@@ -1,0 +1,364 @@
+"""The file source: a directory of YAML (or JSON) files, each holding ``services:``, a list of
+``pymesh.config.v1.Service`` in the protobuf JSON mapping (endpoints included).
+
+The directory is polled (every ``poll_interval``, 200 ms by default): a file whose mtime,
+size or inode changed is read again. Each file is validated by the engine; a file that is
+malformed or invalid is reported with its name and the field path, and its last good
+content keeps being served. Across files, a service defined twice or an authority claimed by
+two services (the engine catches that once the files are merged) is a conflict: the file that
+changed is reported and its previous content kept.
+
+Endpoints registered through the Discovery API live in this process only (they are not
+written to the files) and are lost on restart; use the etcd source to share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import pymesh
+from pymesh._proto.pymesh.config.v1 import proxy_pb2
+
+from ..state import Delta, Snapshot, split_endpoints
+from .base import RegistrationError, Sink, Source, SourceError, check_services, validate_merged
+
+log = logging.getLogger("pymesh.control.file")
+
+_SUFFIXES = (".yaml", ".yml", ".json")
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Bounds: a directory bigger than this is refused rather than read forever.
+MAX_FILES = 100_000
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class _File:
+    """One file's latest reading, and what of it is being served."""
+
+    key: tuple[int, int, int]
+    #: the latest content that parsed and validated (services with their endpoints)
+    parsed: list[proxy_pb2.Service] | None = None
+    #: the same, as the engine normalised it, without endpoints (for merged validation)
+    normalised: list[dict[str, Any]] = field(default_factory=list)
+    #: the content in the state being served
+    accepted: list[proxy_pb2.Service] | None = None
+    accepted_normalised: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+class FileSource(Source):
+    """A directory of YAML files, polled for changes."""
+
+    def __init__(self, directory: Path, *, poll_interval: float = 0.2) -> None:
+        self.directory = directory
+        self.name = f"file:{directory}"
+        self.poll_interval = poll_interval
+        self._files: dict[str, _File] = {}
+        self._conflicts: dict[str, str] = {}
+        self._dir_error: str | None = None
+        self._file_snapshot = Snapshot()
+        self._registered: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
+        self._expiry: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._sink: Sink | None = None
+
+    # -- Source ---------------------------------------------------------------------------
+
+    async def load(self, sink: Sink) -> None:
+        if not self.directory.is_dir():
+            raise SourceError("", f"{self.directory} is not a directory")
+        await asyncio.to_thread(self._scan, force=True)
+        sink.replace(self._compose())
+        sink.report_errors(self.errors())
+
+    async def watch(self, sink: Sink) -> None:
+        self._sink = sink
+        try:
+            while True:
+                await asyncio.sleep(self.poll_interval)
+                if await asyncio.to_thread(self._scan):
+                    sink.replace(self._compose())
+                    sink.report_errors(self.errors())
+        finally:
+            self._sink = None
+
+    async def register(self, service: str, endpoint: proxy_pb2.Endpoint, ttl: float | None) -> None:
+        self._registered.setdefault(service, {})[endpoint.address] = endpoint
+        key = (service, endpoint.address)
+        old = self._expiry.pop(key, None)
+        if old is not None:
+            old.cancel()
+        if ttl:
+            loop = asyncio.get_running_loop()
+            self._expiry[key] = loop.call_later(ttl, self._expire, service, endpoint.address)
+        self._publish_endpoint(service, endpoint.address)
+
+    async def deregister(self, service: str, address: str) -> None:
+        if address not in self._registered.get(service, {}):
+            defined = address in self._file_snapshot.endpoints.get(service, {})
+            raise RegistrationError(
+                "FAILED_PRECONDITION" if defined else "NOT_FOUND",
+                f"{address} of service {service!r} is defined in the source's files; edit them to remove it"
+                if defined else f"no endpoint {address} is registered for service {service!r}")
+        self._unregister(service, address)
+
+    async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+
+    def errors(self) -> dict[str, str]:
+        """Current errors: file name → what is wrong (the directory itself under "")."""
+        errors = {name: f.error for name, f in self._files.items() if f.error}
+        errors.update(self._conflicts)
+        if self._dir_error:
+            errors[""] = self._dir_error
+        return errors
+
+    # -- registrations --------------------------------------------------------------------
+
+    def _expire(self, service: str, address: str) -> None:
+        self._expiry.pop((service, address), None)
+        log.info("registration expired: %s %s", service, address)
+        self._unregister(service, address)
+
+    def _unregister(self, service: str, address: str) -> None:
+        registered = self._registered.get(service, {})
+        registered.pop(address, None)
+        if not registered:
+            self._registered.pop(service, None)
+        handle = self._expiry.pop((service, address), None)
+        if handle is not None:
+            handle.cancel()
+        self._publish_endpoint(service, address)
+
+    def _publish_endpoint(self, service: str, address: str) -> None:
+        """Tells the sink what (service, address) is now: registered, from a file, or gone."""
+        if self._sink is None:
+            return
+        endpoint = self._registered.get(service, {}).get(address)
+        if endpoint is None:
+            endpoint = self._file_snapshot.endpoints.get(service, {}).get(address)
+        self._sink.apply(Delta(endpoints={service: {address: endpoint}}))
+
+    def _compose(self) -> Snapshot:
+        """The files' state with the registrations on top."""
+        files = self._file_snapshot
+        if not self._registered:
+            return files
+        endpoints = dict(files.endpoints)
+        for service, registered in self._registered.items():
+            endpoints[service] = {**files.endpoints.get(service, {}), **registered}
+        return Snapshot(files.services, endpoints)
+
+    # -- reading files (on a worker thread) -----------------------------------------------
+
+    def _scan(self, force: bool = False) -> bool:
+        """Reads what changed; returns whether the served state or the errors may have."""
+        try:
+            listing = self._list()
+        except OSError as e:
+            message = f"cannot read the directory {self.directory}: {e.strerror or e}"
+            changed = message != self._dir_error
+            self._dir_error = message
+            return changed
+        changed = self._dir_error is not None or force
+        self._dir_error = None
+        for name in list(self._files):
+            if name not in listing:
+                del self._files[name]
+                changed = True
+        for name, key in listing.items():
+            current = self._files.get(name)
+            if current is not None and current.key == key:
+                continue
+            self._read(name, key, current)
+            changed = True
+        if changed:
+            self._merge()
+        return changed
+
+    def _list(self) -> dict[str, tuple[int, int, int]]:
+        listing: dict[str, tuple[int, int, int]] = {}
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.endswith(_SUFFIXES):
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                if not entry.is_file():
+                    continue
+                listing[entry.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if len(listing) > MAX_FILES:
+                    raise OSError(f"more than {MAX_FILES} files")
+        return listing
+
+    def _read(self, name: str, key: tuple[int, int, int], previous: _File | None) -> None:
+        entry = previous if previous is not None else _File(key)
+        entry.key = key
+        self._files[name] = entry
+        try:
+            services = self._parse(self.directory / name)
+            checked, normalised = check_services(services)
+        except _FileError as e:
+            entry.error = str(e)
+            return
+        except pymesh.ConfigError as e:
+            entry.error = _describe(e.path, e.message, services)
+            return
+        entry.parsed = checked
+        entry.normalised = [_settings(s) for s in normalised]
+        entry.error = None
+
+    def _parse(self, path: Path) -> list[Any]:
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise _FileError(f"the file is {size} bytes; at most {MAX_FILE_BYTES} are read")
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _FileError(f"cannot read: {e}") from None
+        try:
+            document = yaml.load(text, Loader=_Loader)  # noqa: S506 (a safe loader)
+        except yaml.YAMLError as e:
+            raise _FileError(_yaml_error(e)) from None
+        if document is None:
+            return []
+        if not isinstance(document, dict):
+            raise _FileError(f"expected a mapping with `services:`, found {type(document).__name__}")
+        unknown = sorted(str(k) for k in document if k != "services")
+        if unknown:
+            raise _FileError(f"{unknown[0]}: unknown key; a source file holds only `services:`")
+        services = document.get("services")
+        if services is None:
+            return []
+        if not isinstance(services, list):
+            raise _FileError(f"services: expected a list of services, found {type(services).__name__}")
+        return services
+
+    def _merge(self) -> None:
+        """Merges the files' latest good content; on a conflict, the file that changed keeps
+        its previous content and is reported."""
+        self._conflicts = {}
+        candidates: dict[str, tuple[list[proxy_pb2.Service], list[dict[str, Any]]]] = {}
+        for name, entry in sorted(self._files.items()):
+            if entry.parsed is not None:
+                candidates[name] = (entry.parsed, entry.normalised)
+        for _ in range(2 * len(candidates) + 1):
+            conflict = self._find_conflict(candidates)
+            if conflict is None:
+                break
+            blamed, message = conflict
+            self._conflicts[blamed] = message
+            entry = self._files[blamed]
+            if entry.accepted is not None and entry.accepted is not candidates[blamed][0]:
+                candidates[blamed] = (entry.accepted, entry.accepted_normalised)
+            else:
+                del candidates[blamed]
+        else:  # unreachable in practice: every round removes or reverts a file
+            return
+        for name, entry in self._files.items():
+            chosen = candidates.get(name)
+            entry.accepted, entry.accepted_normalised = chosen if chosen else (None, [])
+        self._file_snapshot = split_endpoints(s for services, _ in candidates.values() for s in services)
+
+    def _find_conflict(
+        self, candidates: dict[str, tuple[list[proxy_pb2.Service], list[dict[str, Any]]]],
+    ) -> tuple[str, str] | None:
+        """The first conflict across files, as (file to blame, message), or None."""
+        owners: dict[str, tuple[str, int]] = {}
+        merged: list[dict[str, Any]] = []
+        origin: list[tuple[str, int]] = []
+        for name, (services, normalised) in candidates.items():
+            for index, service in enumerate(services):
+                first = owners.get(service.name)
+                if first is not None:
+                    blamed, other = self._blame(name, first[0])
+                    where = (name, index) if blamed == name else first
+                    elsewhere = first if blamed == name else (name, index)
+                    return blamed, (f"services[{where[1]}].name: service {service.name!r} is already defined in "
+                                    f"{elsewhere[0]} (services[{elsewhere[1]}])")
+                owners[service.name] = (name, index)
+            merged.extend(normalised)
+            origin.extend((name, i) for i in range(len(normalised)))
+        try:
+            validate_merged(merged)
+        except pymesh.ConfigError as e:
+            index, rest = _split_index(e.path)
+            if index is None or index >= len(origin):
+                return next(iter(candidates), ""), f"{e.path}: {e.message}"
+            name, local = origin[index]
+            other_service = _quoted_service(e.message)
+            other = owners.get(other_service) if other_service else None
+            blamed = self._blame(name, other[0])[0] if other else name
+            if blamed != name and other is not None:
+                return blamed, (f"services[{other[1]}]: conflicts with {name} services[{local}]"
+                                f"{'.' + rest if rest else ''}: {e.message}")
+            suffix = f" (with {other[0]} services[{other[1]}])" if other else ""
+            return name, f"services[{local}]{'.' + rest if rest else ''}: {e.message}{suffix}"
+        return None
+
+    def _blame(self, a: str, b: str) -> tuple[str, str]:
+        """Of two files in conflict, the one whose content changed (else the later name)."""
+        a_changed = self._files[a].accepted is not self._files[a].parsed
+        b_changed = self._files[b].accepted is not self._files[b].parsed
+        if a_changed != b_changed:
+            return (a, b) if a_changed else (b, a)
+        return (a, b) if a > b else (b, a)
+
+
+class _FileError(Exception):
+    """A file that is not a valid source file, with a message saying where."""
+
+
+def _settings(service: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in service.items() if k != "endpoints"}
+
+
+def _split_index(path: str) -> tuple[int | None, str]:
+    """``services[3].authorities[0]`` → (3, ``authorities[0]``)."""
+    if not path.startswith("services["):
+        return None, path
+    close = path.find("]")
+    try:
+        index = int(path[len("services["):close])
+    except ValueError:
+        return None, path
+    return index, path[close + 2:] if len(path) > close + 1 else ""
+
+
+def _quoted_service(message: str) -> str | None:
+    """The service an engine message names (``… already routes to service "a"``)."""
+    marker = 'service "'
+    at = message.rfind(marker)
+    if at < 0:
+        return None
+    end = message.find('"', at + len(marker))
+    return message[at + len(marker):end] if end > 0 else None
+
+
+def _describe(path: str, message: str, services: list[Any]) -> str:
+    """An engine error as ``services[2].endpoints[0].address: … (service "web")``."""
+    index, _ = _split_index(path)
+    name = ""
+    if index is not None and index < len(services) and isinstance(services[index], dict):
+        name = str(services[index].get("name", ""))
+    where = f"{path}: " if path else ""
+    return f"{where}{message}" + (f" (service {name!r})" if name else "")
+
+
+def _yaml_error(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}malformed YAML: {problem}" + (f" ({context})" if context else "")
+
