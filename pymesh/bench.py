@@ -3,13 +3,20 @@
 The harness lives in the checkout's `perf/harness/` and is not installed with the package:
 these commands add the repository root to `sys.path` when `pymesh` runs from a checkout
 (an editable install, as scripts/install makes), and say so clearly otherwise.
+
+`run` measures in a fresh Python process that loads this file alone, never the engine
+extension: the `pymesh` CLI process has `pymesh._engine` mapped, and a rebuild that rewrites
+that file in place during a run of several minutes would crash it (the proxies measured are
+snapshots; see perf/harness/tools.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import shlex
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +39,35 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages unwrapped: greppable, copyable
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+ISOLATED = "PYMESH_BENCH_ISOLATED"
+# Runs this file's typer app in a process that imports neither `pymesh` nor its engine.
+STANDALONE = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("pymesh_bench", sys.argv.pop(1))
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.bench_app(prog_name="pymesh bench")
+"""
+STOP_WAIT_S = 60
+
+
+def _run_isolated() -> None:
+    """Re-run `pymesh bench run …` in a standalone process, when this is the `pymesh` CLI; exits with its
+    status. Ctrl-C reaches both processes: this one then waits for the other to stop what it started."""
+    if os.environ.get(ISOLATED) == "1" or sys.argv[1:3] != ["bench", "run"]:
+        return
+    process = subprocess.Popen([sys.executable, "-c", STANDALONE, __file__, *sys.argv[2:]],
+                               env={**os.environ, ISOLATED: "1"})
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        try:
+            code = process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+    raise typer.Exit(code)
 
 
 def harness() -> ModuleType:
@@ -84,6 +120,7 @@ def run(
     except ValueError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from e
+    _run_isolated()
     from perf.harness import report
     from perf.harness.tools import ToolMissing
 
@@ -120,7 +157,7 @@ def list_(as_json: JsonOption = False) -> None:
         reason = capabilities.unsupported(s) if capabilities else f"pymesh-loadgen not built in {RELEASE}"
         sets = [name for name, members in h.SETS.items() if s.name in members]
         scenario_rows.append({**s.to_dict(), "sets": sets, "runnable": reason is None, "reason": reason or ""})
-    context = Context(Path("."))
+    context = Context(Path("."), build=False)  # listing never builds
     system_rows = []
     for name, cls in h.SYSTEMS.items():
         system = cls(context)

@@ -79,6 +79,9 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[Row]:
     for key in keys:
         o, n = before.get(key), after.get(key)
         row = Row(key[0], key[1], o["status"] if o else "absent", n["status"] if n else "absent")
+        rows.append(row)
+        if row.old_status != "ok" or row.new_status != "ok":
+            continue  # nothing comparable: the table shows the statuses
         for label, path, lower_better in METRICS:
             a, b = _get(o, path), _get(n, path)
             if a is None and b is None:
@@ -87,7 +90,6 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> list[Row]:
             percent = None if change is None or not a else change / abs(a) * 100
             better = None if not change else (change < 0) == lower_better
             row.deltas.append(Delta(label, a, b, change, percent, better))
-        rows.append(row)
     return rows
 
 

@@ -98,8 +98,9 @@ def added_p99_vs_rate(data: dict[str, Any], path: Path) -> bool:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system,
                     color=colours.get(system))
         ax.set_title(family)
+        ax.set_yscale("symlog", linthresh=100)  # µs to seconds on one axis, negatives (noise) too
         ax.set_xlabel("requested rate, requests/s")
-        ax.set_ylabel("added p99 over direct, µs")
+        ax.set_ylabel("added p99 over direct, µs (symlog)")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.grid(True, alpha=0.3)
         ax.legend()

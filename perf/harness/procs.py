@@ -2,13 +2,17 @@
 to a CPU with taskset), wait until it is ready, and always stop it; plus free loopback ports.
 
 Every wait here is bounded by a deadline; a process that does not come up in time is stopped
-and the error carries the tail of its log.
+and the error carries the tail of its log. Children run in their own session (a Ctrl-C meant
+for the harness does not hit them mid-measurement; the harness stops them itself) and, where
+util-linux's `setpriv` is available, with a parent-death signal, so that even a harness that
+dies without cleaning up (SIGKILL, a crash) leaves no proxy behind.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +40,12 @@ def pinned(command: list[str], cpu: int | None) -> list[str]:
     return command if cpu is None else ["taskset", "-c", str(cpu), *command]
 
 
+def _orphan_proof(command: list[str]) -> list[str]:
+    """`command` under `setpriv --pdeathsig TERM` (SIGTERM when the harness dies) if available."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
+
+
 class Child:
     """One started process whose stdout and stderr go to `log`."""
 
@@ -47,7 +57,7 @@ class Child:
         self._log_file = log.open("wb")
         try:
             self.process = subprocess.Popen(
-                command, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                _orphan_proof(command), stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
             )
         except OSError as e:

@@ -1,6 +1,8 @@
-"""The run: for every scenario, start the backend and every available system in front of it,
-probe each, then measure them interleaved round by round (the order rotates every round, so
-drift on a shared machine hits every system alike), stop everything, and summarise.
+"""The run: snapshot the binaries to measure, then for every scenario start the backend and
+every available system in front of it, probe each, measure them interleaved round by round
+(the order rotates every round, so drift on a shared machine hits every system alike), stop
+everything, and summarise. The idle-connection scenario starts fresh processes every round,
+so each round's memory figures start from a clean heap.
 
 Systems that cannot run here and scenarios the load generator cannot offer are recorded as
 skipped with the reason; a system that fails to start or to serve the probe is recorded as
@@ -142,7 +144,13 @@ class Runner:
                 overall = progress.add_task("runs", total=total)
                 current = progress.add_task("", total=1, visible=False)
                 for scenario in runnable:
-                    self._scenario(scenario, available, Path(tmp), result, progress, overall, current)
+                    if scenario.kind == "idle":  # memory: every round on freshly started processes
+                        for round_ in range(plan.rounds):
+                            self._scenario(scenario, available, Path(tmp), result, progress, overall, current,
+                                           [round_])
+                    else:
+                        self._scenario(scenario, available, Path(tmp), result, progress, overall, current,
+                                       list(range(plan.rounds)))
         result.end_time = now()
         result.environment["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         result.outcomes = summarise(result)
@@ -171,15 +179,17 @@ class Runner:
         return child.wait_for_line(r"listening on (\S+)").group(1)
 
     def _scenario(self, scenario: Scenario, systems: list[System], workdir: Path, result: BenchResult,
-                  progress: Progress, overall: TaskID, current: TaskID) -> None:
+                  progress: Progress, overall: TaskID, current: TaskID, rounds: list[int]) -> None:
+        """Start the backend and every system for `scenario`, measure `rounds`, stop them all."""
         with ExitStack() as stack:
             progress.update(current, description=f"{scenario.name}: starting", visible=True, total=1, completed=0)
             try:
                 upstream = self._backend(scenario, workdir, stack)
             except StartError as e:
                 for system in systems:
-                    result.problems.append(Problem(system.name, scenario.name, "failed", f"backend: {e}"))
-                progress.advance(overall, self.plan.rounds * len(systems))
+                    result.problems.append(Problem(system.name, scenario.name, "failed", f"backend: {e}",
+                                                   None if len(rounds) == self.plan.rounds else rounds[0]))
+                progress.advance(overall, len(rounds) * len(systems))
                 return
             active: list[_Active] = []
             for system in systems:
@@ -189,15 +199,17 @@ class Runner:
                     self._probe(scenario, running)
                 except (StartError, Unavailable, loadgen.LoadgenError) as e:
                     own.close()
-                    result.problems.append(Problem(system.name, scenario.name, "failed", str(e)))
+                    every = len(rounds) == self.plan.rounds  # else this start served one round only
+                    result.problems.append(Problem(system.name, scenario.name, "failed", str(e),
+                                                   None if every else rounds[0]))
                     progress.console.print(f"{scenario.name} · {system.name}: failed to start: {escape(str(e))}")
-                    progress.advance(overall, self.plan.rounds)
+                    progress.advance(overall, len(rounds))
                     continue
                 stack.enter_context(own)
                 if running.config_name:
                     result.configs[running.config_name] = running.config_text
                 active.append(_Active(system, running))
-            for round_ in range(self.plan.rounds):
+            for round_ in rounds:
                 shift = round_ % max(1, len(active))
                 for item in active[shift:] + active[:shift]:
                     label = f"{scenario.name} · {item.system.name} · round {round_ + 1}/{self.plan.rounds}"

@@ -16,6 +16,9 @@ use crate::http::upstream::H2Connection;
 
 /// The latency a new endpoint is assumed to have until it has answered.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// A probe whose outcome never came back (its request was cancelled) stops blocking
+/// the endpoint after this.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const ACTIVE: u8 = 0;
 const EJECTED: u8 = 1;
@@ -117,8 +120,7 @@ impl Endpoint {
         }
         match self.state.load(Ordering::Acquire) {
             ACTIVE => true,
-            EJECTED => self.now_us() >= self.ejected_until_us.load(Ordering::Acquire),
-            _ => false,
+            _ => self.now_us() >= self.ejected_until_us.load(Ordering::Acquire),
         }
     }
 
@@ -131,16 +133,30 @@ impl Endpoint {
     }
 
     /// Claims the endpoint for one request: always for an active one; for one whose
-    /// ejection is over, only the first caller gets it (the probe).
+    /// ejection (or unanswered probe) is over, only the first caller gets it (the probe).
     pub fn claim(&self) -> bool {
-        match self.state.load(Ordering::Acquire) {
-            ACTIVE => true,
-            EJECTED if self.now_us() >= self.ejected_until_us.load(Ordering::Acquire) => self
-                .state
-                .compare_exchange(EJECTED, PROBING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok(),
-            _ => false,
+        if self.state.load(Ordering::Acquire) == ACTIVE {
+            return true;
         }
+        let now = self.now_us();
+        let until = self.ejected_until_us.load(Ordering::Acquire);
+        if now < until {
+            return false;
+        }
+        // Whoever moves the deadline first is the probe.
+        let won = self
+            .ejected_until_us
+            .compare_exchange(
+                until,
+                now + PROBE_TIMEOUT.as_micros() as u64,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if won {
+            self.state.store(PROBING, Ordering::Release);
+        }
+        won
     }
 
     /// Marks a request as dispatched; the guard ends it.
@@ -171,22 +187,21 @@ impl Endpoint {
         let now = Instant::now();
         let (window_failed, window_total) = {
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            let sample = rtt.as_nanos() as f64;
-            let current = decayed(
-                stats.rtt_ns,
-                now.saturating_duration_since(stats.updated),
-                decay,
-            );
-            // Peak-sensitive: a slower sample takes over at once, faster ones blend in.
-            stats.rtt_ns = if sample > current {
-                sample
-            } else {
-                let w = (-(now.saturating_duration_since(stats.updated).as_secs_f64())
-                    / decay.as_secs_f64().max(1e-3))
-                .exp();
-                current * w + sample * (1.0 - w)
-            };
-            stats.updated = now;
+            // Only answers are latency samples: a refused connection fails fast and
+            // must not make its endpoint look like the quickest (accrual handles it).
+            if verdict == Verdict::Success {
+                let sample = rtt.as_nanos() as f64;
+                let elapsed = now.saturating_duration_since(stats.updated);
+                let current = decayed(stats.rtt_ns, elapsed, decay);
+                // Peak-sensitive: a slower sample takes over at once, faster ones blend in.
+                stats.rtt_ns = if sample > current {
+                    sample
+                } else {
+                    let w = (-elapsed.as_secs_f64() / decay.as_secs_f64().max(1e-3)).exp();
+                    current * w + sample * (1.0 - w)
+                };
+                stats.updated = now;
+            }
             if now.saturating_duration_since(stats.window_start) > accrual.window {
                 stats.window_start = now;
                 stats.successes = 0;

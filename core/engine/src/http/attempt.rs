@@ -73,6 +73,7 @@ pub(super) async fn run(
 
     let mut body = Some(first);
     let mut attempt = 0;
+    let mut failed_on: Option<std::net::SocketAddr> = None;
     loop {
         attempt += 1;
         let Some(this_body) = body.take() else {
@@ -81,7 +82,7 @@ pub(super) async fn run(
                 "the request body could not be replayed".into(),
             );
         };
-        let Some(endpoint) = target.balancer.pick(hash_key.as_deref()) else {
+        let Some(endpoint) = pick_avoiding(target, hash_key.as_deref(), failed_on) else {
             return Outcome::Local(
                 Reason::NoEndpoints,
                 format!("service {:?} has no endpoints", target.settings.name),
@@ -130,6 +131,7 @@ pub(super) async fn run(
         note_transition(ctx, route, &endpoint, transition);
 
         if let Some(failure) = failure {
+            failed_on = Some(endpoint.addr);
             let wanted =
                 attempt < max_attempts && retry::retryable(&policy.retries, &parts.method, failure);
             let next = match (&replay, wanted) {
@@ -155,6 +157,23 @@ pub(super) async fn run(
             Err(e) => Outcome::Local(e.reason, e.detail),
         };
     }
+}
+
+/// An endpoint for the next try: a retry goes elsewhere than the try that just failed
+/// when the service has another endpoint.
+fn pick_avoiding(
+    target: &crate::route::Target,
+    hash_key: Option<&[u8]>,
+    avoid: Option<std::net::SocketAddr>,
+) -> Option<std::sync::Arc<Endpoint>> {
+    let first = target.balancer.pick(hash_key)?;
+    if avoid != Some(first.addr) || target.balancer.endpoints().len() < 2 {
+        return Some(first);
+    }
+    (0..4)
+        .filter_map(|_| target.balancer.pick(None))
+        .find(|e| Some(e.addr) != avoid)
+        .or(Some(first))
 }
 
 /// An upstream response, with its gRPC status when it is already known.
