@@ -1,4 +1,4 @@
-"""The control plane's commands: ``pymesh control run`` and ``pymesh check``.
+"""The control plane's commands: ``pymesh control run|register|deregister`` and ``pymesh check``.
 
 Heavy imports (grpc, aiohttp, the sources) happen inside the commands, so that ``pymesh``
 starts fast whatever it is asked to do.
@@ -122,6 +122,61 @@ def run_checks(address: str, timeout: float) -> CheckReport:
         f"config version {status.config_version}" + (f"; behind: {', '.join(stale)}" if stale else ""),
         "a proxy behind for long is stuck; see its logs" if stale else ""))
     return report
+
+
+ControlPlaneOption = Annotated[str, typer.Option(
+    "--control-plane", help="HOST:PORT of a control plane's Discovery service.", envvar="PYMESH_CONTROL_PLANE")]
+
+
+@control_app.command("register")
+def control_register(
+    service: Annotated[str, typer.Argument(help="The service the endpoint belongs to.")],
+    address: Annotated[str, typer.Argument(help="The endpoint, IP:PORT.")],
+    control_plane: ControlPlaneOption = "127.0.0.1:4200",
+    weight: Annotated[int, typer.Option(help="Relative share of traffic (0: the default of 1).", min=0)] = 0,
+    ttl: Annotated[float, typer.Option(help="Seconds until it expires unless registered again; 0 keeps it.",
+                                       min=0)] = 0.0,
+) -> None:
+    """Add an endpoint to a service."""
+    import grpc
+
+    from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
+
+    request = discovery_pb2.RegisterRequest(service=service)
+    request.endpoint.address = address
+    request.endpoint.weight = weight
+    if ttl:
+        request.ttl.FromNanoseconds(int(ttl * 1e9))
+    _call(control_plane, lambda stub: stub.Register(request, timeout=10), grpc)
+    console.print(f"registered {address} in {service}")
+
+
+@control_app.command("deregister")
+def control_deregister(
+    service: Annotated[str, typer.Argument(help="The service the endpoint belongs to.")],
+    address: Annotated[str, typer.Argument(help="The endpoint, IP:PORT.")],
+    control_plane: ControlPlaneOption = "127.0.0.1:4200",
+) -> None:
+    """Remove an endpoint from a service."""
+    import grpc
+
+    from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
+
+    request = discovery_pb2.DeregisterRequest(service=service, address=address)
+    _call(control_plane, lambda stub: stub.Deregister(request, timeout=10), grpc)
+    console.print(f"deregistered {address} from {service}")
+
+
+def _call(address: str, call: Any, grpc: Any) -> None:
+    """One Discovery call; a gRPC error becomes a one-line message and exit code 1."""
+    from pymesh._proto.pymesh.mesh.v1 import discovery_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            call(discovery_pb2_grpc.DiscoveryStub(channel))
+        except grpc.RpcError as e:
+            err.print(f"[red]{address}:[/red] {e.code().name}: {e.details()}")
+            raise typer.Exit(1) from e
 
 
 def check_command(

@@ -401,3 +401,20 @@ def test_a_slow_watcher_is_resynchronised_not_queued_forever() -> None:
         assert state.take_endpoints(slow) is None
 
     asyncio.run(scenario())
+
+
+def test_register_and_deregister_from_the_cli(start_control: StartControl, services_dir: Path) -> None:
+    control = start_control(f"file:{services_dir}")
+    web = control.watch_endpoints("web")
+    web.next()  # the full set first
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", "control", *args,
+                               "--control-plane", control.address], capture_output=True, text=True, timeout=30)
+
+    assert cli("register", "web", "127.0.0.1:9999", "--weight", "3").returncode == 0
+    assert addresses(web.next(timeout=PUSH_TIMEOUT)) == {"127.0.0.1:9999": 3}
+    assert cli("deregister", "web", "127.0.0.1:9999").returncode == 0
+    assert list(web.next(timeout=PUSH_TIMEOUT).removed) == ["127.0.0.1:9999"]
+    bad = cli("register", "web", "not-an-address")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr, bad.stderr
