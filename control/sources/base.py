@@ -131,3 +131,19 @@ def endpoint_json(endpoint: proxy_pb2.Endpoint) -> str:
 def service_json(service: proxy_pb2.Service) -> str:
     """A service in the protobuf JSON mapping, compact."""
     return json.dumps(json_format.MessageToDict(service), separators=(",", ":"))
+
+
+def service_index(path: str) -> int | None:
+    """The service an engine error's field path points at: ``services[3].x`` → 3."""
+    if not path.startswith("services["):
+        return None
+    try:
+        return int(path[len("services["):path.index("]")])
+    except ValueError:
+        return None
+
+
+def error_reason(error: BaseException) -> str:
+    """The first line of an error, for one-line log and status messages."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -37,6 +37,8 @@ from .base import (
     SourceError,
     check_services,
     endpoint_json,
+    error_reason,
+    service_index,
     strip_path,
     validate_endpoint,
     validate_merged,
@@ -86,7 +88,7 @@ class EtcdSource(Source):
             result = await client.get_prefix(self.prefix.encode())
         except Exception as e:  # noqa: BLE001 (any client failure is a connection problem)
             await self._drop(e)
-            raise SourceError(_CONNECTION, f"cannot read {self.prefix} from etcd: {_reason(e)}") from None
+            raise SourceError(_CONNECTION, f"cannot read {self.prefix} from etcd: {error_reason(e)}") from None
         self._errors.pop(_CONNECTION, None)
         self._load([(kv.key.decode(), kv.value) for kv in result])
         await self._advance(result.header.revision)
@@ -116,7 +118,8 @@ class EtcdSource(Source):
                 sink.report_errors(self._errors)
             except Exception as e:  # noqa: BLE001 (the stream broke: reconnect and resume)
                 await self._drop(e)
-                self._errors[_CONNECTION] = f"watch interrupted: {_reason(e)}; resuming from revision {self._revision}"
+                self._errors[_CONNECTION] = (
+                    f"watch interrupted: {error_reason(e)}; resuming from revision {self._revision}")
                 sink.report_errors(self._errors)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
@@ -131,7 +134,7 @@ class EtcdSource(Source):
             raise RegistrationError("UNAVAILABLE", e.message) from None
         except aetcd.exceptions.ClientError as e:
             await self._drop(e)
-            raise RegistrationError("UNAVAILABLE", f"etcd refused the registration: {_reason(e)}") from None
+            raise RegistrationError("UNAVAILABLE", f"etcd refused the registration: {error_reason(e)}") from None
         await self._wait_applied(result.header.revision)
 
     async def deregister(self, service: str, address: str) -> None:
@@ -143,7 +146,7 @@ class EtcdSource(Source):
             raise RegistrationError("UNAVAILABLE", e.message) from None
         except aetcd.exceptions.ClientError as e:
             await self._drop(e)
-            raise RegistrationError("UNAVAILABLE", f"etcd refused the deregistration: {_reason(e)}") from None
+            raise RegistrationError("UNAVAILABLE", f"etcd refused the deregistration: {error_reason(e)}") from None
         if result is None:
             raise RegistrationError("NOT_FOUND", f"no endpoint {address} is registered for service {service!r}")
         await self._wait_applied(result.header.revision)
@@ -170,7 +173,7 @@ class EtcdSource(Source):
             try:
                 await asyncio.wait_for(client.status(), self.timeout)
             except Exception as e:  # noqa: BLE001 (try the next endpoint)
-                reasons.append(f"{host}:{port}: {_reason(e)}")
+                reasons.append(f"{host}:{port}: {error_reason(e)}")
                 await _close_quietly(client)
                 continue
             self._client = client
@@ -181,7 +184,7 @@ class EtcdSource(Source):
     async def _drop(self, error: BaseException) -> None:
         client, self._client = self._client, None
         if client is not None:
-            log.warning("etcd connection lost: %s", _reason(error))
+            log.warning("etcd connection lost: %s", error_reason(error))
             await _close_quietly(client)
 
     async def _advance(self, revision: int) -> None:
@@ -238,14 +241,14 @@ class EtcdSource(Source):
                 else:
                     endpoint_values.setdefault(service, {})[address] = (key, self._check_address(address, document))
             except pymesh.ConfigError as e:
-                self._errors[key] = _message(e)
+                self._errors[key] = str(e)
         for _ in range(len(candidates) + 1):
             names = sorted(candidates)
             try:
                 validate_merged([candidates[n][2] for n in names])
                 break
             except pymesh.ConfigError as e:
-                index = _index(e.path)
+                index = service_index(e.path)
                 if index is None or index >= len(names):
                     raise
                 key = candidates.pop(names[index])[0]
@@ -258,7 +261,7 @@ class EtcdSource(Source):
                 try:
                     self._endpoints.setdefault(service, {})[address] = validate_endpoint(service, document)
                 except pymesh.ConfigError as e:
-                    self._errors[key] = _message(e)
+                    self._errors[key] = str(e)
 
     def _on_event(self, event: aetcd.rtypes.Event, sink: Sink) -> None:
         key = event.kv.key.decode()
@@ -289,7 +292,7 @@ class EtcdSource(Source):
                     self._endpoints.setdefault(service, {})[address] = endpoint
                     delta.endpoints[service] = {address: endpoint}
             except pymesh.ConfigError as e:
-                self._errors[key] = _message(e)
+                self._errors[key] = str(e)
                 had_error = True
         if delta:
             sink.apply(delta)
@@ -316,7 +319,7 @@ class EtcdSource(Source):
         try:
             validate_merged([*others, settings])
         except pymesh.ConfigError as e:
-            index = _index(e.path)
+            index = service_index(e.path)
             if index is not None and index < len(others):
                 raise pymesh.ConfigError("", f"conflicts with service {others[index].get('name')!r}: "
                                              f"{e.message}") from None
@@ -343,22 +346,10 @@ def _json(value: bytes) -> Any:
         raise pymesh.ConfigError("", f"malformed JSON: {e}") from None
 
 
-def _message(error: pymesh.ConfigError) -> str:
-    return f"{error.path}: {error.message}" if error.path else error.message
 
 
-def _index(path: str) -> int | None:
-    if not path.startswith("services["):
-        return None
-    try:
-        return int(path[len("services["):path.index("]")])
-    except ValueError:
-        return None
 
 
-def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 async def _close_quietly(client: aetcd.Client) -> None:

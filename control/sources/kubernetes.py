@@ -40,7 +40,17 @@ import pymesh
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
 from ..state import Delta, Snapshot
-from .base import RegistrationError, Sink, Source, SourceError, check_services, strip_path, validate_merged
+from .base import (
+    RegistrationError,
+    Sink,
+    Source,
+    SourceError,
+    check_services,
+    error_reason,
+    service_index,
+    strip_path,
+    validate_merged,
+)
 
 log = logging.getLogger("pymesh.control.kubernetes")
 
@@ -162,7 +172,7 @@ class KubernetesSource(Source):
             slices, slices_version = await self._list(SLICES_PATH)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise SourceError(_CONNECTION, f"cannot list from the Kubernetes API at {self.access.server}: "
-                                           f"{_reason(e)}") from None
+                                           f"{error_reason(e)}") from None
         self._versions = {SERVICES_PATH: services_version, SLICES_PATH: slices_version}
         self._k8s_services = {_key(s): s for s in services}
         self._slices, self._slices_by_owner = {}, {}
@@ -241,7 +251,7 @@ class KubernetesSource(Source):
                     sink.report_errors(self._errors)
                 continue
             except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
-                self._errors[_CONNECTION] = (f"watching {path} interrupted: {_reason(e)}; resuming from "
+                self._errors[_CONNECTION] = (f"watching {path} interrupted: {error_reason(e)}; resuming from "
                                              f"resourceVersion {self._versions.get(path)}")
                 sink.report_errors(self._errors)
             await asyncio.sleep(delay)
@@ -401,7 +411,7 @@ class KubernetesSource(Source):
         try:
             validate_merged([*others, settings])
         except pymesh.ConfigError as e:
-            index = _index(e.path)
+            index = service_index(e.path)
             other = others[index].get("name") if index is not None and index < len(others) else None
             raise pymesh.ConfigError(f"metadata.annotations[{SETTINGS_ANNOTATION}].authorities",
                                      f"{e.message}" + (f" (conflicts with {other})" if other else "")) from None
@@ -446,16 +456,4 @@ def _owner(slice_: dict[str, Any]) -> tuple[str, str]:
     return meta.get("namespace", ""), (meta.get("labels") or {}).get(SERVICE_LABEL, "")
 
 
-def _index(path: str) -> int | None:
-    if not path.startswith("services["):
-        return None
-    try:
-        return int(path[len("services["):path.index("]")])
-    except ValueError:
-        return None
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
