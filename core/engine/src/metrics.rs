@@ -7,6 +7,8 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use prometheus_client::encoding::{
     EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder,
 };
@@ -106,6 +108,44 @@ pub struct TcpCloseLabels {
     pub direction: DirectionLabel,
     pub listener: Label,
     pub protocol: &'static str,
+}
+
+/// The most handles a [`HandleCache`] keeps; rarer outcomes use the family directly.
+const MAX_CACHED: usize = 64;
+
+/// Metric handles looked up by a small key and cached, so that recording on the
+/// request path reads a lock-free snapshot instead of taking the family's lock.
+pub struct HandleCache<K, M> {
+    entries: ArcSwap<Vec<(K, M)>>,
+}
+
+impl<K, M> Default for HandleCache<K, M> {
+    fn default() -> Self {
+        Self {
+            entries: ArcSwap::from_pointee(Vec::new()),
+        }
+    }
+}
+
+impl<K: PartialEq + Clone, M: Clone> HandleCache<K, M> {
+    /// Calls `use_it` with the handle for `key`, creating (and caching) it with `make`.
+    pub fn with(&self, key: &K, make: impl FnOnce() -> M, use_it: impl FnOnce(&M)) {
+        if let Some((_, handle)) = self.entries.load().iter().find(|(k, _)| k == key) {
+            use_it(handle);
+            return;
+        }
+        let handle = make();
+        use_it(&handle);
+        if self.entries.load().len() < MAX_CACHED {
+            self.entries.rcu(|old| {
+                let mut entries = Vec::clone(old);
+                if !entries.iter().any(|(k, _)| k == key) {
+                    entries.push((key.clone(), handle.clone()));
+                }
+                entries
+            });
+        }
+    }
 }
 
 /// Every metric the proxy records, registered once.
@@ -310,4 +350,29 @@ fn process_metrics(out: &mut String) {
     let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
     let _ = writeln!(out, "# UNIT process_resident_memory_bytes bytes");
     let _ = writeln!(out, "process_resident_memory_bytes {rss}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_handles_are_the_family_series() {
+        let family = Family::<ServiceLabels, Counter>::default();
+        let cache = HandleCache::<u16, Counter>::default();
+        let labels = ServiceLabels {
+            dst_service: Label::new("web"),
+        };
+        for _ in 0..3 {
+            cache.with(
+                &200,
+                || family.get_or_create(&labels).clone(),
+                |c| {
+                    c.inc();
+                },
+            );
+        }
+        assert_eq!(family.get_or_create(&labels).get(), 3);
+        assert_eq!(cache.entries.load().len(), 1);
+    }
 }

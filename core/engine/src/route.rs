@@ -18,8 +18,9 @@ use crate::balance::{Balancer, Endpoint};
 use crate::config::{Direction, ServiceSettings, Settings};
 use crate::http::upstream::{http1_client, ConnectionLimits, Http1Client};
 use crate::limit::TokenBucket;
-use crate::metrics::{DirectionLabel, Label, Metrics, RouteLabels};
+use crate::metrics::{DirectionLabel, HandleCache, Label, Metrics, RouteLabels};
 use crate::retry::RetryBudget;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// A service as the data plane uses it.
 pub struct Target {
@@ -46,7 +47,14 @@ pub struct Route {
     pub labels: [RouteLabels; 2],
     /// Created on first use, so a direction that never sees traffic has no series.
     requests: [OnceLock<Counter>; 2],
+    /// Response counters by (direction, status, gRPC status, local reason).
+    pub responses: HandleCache<ResponseKey, Counter>,
+    /// Latency histograms by (direction, status).
+    pub latency: HandleCache<(usize, u16), Histogram>,
 }
+
+/// What tells one response counter of a route from another.
+pub type ResponseKey = (usize, u16, Option<u32>, &'static str);
 
 pub fn direction_index(direction: Direction) -> usize {
     match direction {
@@ -193,6 +201,8 @@ impl Route {
             authority: labels[0].authority.clone(),
             labels,
             requests: [OnceLock::new(), OnceLock::new()],
+            responses: HandleCache::default(),
+            latency: HandleCache::default(),
         }
     }
 

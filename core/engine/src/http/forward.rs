@@ -19,7 +19,7 @@ use super::local::{respond, Reason};
 use crate::config::Direction;
 use crate::detect::Detected;
 use crate::metrics::{
-    DirectionLabel, Label, LatencyLabels, Metrics, ResponseLabels, RouteLabels, ServiceLabels,
+    DirectionLabel, Label, LatencyLabels, Metrics, ResponseLabels, ServiceLabels,
 };
 use crate::proxy::Shared;
 use crate::route::{direction_index, Route};
@@ -64,26 +64,33 @@ pub async fn handle(
     let outcome = admit_and_forward(&ctx, &route, dir, req, start, grpc).await;
 
     let metrics = &ctx.shared.metrics;
-    let labels = &route.labels[dir];
     let elapsed = start.elapsed();
     let response = match outcome {
         Outcome::Local(reason, detail) => {
             tracing::debug!(service = %route.target.settings.name, reason = reason.as_str(), %detail, "local response");
             let resp = respond(reason, &detail, grpc);
             let grpc_status = grpc.then(|| grpc_status(resp.headers())).flatten();
-            record_latency(metrics, labels, resp.status(), elapsed);
-            record_response(metrics, labels, resp.status(), grpc_status, Some(reason));
+            record_latency(metrics, &route, dir, resp.status(), elapsed);
+            record_response(
+                metrics,
+                &route,
+                dir,
+                resp.status(),
+                grpc_status,
+                Some(reason),
+            );
             return Ok(resp);
         }
         Outcome::Upstream(resp) => resp,
     };
     let status = response.status();
-    record_latency(metrics, labels, status, elapsed);
+    record_latency(metrics, &route, dir, status, elapsed);
     // A gRPC call's outcome is in its trailers, unless the response is trailers-only.
     if grpc && status == StatusCode::OK && !response.headers().contains_key("grpc-status") {
         let on_end = Box::new(GrpcOutcome {
             shared: ctx.shared.clone(),
-            labels: labels.clone(),
+            route: route.clone(),
+            dir,
         });
         return Ok(response.map(|body| ProxyBody::Grpc {
             body,
@@ -91,14 +98,15 @@ pub async fn handle(
         }));
     }
     let grpc_status = grpc.then(|| grpc_status(response.headers())).flatten();
-    record_response(metrics, labels, status, grpc_status, None);
+    record_response(metrics, &route, dir, status, grpc_status, None);
     Ok(response.map(|body| ProxyBody::Upstream { body }))
 }
 
 /// Records a gRPC response once its trailers (or the end of its stream) arrive.
 struct GrpcOutcome {
     shared: Arc<Shared>,
-    labels: RouteLabels,
+    route: Arc<Route>,
+    dir: usize,
 }
 
 impl OnGrpcEnd for GrpcOutcome {
@@ -107,7 +115,8 @@ impl OnGrpcEnd for GrpcOutcome {
         let status = grpc_status.unwrap_or(2); // UNKNOWN
         record_response(
             &self.shared.metrics,
-            &self.labels,
+            &self.route,
+            self.dir,
             StatusCode::OK,
             Some(status),
             None,
@@ -188,56 +197,87 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-fn record_latency(metrics: &Metrics, labels: &RouteLabels, status: StatusCode, elapsed: Duration) {
-    metrics
-        .latency
-        .get_or_create(&LatencyLabels {
-            direction: labels.direction,
-            dst_service: labels.dst_service.clone(),
-            status_code: status.as_u16(),
-        })
-        .observe(elapsed.as_secs_f64());
+fn record_latency(
+    metrics: &Metrics,
+    route: &Route,
+    dir: usize,
+    status: StatusCode,
+    elapsed: Duration,
+) {
+    let labels = &route.labels[dir];
+    let make = || {
+        metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction: labels.direction,
+                dst_service: labels.dst_service.clone(),
+                status_code: status.as_u16(),
+            })
+            .clone()
+    };
+    route.latency.with(&(dir, status.as_u16()), make, |h| {
+        h.observe(elapsed.as_secs_f64())
+    });
 }
 
 /// Counts a response: a failure when it is a 5xx or carries a gRPC error status.
 fn record_response(
     metrics: &Metrics,
-    labels: &RouteLabels,
+    route: &Route,
+    dir: usize,
     status: StatusCode,
     grpc_status: Option<u32>,
     reason: Option<Reason>,
 ) {
-    let failed = status.is_server_error() || grpc_status.is_some_and(|s| s != 0);
+    let labels = &route.labels[dir];
+    let error = reason.map_or("", Reason::as_str);
+    let make = || {
+        let failed = status.is_server_error() || grpc_status.is_some_and(|s| s != 0);
+        metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                direction: labels.direction,
+                dst_service: labels.dst_service.clone(),
+                authority: labels.authority.clone(),
+                status_code: status.as_u16(),
+                grpc_status,
+                classification: if failed { "failure" } else { "success" },
+                error,
+            })
+            .clone()
+    };
+    let key = (dir, status.as_u16(), grpc_status, error);
+    route.responses.with(&key, make, |c| {
+        c.inc();
+    });
+}
+
+/// A request no service took: rare, so recorded on the families directly.
+fn record_unrouted(metrics: &Metrics, direction: Direction, grpc: bool, start: Instant) {
+    let unknown = Label::new("");
+    let status = if grpc {
+        StatusCode::OK
+    } else {
+        Reason::UnknownService.status()
+    };
+    metrics
+        .latency
+        .get_or_create(&LatencyLabels {
+            direction: DirectionLabel(direction),
+            dst_service: unknown.clone(),
+            status_code: status.as_u16(),
+        })
+        .observe(start.elapsed().as_secs_f64());
     metrics
         .responses
         .get_or_create(&ResponseLabels {
-            direction: labels.direction,
-            dst_service: labels.dst_service.clone(),
-            authority: labels.authority.clone(),
+            direction: DirectionLabel(direction),
+            dst_service: unknown.clone(),
+            authority: unknown,
             status_code: status.as_u16(),
-            grpc_status,
-            classification: if failed { "failure" } else { "success" },
-            error: reason.map_or("", Reason::as_str),
+            grpc_status: grpc.then(|| Reason::UnknownService.grpc_status()),
+            classification: "failure",
+            error: Reason::UnknownService.as_str(),
         })
         .inc();
-}
-
-fn record_unrouted(metrics: &Metrics, direction: Direction, grpc: bool, start: Instant) {
-    let unknown = Label::new("");
-    let labels = RouteLabels {
-        direction: DirectionLabel(direction),
-        dst_service: unknown.clone(),
-        authority: unknown,
-    };
-    let status = Reason::UnknownService.status();
-    let grpc_status = grpc.then(|| Reason::UnknownService.grpc_status());
-    let status = if grpc { StatusCode::OK } else { status };
-    record_latency(metrics, &labels, status, start.elapsed());
-    record_response(
-        metrics,
-        &labels,
-        status,
-        grpc_status,
-        Some(Reason::UnknownService),
-    );
 }
