@@ -105,3 +105,28 @@ def supervised(child: Child) -> Iterator[Child]:
 def host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+class DebianPackageSystem(System):
+    """A peer installed from a Debian package: found on PATH, versioned with `-v`."""
+
+    executable: ClassVar[str]
+    package: ClassVar[str]
+
+    def binary(self) -> Path:
+        from ..tools import system_binary
+
+        path = system_binary(self.executable)
+        if path is None:
+            raise Unavailable(f"{self.executable} is not installed (apt-get install {self.package}; "
+                              "scripts/install --test)")
+        return path
+
+    def check(self) -> None:
+        self.binary()
+
+    def version(self) -> str | None:
+        from ..tools import version_of
+
+        return version_of([str(self.binary()), "-v"])
+

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from ..procs import Child, free_port, pinned
 from ..scenarios import Scenario
-from ..tools import system_binary, version_of
-from .base import THREADS, Running, System, Unavailable, supervised
+from .base import THREADS, DebianPackageSystem, Running, supervised
 
 CONFIG = """\
 global
@@ -41,22 +39,13 @@ backend upstream
 """
 
 
-class Haproxy(System):
+class Haproxy(DebianPackageSystem):
     name = "haproxy"
     label = "HAProxy"
     description = "HAProxy reverse proxy, 1 thread, http-reuse always"
 
-    def binary(self) -> Path:
-        path = system_binary("haproxy")
-        if path is None:
-            raise Unavailable("haproxy is not installed (apt-get install haproxy; scripts/install --test)")
-        return path
-
-    def check(self) -> None:
-        self.binary()
-
-    def version(self) -> str | None:
-        return version_of([str(self.binary()), "-v"])
+    executable = "haproxy"
+    package = "haproxy"
 
     def settings(self) -> dict[str, Any]:
         return {"threads": THREADS, "nbthread": THREADS, "http_reuse": "always",

@@ -19,8 +19,7 @@ from typing import Any
 
 from ..procs import Child, free_port, pinned
 from ..scenarios import Scenario
-from ..tools import system_binary, version_of
-from .base import THREADS, Running, System, Unavailable, supervised
+from .base import THREADS, DebianPackageSystem, Running, supervised
 
 CONFIG = """\
 {user}worker_processes {threads};
@@ -66,22 +65,13 @@ http {{
 """
 
 
-class Nginx(System):
+class Nginx(DebianPackageSystem):
     name = "nginx"
     label = "nginx"
     description = "nginx reverse proxy, 1 worker, upstream keepalive"
 
-    def binary(self) -> Path:
-        path = system_binary("nginx")
-        if path is None:
-            raise Unavailable("nginx is not installed (apt-get install nginx-light; scripts/install --test)")
-        return path
-
-    def check(self) -> None:
-        self.binary()
-
-    def version(self) -> str | None:
-        return version_of([str(self.binary()), "-v"])
+    executable = "nginx"
+    package = "nginx-light"
 
     def settings(self) -> dict[str, Any]:
         return {"threads": THREADS, "worker_processes": THREADS, "upstream_keepalive": 64,
