@@ -23,6 +23,14 @@ class LoopThread:
     def run(self, coro: Awaitable[object], timeout: float = 10) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
+    def close_server(self, server: asyncio.base_events.Server) -> None:
+        """Close a server from its own loop: asyncio servers are not thread-safe."""
+
+        async def close() -> None:
+            server.close()
+
+        self.run(close())
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
@@ -155,7 +163,7 @@ class TcpEchoServer:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
+            self.loop.close_server(self.server)
         self.loop.close()
 
 
@@ -180,5 +188,5 @@ class BannerServer:
         self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     def stop(self) -> None:
-        self.server.close()
+        self.loop.close_server(self.server)
         self.loop.close()
