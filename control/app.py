@@ -1,5 +1,5 @@
-"""``pymesh control run``: the source, the mesh state, the Discovery server and the admin
-endpoint wired together on one uvloop event loop."""
+"""``pymesh control run``: the source, the mesh state, the Discovery and Identity services
+(one gRPC server) and the admin endpoint wired together on one uvloop event loop."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import prometheus_client
 import uvloop
 
 from .http import AdminServer
+from .identity.service import identity_service
 from .metrics import ControlMetrics
 from .server import DiscoveryServer
 from .settings import ControlSettings
@@ -55,16 +56,22 @@ async def serve(settings: ControlSettings, announce: Callable[[str], None] | Non
     metrics = ControlMetrics()
     state = MeshState(source.name, metrics, max_pending=settings.max_pending_updates)
     server = DiscoveryServer(state, source, metrics)
+    try:
+        identity = identity_service(settings, source, metrics)  # a bad CA setting stops us here
+    except BaseException:
+        await source.close()
+        raise
     admin = AdminServer(state, metrics)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    driver: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
     try:
-        listening = await server.start(settings.listen)
+        listening = await server.start(settings.listen, identity.handler())
         admin_address = await admin.start(settings.admin)
-        driver = asyncio.create_task(run_source(source, state), name="source")
+        tasks.append(asyncio.create_task(run_source(source, state), name="source"))
+        tasks.append(asyncio.create_task(identity.follow_issuer(), name="issuer"))
         log.info("control plane for %s: discovery on %s, admin on %s", source.name, listening, admin_address)
         if announce is not None:
             announce(f"listening {listening}")
@@ -72,9 +79,9 @@ async def serve(settings: ControlSettings, announce: Callable[[str], None] | Non
         await stop.wait()
         log.info("stopping")
     finally:
-        if driver is not None:
-            driver.cancel()
-            await asyncio.gather(driver, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await server.stop(settings.shutdown_grace)
         await admin.stop()
         await source.close()

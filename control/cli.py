@@ -1,4 +1,5 @@
-"""The control plane's commands: ``pymesh control run|register|deregister`` and ``pymesh check``.
+"""The control plane's commands: ``pymesh control run|register|deregister|token|ca-bundle`` and
+``pymesh check``.
 
 Heavy imports (grpc, aiohttp, the sources) happen inside the commands, so that ``pymesh``
 starts fast whatever it is asked to do.
@@ -9,16 +10,33 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from .settings import ControlSettings
 
 control_app = typer.Typer(help="Run the control plane.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+SettingsOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="Settings as YAML (source, listen, admin, pollInterval, stateDir, …); flags win.",
+    envvar="PYMESH_CONTROL_CONFIG", exists=True, dir_okay=False)]
+TrustDomainOption = Annotated[str | None, typer.Option(
+    help="The mesh's SPIFFE trust domain. Default cluster.local.", envvar="PYMESH_CONTROL_TRUST_DOMAIN")]
+StateDirOption = Annotated[str | None, typer.Option(
+    help="Where the generated CA and token secret live. Default ~/.local/state/pymesh/control.",
+    envvar="PYMESH_CONTROL_STATE_DIR")]
+TrustAnchorOption = Annotated[str | None, typer.Option(
+    help="PEM trust anchor(s) the issuer chains to (default: generated in the state directory).",
+    envvar="PYMESH_CONTROL_TRUST_ANCHOR_FILE")]
+TokenSecretOption = Annotated[str | None, typer.Option(
+    help="The secret per-workload tokens are made with (default: generated, STATE_DIR/token-secret).",
+    envvar="PYMESH_CONTROL_TOKEN_SECRET_FILE")]
 
 
 @control_app.command("run")
@@ -32,25 +50,36 @@ def control_run(
     admin: Annotated[str | None, typer.Option(
         help="IP:PORT for /metrics, /live and /ready. Default 127.0.0.1:4290.",
         envvar="PYMESH_CONTROL_ADMIN")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="Settings as YAML (source, listen, admin, pollInterval, …); flags win.",
-        envvar="PYMESH_CONTROL_CONFIG", exists=True, dir_okay=False)] = None,
+    config: SettingsOption = None,
     log_level: Annotated[str | None, typer.Option(
         "--log-level", help="debug, info, warning or error.", envvar="PYMESH_LOG_LEVEL")] = None,
+    trust_domain: TrustDomainOption = None,
+    state_dir: StateDirOption = None,
+    trust_anchor_file: TrustAnchorOption = None,
+    issuer_cert_file: Annotated[str | None, typer.Option(
+        help="PEM certificate of the issuer that signs workload certificates (then any intermediates); "
+             "re-read when it changes.", envvar="PYMESH_CONTROL_ISSUER_CERT_FILE")] = None,
+    issuer_key_file: Annotated[str | None, typer.Option(
+        help="PEM private key of the issuer; re-read when it changes.",
+        envvar="PYMESH_CONTROL_ISSUER_KEY_FILE")] = None,
+    cert_lifetime: Annotated[str | None, typer.Option(
+        help="Lifetime of a workload certificate, e.g. 24h (the default), 1h or 60s.",
+        envvar="PYMESH_CONTROL_CERT_LIFETIME")] = None,
+    token_secret_file: TokenSecretOption = None,
 ) -> None:
     """Run the control plane until SIGTERM/SIGINT. Prints `listening IP:PORT` and
     `admin IP:PORT` once both are bound."""
     import pymesh
 
     from .app import run
-    from .settings import load_settings
+    from .settings import parse_duration
     from .sources import make_source
 
-    try:
-        settings = load_settings(config).merged(source=source, listen=listen, admin=admin, log_level=log_level)
-    except pymesh.ConfigError as e:
-        err.print(f"[red]invalid settings:[/red] {e}")
-        raise typer.Exit(2) from e
+    settings = _load_settings(
+        config, source=source, listen=listen, admin=admin, log_level=log_level, trust_domain=trust_domain,
+        state_dir=state_dir, trust_anchor_file=trust_anchor_file, issuer_cert_file=issuer_cert_file,
+        issuer_key_file=issuer_key_file, token_secret_file=token_secret_file,
+        cert_lifetime=None if cert_lifetime is None else lambda: parse_duration(cert_lifetime, "certLifetime"))
     if not settings.source:
         raise typer.BadParameter("a source is required: file:DIR or etcd:HOST:PORT", param_hint="--source")
     try:
@@ -61,9 +90,89 @@ def control_run(
         raise typer.BadParameter("expected debug, info, warning or error", param_hint="--log-level")
     try:
         run(settings)
+    except pymesh.ConfigError as e:
+        err.print(f"[red]invalid settings:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from e
     except OSError as e:
         err.print(f"[red]cannot start:[/red] {e}")
         raise typer.Exit(1) from e
+
+
+def _load_settings(config: Path | None, **overrides: Any) -> ControlSettings:
+    """The settings file with the flags over it; a value may be a function that parses the flag
+    (it raises ConfigError). A bad setting is one line naming it, and exit code 2."""
+    import pymesh
+
+    from .settings import load_settings
+
+    try:
+        values = {k: v() if callable(v) else v for k, v in overrides.items()}
+        return load_settings(config).merged(**values)
+    except pymesh.ConfigError as e:
+        err.print(f"[red]invalid settings:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from e
+
+
+@control_app.command("token")
+def control_token(
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="The workload's namespace.")],
+    service_account: Annotated[str, typer.Option(help="The workload's service account.")],
+    trust_domain: TrustDomainOption = None,
+    state_dir: StateDirOption = None,
+    token_secret_file: TokenSecretOption = None,
+    config: SettingsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the token that proves a workload identity to this control plane's CA
+    (`v1.…`; give it to the workload's proxy). On Kubernetes, proxies use their pod's
+    ServiceAccount token instead."""
+    import pymesh
+
+    from .identity.proof import load_secret, mint_token
+    from .identity.spiffe import parse_spiffe_id
+
+    settings = _load_settings(config, trust_domain=trust_domain, state_dir=state_dir,
+                              token_secret_file=token_secret_file)
+    try:
+        identity = parse_spiffe_id(f"spiffe://{settings.trust_domain}/ns/{namespace}/sa/{service_account}")
+    except ValueError as e:
+        err.print(f"[red]invalid identity:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    try:
+        token = mint_token(load_secret(settings), identity)
+    except pymesh.ConfigError as e:
+        err.print(f"[red]invalid settings:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    if as_json:
+        console.print_json(json.dumps({"identity": str(identity), "token": token}))
+    else:
+        typer.echo(token)
+
+
+@control_app.command("ca-bundle")
+def control_ca_bundle(
+    state_dir: StateDirOption = None,
+    trust_anchor_file: TrustAnchorOption = None,
+    config: SettingsOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the trust anchors (PEM) proxies must trust to accept the mesh's certificates.
+    Without a trust anchor file, the CA is generated in the state directory first if it is
+    not there yet (as `pymesh control run` would)."""
+    import pymesh
+
+    from .identity.ca import trust_anchor_bundle
+
+    settings = _load_settings(config, state_dir=state_dir, trust_anchor_file=trust_anchor_file)
+    try:
+        path, pem = trust_anchor_bundle(settings)
+    except pymesh.ConfigError as e:
+        err.print(f"[red]invalid settings:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from e
+    if as_json:
+        console.print_json(json.dumps({"file": str(path), "trust_anchors": pem.decode()}))
+    else:
+        typer.echo(pem.decode(), nl=False)
 
 
 @dataclass

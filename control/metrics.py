@@ -12,6 +12,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: ``identity_certify_total`` results: a certificate, a proof refused, a bad request, over a rate
+#: limit, or the CA unable to issue (its issuer expired, the TokenReview API away)
+CERTIFY_RESULTS = ("issued", "denied", "invalid", "rate_limited", "error")
+
 
 class ControlMetrics:
     """Every metric of one control-plane process, in a registry of its own."""
@@ -44,6 +48,14 @@ class ControlMetrics:
         self.registrations = Counter(
             "control_registrations_total", "Register and Deregister calls, by operation and result.",
             ["operation", "result"], registry=r)
+        self.certify = Counter(
+            "identity_certify_total", "Certify calls of the Identity service (the mesh's CA), by result.",
+            ["result"], registry=r)
+        self.issuer_expiry = Gauge(
+            "identity_issuer_expiry_timestamp_seconds",
+            "When the CA's current issuer certificate expires (Unix time); rotate it before.", registry=r)
+        for result in CERTIFY_RESULTS:
+            self.certify.labels(result)
         for kind in ("config", "endpoints"):
             self.watches.labels(kind)
             self.push_latency.labels(kind)

@@ -103,13 +103,14 @@ class DiscoveryServer:
                 response_serializer=pb.StatusResponse.SerializeToString),
         })
 
-    async def start(self, address: str) -> str:
-        """Binds ``address`` (``IP:port``, port 0 for a free one); returns the bound ``IP:port``."""
+    async def start(self, address: str, *others: grpc.GenericRpcHandler) -> str:
+        """Binds ``address`` (``IP:port``, port 0 for a free one); returns the bound ``IP:port``.
+        ``others`` are services served on the same server (Identity)."""
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"{address!r} is not IP:PORT")
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        server.add_generic_rpc_handlers((self.handler(),))
+        server.add_generic_rpc_handlers((self.handler(), *others))
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as e:

@@ -9,11 +9,21 @@ maxPendingUpdates: 64                  # per watcher, before it is resynchronise
 etcdPrefix: /pymesh/
 shutdownGrace: 1s
 logLevel: info
+# The mesh's CA (see pymesh.control.identity). Without the three files, a trust anchor and an
+# issuer are generated into stateDir on first start and reused after.
+trustDomain: cluster.local
+stateDir: ~/.local/state/pymesh/control  # $XDG_STATE_HOME/pymesh/control when that is set
+trustAnchorFile: /etc/pymesh/trust-anchors.pem   # PEM, one or more anchors (old + new while rotating)
+issuerCertFile: /etc/pymesh/issuer.pem           # PEM, the issuer first (then any intermediates)
+issuerKeyFile: /etc/pymesh/issuer.key            # PEM, unencrypted
+certLifetime: 24h                      # of a workload's leaf certificate
+tokenSecretFile: /etc/pymesh/token-secret        # default: stateDir/token-secret, generated
 ```
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +34,8 @@ import pymesh
 
 DEFAULT_LISTEN = "127.0.0.1:4200"
 DEFAULT_ADMIN = "127.0.0.1:4290"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
+DEFAULT_CERT_LIFETIME = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -38,27 +50,42 @@ class ControlSettings:
     etcd_prefix: str = "/pymesh/"
     shutdown_grace: float = 1.0
     log_level: str = "info"
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    state_dir: str = ""
+    trust_anchor_file: str = ""
+    issuer_cert_file: str = ""
+    issuer_key_file: str = ""
+    cert_lifetime: float = DEFAULT_CERT_LIFETIME
+    token_secret_file: str = ""
 
     def merged(self, **overrides: Any) -> ControlSettings:
         """These settings with every override that is not None."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    @property
+    def state_path(self) -> Path:
+        """Where generated CA files and the token secret live: ``stateDir``, else
+        ``$XDG_STATE_HOME/pymesh/control`` (``~/.local/state/pymesh/control``)."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "pymesh" / "control"
+
 
 _KEYS = {"".join(w.capitalize() if i else w for i, w in enumerate(f.name.split("_"))): f.name
          for f in fields(ControlSettings)}
-_DURATIONS = {"poll_interval", "shutdown_grace"}
+_DURATIONS = {"poll_interval", "shutdown_grace", "cert_lifetime"}
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(value: Any, key: str) -> float:
-    """``0.2``, ``"200ms"`` or ``"1.5s"`` → seconds."""
+    """``0.2``, ``"200ms"``, ``"1.5s"``, ``"10m"`` or ``"24h"`` → seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and value.endswith("ms"):
-        seconds = _number(value[:-2], key) / 1000
-    elif isinstance(value, str) and value.endswith("s"):
-        seconds = _number(value[:-1], key)
+    elif isinstance(value, str) and (unit := next((u for u in _UNITS if value.endswith(u)), None)):
+        seconds = _number(value[:-len(unit)], key) * _UNITS[unit]
     else:
-        raise pymesh.ConfigError(key, f"{value!r} is not a duration; expected for example 200ms or 1s")
+        raise pymesh.ConfigError(key, f"{value!r} is not a duration; expected for example 200ms, 1s, 10m or 24h")
     if seconds <= 0:
         raise pymesh.ConfigError(key, "must be positive")
     return seconds

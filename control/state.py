@@ -322,7 +322,7 @@ class MeshState:
                 self._endpoint_count -= 1
                 continue
             if endpoint.address != address:
-                endpoint = Endpoint(address=address, weight=endpoint.weight)
+                endpoint = Endpoint(address=address, weight=endpoint.weight, identity=endpoint.identity)
             if old == endpoint:
                 continue
             if current is None:

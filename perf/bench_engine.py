@@ -7,6 +7,9 @@ omission corrected) against:
   direct     the test backend itself (the floor)
   native     the backend behind the `pymesh-proxy` sidecar
   embedded   the backend behind `pymesh.Proxy` running inside this Python process
+  pair       client sidecar → server sidecar (two hops, plaintext)
+  mtls-pair  the same hop pair over mutual TLS 1.3, certified by a real control plane
+             (connections are pooled, so handshakes are off the per-request path)
 
 and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seconds per
 10k requests, and the native sidecar's RSS after at least 100k requests.
@@ -19,6 +22,7 @@ and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -105,6 +110,98 @@ def native_proxy(upstream: str, workdir: Path, cpu: int | None, binary: str | No
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def start_sidecar(config: dict, workdir: Path, cpu: int | None) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """A `pymesh-proxy` on ``config``; returns it and its listeners' addresses (and `admin`)."""
+    path = workdir / f"proxy-{os.urandom(4).hex()}.json"
+    path.write_text(json.dumps(config))
+    command = [tool("pymesh-proxy"), "--config", str(path), "--log", "warn"]
+    if cpu is not None:
+        command = ["taskset", "-c", str(cpu), *command]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    addresses: dict[str, str] = {}
+    assert process.stdout is not None
+    for line in process.stdout:
+        kind, *rest = line.split()
+        if kind == "listening":
+            addresses[rest[0]] = rest[1]
+        if kind == "admin":
+            addresses["admin"] = rest[0]
+            break
+    return process, addresses
+
+
+def pymesh_cli(*args: str) -> str:
+    return subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", *args],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+@contextmanager
+def control_plane(workdir: Path) -> Iterator[tuple[str, Path]]:
+    """The mesh CA (a file-sourced control plane): its address and state directory."""
+    services = workdir / "services"
+    services.mkdir(exist_ok=True)
+    (services / "services.yaml").write_text("services: []\n")
+    state = workdir / "ca"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run", "--source",
+         f"file:{services}", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir", str(state),
+         "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        address = process.stdout.readline().split()[1]
+        process.stdout.readline()
+        yield address, state
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: tuple[str, Path] | None
+               ) -> Iterator[tuple[str, int]]:
+    """A client sidecar → server sidecar hop, over mutual TLS when ``ca`` is given. Yields
+    the client's address and the client's pid (CPU is read for the pair's client side)."""
+    def identity(sa: str) -> dict:
+        assert ca is not None
+        address, state = ca
+        token = workdir / f"{sa}.token"
+        token.write_text(pymesh_cli("control", "token", "--namespace", "bench", "--service-account", sa,
+                                    "--state-dir", str(state)).strip())
+        anchors = workdir / "anchors.pem"
+        anchors.write_text(pymesh_cli("control", "ca-bundle", "--state-dir", str(state)))
+        return {"trustAnchorsFile": str(anchors), "caAddresses": [address], "tokenFile": str(token),
+                "namespace": "bench", "serviceAccount": sa}
+
+    server_config: dict = {
+        "admin": {"address": "127.0.0.1:0"},
+        "listeners": [{"name": "inbound", "address": "127.0.0.1:0", "direction": "INBOUND",
+                       "defaultService": "app", "tls": "STRICT" if ca else "DISABLED"}],
+        "services": [{"name": "app", "endpoints": [{"address": upstream}]}],
+    }
+    if ca:
+        server_config["identity"] = identity("server")
+    server, server_addresses = start_sidecar(server_config, workdir, cpu)
+    endpoint = {"address": server_addresses["inbound"]}
+    client_config: dict = proxy_config(upstream)
+    client_config["services"][0]["endpoints"] = [endpoint]
+    if ca:
+        endpoint["identity"] = "spiffe://cluster.local/ns/bench/sa/server"
+        client_config["identity"] = identity("client")
+    client, client_addresses = start_sidecar(client_config, workdir, cpu)
+    try:
+        for admin in (server_addresses["admin"], client_addresses["admin"]):
+            for _ in range(100):  # bounded: ready once certified
+                with contextlib.suppress(OSError):
+                    if urllib.request.urlopen(f"http://{admin}/ready", timeout=2).status == 200:
+                        break
+                time.sleep(0.1)
+        yield client_addresses["main"], client.pid
+    finally:
+        for process in (client, server):
+            process.terminate()
+            process.wait(timeout=30)
 
 
 @contextmanager
@@ -222,6 +319,10 @@ def markdown(result: Result) -> str:
         if native and other in by_system and native.added_p99_us > 0:
             ratio = by_system[other].added_p99_us / native.added_p99_us
             lines.append(f"{other.capitalize()}/native added p99: {ratio:.2f}")
+    pair, mtls = by_system.get("pair"), by_system.get("mtls-pair")
+    if pair and mtls:
+        lines.append(f"Mutual TLS over plaintext, one hop pair: p99 {mtls.p99_us - pair.p99_us:+.0f} µs "
+                     f"(mTLS pair added p99 over direct: {mtls.added_p99_us:+.0f} µs)")
     return "\n".join(lines)
 
 
@@ -238,6 +339,8 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true",
                         help="pin the native proxy to CPU 0 and the load generator to CPU 1")
     parser.add_argument("--json", type=Path, help="write the full result here")
+    parser.add_argument("--no-pairs", action="store_true",
+                        help="skip the two-sidecar hops (plaintext pair and mutual-TLS pair)")
     parser.add_argument("--baseline-proxy", metavar="PATH",
                         help="another pymesh-proxy build, measured alongside as 'baseline' (A/B)")
     args = parser.parse_args()
@@ -258,6 +361,10 @@ def main() -> int:
         systems: list[tuple[str, str, int | None]] = [
             ("direct", upstream, None), ("native", native_address, native_pid),
             ("embedded", embedded_address, embedded_pid)]
+        if not args.no_pairs:
+            ca = stack.enter_context(control_plane(Path(tmp)))
+            systems.append(("pair", *stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, None))))
+            systems.append(("mtls-pair", *stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, ca))))
         if args.baseline_proxy:
             systems.append(("baseline", *stack.enter_context(
                 native_proxy(upstream, Path(tmp), proxy_cpu, args.baseline_proxy))))

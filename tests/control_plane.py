@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import queue
 import shutil
 import signal
@@ -49,11 +50,14 @@ class ControlPlane:
     def __init__(self, source: str, log_path: Path, *args: str) -> None:
         self.source = source
         self.log_path = log_path
+        # The CA's generated files go beside the log, never to the user's state directory
+        # (a --state-dir in args wins).
+        env = {**os.environ, "PYMESH_CONTROL_STATE_DIR": str(log_path.with_suffix(".state"))}
         with log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run",
                  "--source", source, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", *args],
-                stdout=subprocess.PIPE, stderr=log, text=True,
+                stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )
         self.address = ""
         self.admin = ""

@@ -146,6 +146,31 @@ def test_list_reports_what_cannot_run_and_why() -> None:
     assert {"http1-1k-1000rps", "http2-1k-10000rps", "http1-100k-1000rps", "idle-1000"} <= set(listing["sets"]["full"])
     grpc = scenarios["grpc-unary-1000rps"]
     assert grpc["runnable"] or "gRPC" in grpc["reason"]  # skipped with the reason, never faked
+    stream = scenarios["grpc-stream-1000rps"]
+    assert stream["protocol"] == "grpc-stream" and stream["method"] == "POST"
+    assert stream["runnable"] or "gRPC" in stream["reason"]
+    assert set(listing["sets"]["grpc"]) == {f"grpc-{kind}-{rate}rps" for kind in ("unary", "stream")
+                                            for rate in (1000, 5000, 10000)}
+
+
+def test_grpc_and_new_connection_scenarios_run(tmp_path: Path) -> None:
+    """gRPC unary, gRPC streaming and a new connection per request, briefly, direct and through
+    the native sidecar: every one measured (not skipped), with no more than stray errors."""
+    out = tmp_path / "grpc"
+    result = bench("run", "--scenarios", "grpc-unary-1000rps,grpc-stream-1000rps,newconn", "--systems",
+                   "direct,pymesh", "--duration", "0.5", "--warmup", "0.2", "--out", str(out), timeout=300)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data = json.loads((out / "result.json").read_text())
+    assert data["problems"] == []
+    outcomes = {(o["scenario"], o["system"]): o for o in data["outcomes"]}
+    assert set(outcomes) == {(scenario, system)
+                             for scenario in ("grpc-unary-1000rps", "grpc-stream-1000rps", "http1-newconn-1000rps")
+                             for system in ("direct", "pymesh")}
+    for o in outcomes.values():
+        assert o["status"] == "ok", o
+        assert 400 <= o["requests"] <= 600 and o["errors"] <= 0.01 * o["requests"], o
+    for run in data["runs"]:
+        assert run["status_counts"].get("200", 0) >= 0.99 * run["requests"], run
 
 
 def test_unknown_scenario_is_refused_with_the_valid_names(tmp_path: Path) -> None:

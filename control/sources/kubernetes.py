@@ -214,7 +214,8 @@ class KubernetesSource(Source):
 
     # -- the API --------------------------------------------------------------------------
 
-    def _client(self) -> aiohttp.ClientSession:
+    def client(self) -> aiohttp.ClientSession:
+        """The session to the API server (lazily made; shared with the identity service's TokenReview)."""
         if self._session is None:
             headers = {"Accept": "application/json"}
             if self.access.token:
@@ -227,7 +228,7 @@ class KubernetesSource(Source):
         items: list[dict[str, Any]] = []
         params = {"limit": "500"}
         for _ in range(100_000):  # bounded: one page per 500 objects
-            async with self._client().get(path, params=params, timeout=aiohttp.ClientTimeout(total=60)) as response:
+            async with self.client().get(path, params=params, timeout=aiohttp.ClientTimeout(total=60)) as response:
                 if response.status != 200:
                     raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
                                                       message=(await response.text())[:500])
@@ -261,7 +262,7 @@ class KubernetesSource(Source):
         params = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS),
                   "resourceVersion": self._versions[path]}
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=WATCH_SECONDS + 30)
-        async with self._client().get(path, params=params, timeout=timeout) as response:
+        async with self.client().get(path, params=params, timeout=timeout) as response:
             if response.status == 410:
                 raise _Expired(path)
             if response.status != 200:

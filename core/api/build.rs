@@ -6,6 +6,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "pymesh/config/v1/proxy.proto",
     "pymesh/mesh/v1/discovery.proto",
+    "pymesh/mesh/v1/identity.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

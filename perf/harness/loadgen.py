@@ -2,7 +2,9 @@
 scenario, and one bounded run that returns its `--json` report.
 
 A scenario the load generator cannot offer is reported as skipped with the reason (gRPC, a new
-connection per request) rather than approximated with something else.
+connection per request) rather than approximated with something else: its `--help` must list
+`grpc` (unary) or `grpc-stream` among the `--protocol` values, or the
+`--new-connection-per-request` flag.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 from .procs import pinned
 from .scenarios import Scenario
 
-# Flags the harness uses when the load generator gains these features.
+# What the load generator's --help must offer for these scenarios.
 GRPC_PROTOCOL = "grpc"
+GRPC_STREAM_PROTOCOL = "grpc-stream"
 NEW_CONNECTION_FLAG = "--new-connection-per-request"
 EXIT_GRACE_S = 30.0
 
@@ -36,33 +39,43 @@ class Capabilities:
     grpc: bool
     new_connection: bool
     help_text: str = ""
+    grpc_stream: bool = False
 
     @classmethod
     def of(cls, binary: Path) -> Capabilities:
         result = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=20)
         text = result.stdout
         protocols = text.split("--protocol", 1)[1].split("\n      --", 1)[0] if "--protocol" in text else ""
-        return cls(grpc=f"- {GRPC_PROTOCOL}:" in protocols or f"{GRPC_PROTOCOL} =" in protocols,
+
+        def offers(protocol: str) -> bool:
+            return f"- {protocol}:" in protocols or f"{protocol} =" in protocols
+
+        return cls(grpc=offers(GRPC_PROTOCOL), grpc_stream=offers(GRPC_STREAM_PROTOCOL),
                    new_connection=NEW_CONNECTION_FLAG in text, help_text=text)
 
     def unsupported(self, scenario: Scenario) -> str | None:
         """Why the load generator cannot offer `scenario`, or None if it can."""
         if scenario.kind == "idle":
             return None  # the harness's own asyncio client holds idle connections
-        if scenario.protocol == "grpc" and not self.grpc:
-            return ("pymesh-loadgen cannot speak gRPC (its --protocol offers http1 and http2 only); "
+        if scenario.protocol == GRPC_PROTOCOL and not self.grpc:
+            return ("pymesh-loadgen cannot speak gRPC (its --protocol offers no grpc); "
                     "gRPC unary is not faked with plain HTTP/2")
+        if scenario.protocol == GRPC_STREAM_PROTOCOL and not self.grpc_stream:
+            return ("pymesh-loadgen cannot stream gRPC (its --protocol offers no grpc-stream); "
+                    "gRPC streaming is not faked with unary calls")
         if scenario.new_connection_per_request and not self.new_connection:
             return ("pymesh-loadgen has no new-connection-per-request mode (it always reuses keep-alive "
                     f"connections; the harness would pass {NEW_CONNECTION_FLAG})")
         return None
 
 
-def command(binary: Path, url: str, scenario: Scenario, *, cpu: int | None = None,
+def command(binary: Path, address: str, scenario: Scenario, *, cpu: int | None = None,
             duration: float | None = None, warmup: float | None = None, rate: float | None = None) -> list[str]:
-    """The command line that offers `scenario` to `url` (the overrides serve short probes)."""
+    """The command line that offers `scenario` to `address` (host:port; the overrides serve
+    short probes). gRPC: the load generator sets `content-type: application/grpc` and
+    `te: trailers` itself, and the path names a gRPC method."""
     args = [
-        str(binary), "--url", url, "--json",
+        str(binary), "--url", f"http://{address}{scenario.path}", "--json",
         "--rate", f"{scenario.rate if rate is None else rate:g}",
         "--duration", f"{scenario.duration if duration is None else duration:g}",
         "--warmup", f"{scenario.warmup if warmup is None else warmup:g}",
@@ -71,8 +84,6 @@ def command(binary: Path, url: str, scenario: Scenario, *, cpu: int | None = Non
         "--method", scenario.method,
         "--body-size", str(scenario.body_size),
     ]
-    if scenario.protocol == "grpc":
-        args += ["--header", "content-type: application/grpc"]
     if scenario.inflight is not None:
         args += ["--inflight", str(scenario.inflight)]
     if scenario.new_connection_per_request:

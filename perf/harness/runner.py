@@ -4,9 +4,10 @@ every available system in front of it, probe each, measure them interleaved roun
 everything, and summarise. The idle-connection scenario starts fresh processes every round,
 so each round's memory figures start from a clean heap.
 
-Systems that cannot run here and scenarios the load generator cannot offer are recorded as
-skipped with the reason; a system that fails to start or to serve the probe is recorded as
-failed for that scenario. rich progress bars show the whole run and the current load run.
+Systems that cannot run here, scenarios the load generator cannot offer and scenarios a system
+cannot serve (`System.unsupported`, e.g. a protocol it cannot proxy) are recorded as skipped
+with the reason; a system that fails to start or to serve the probe is recorded as failed for
+that scenario. rich progress bars show the whole run and the current load run.
 """
 
 from __future__ import annotations
@@ -193,6 +194,13 @@ class Runner:
                 return
             active: list[_Active] = []
             for system in systems:
+                reason = system.unsupported(scenario)
+                if reason:
+                    if not any(p.system == system.name and p.scenario == scenario.name for p in result.problems):
+                        result.problems.append(Problem(system.name, scenario.name, "skipped", reason))
+                    progress.console.print(f"{scenario.name} · {system.name}: skipped: {escape(reason)}")
+                    progress.advance(overall, len(rounds))
+                    continue
                 own = ExitStack()  # stops this system at once if it fails its probe
                 try:
                     running = own.enter_context(system.start(upstream, scenario))
@@ -251,7 +259,7 @@ class Runner:
     def _probe(self, scenario: Scenario, running: Running) -> None:
         """A short load through the system, so no measured run meets a system that cannot serve."""
         rate = min(scenario.rate or PROBE_RATE, PROBE_RATE)
-        args = loadgen.command(self.loadgen, f"http://{running.address}/", scenario, rate=rate,
+        args = loadgen.command(self.loadgen, running.address, scenario, rate=rate,
                                duration=PROBE_SECONDS, warmup=0)
         report: dict[str, Any] = {}
         for _ in range(PROBE_ATTEMPTS):
@@ -262,7 +270,7 @@ class Runner:
                                    f"requests, status {report['status_counts']}, {report['error_counts']}")
 
     def _load(self, scenario: Scenario, item: _Active, round_: int, tick: Callable[[float], None]) -> Run:
-        args = loadgen.command(self.loadgen, f"http://{item.running.address}/", scenario, cpu=self.load_cpu)
+        args = loadgen.command(self.loadgen, item.running.address, scenario, cpu=self.load_cpu)
         sampler = measure.TreeSampler(item.running.pid) if item.running.pid else None
         start = now()
         if sampler:

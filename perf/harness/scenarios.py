@@ -5,6 +5,11 @@ connections, whether every request opens a new connection, duration). `rate == 0
 a closed-loop run (the maximum throughput); `idle_connections > 0` is the memory scenario that
 holds that many idle connections open through the proxy instead of sending load.
 
+Protocols: `http1`, `http2` (h2c), `grpc` (unary calls over h2c, one message each) and
+`grpc-stream` (one long-lived bidirectional call per connection; a "request" is one message
+and its echo). The backend echoes gRPC messages, so a gRPC response is as large as its request
+(`body_size`).
+
 `--scenarios` takes a comma-separated list of set names (`smoke`, `full`, `http1`, …) and
 scenario names; see `pymesh bench list`.
 """
@@ -15,6 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KIB = 1024
+GRPC_PROTOCOLS = ("grpc", "grpc-stream")
+HTTP2_PROTOCOLS = ("http2", *GRPC_PROTOCOLS)
+# The backend echoes gRPC on any path; these make the calls look like gRPC to a proxy's routes.
+GRPC_PATHS = {"grpc": "/pymesh.bench.Echo/Unary", "grpc-stream": "/pymesh.bench.Echo/Stream"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,7 @@ class Scenario:
 
     name: str
     description: str
-    protocol: str  # "http1" | "http2" | "grpc"
+    protocol: str  # "http1" | "http2" | "grpc" | "grpc-stream"
     rate: float  # requests per second over all connections; 0 = closed loop (max throughput)
     response_size: int = KIB  # bytes in every response body
     body_size: int = 0  # bytes in every request body (POST when > 0)
@@ -44,7 +53,22 @@ class Scenario:
 
     @property
     def method(self) -> str:
-        return "POST" if self.body_size else "GET"
+        return "POST" if self.body_size or self.grpc else "GET"
+
+    @property
+    def grpc(self) -> bool:
+        """gRPC (unary or streaming): HTTP/2 with trailers end to end."""
+        return self.protocol in GRPC_PROTOCOLS
+
+    @property
+    def http2(self) -> bool:
+        """Whether the client speaks HTTP/2 (h2c, prior knowledge): HTTP/2 and gRPC."""
+        return self.protocol in HTTP2_PROTOCOLS
+
+    @property
+    def path(self) -> str:
+        """The request path: a gRPC method for gRPC, else `/`."""
+        return GRPC_PATHS.get(self.protocol, "/")
 
     @property
     def family(self) -> str:
@@ -96,6 +120,11 @@ SCENARIOS: list[Scenario] = [
                  body_size=KIB, connections=2)
         for rate in (1000, 5000, 10000)
     ],
+    *[
+        Scenario(f"grpc-stream-{rate}rps", f"gRPC bidirectional streaming echo, one stream per connection, "
+                 f"{rate:,} messages/s", "grpc-stream", rate, response_size=KIB, body_size=KIB, connections=2)
+        for rate in (1000, 5000, 10000)
+    ],
     Scenario("http1-100k-1000rps", "HTTP/1.1 keep-alive, POST 100 KiB body, 100 KiB response, 1,000 rps", "http1",
              1000, response_size=100 * KIB, body_size=100 * KIB, connections=8),
     Scenario("http1-newconn-1000rps", "HTTP/1.1, a new connection for every request, 1 KiB, 1,000 rps", "http1",
@@ -110,7 +139,9 @@ SETS: dict[str, list[str]] = {
     "smoke": ["smoke"],
     "http1": [s.name for s in SCENARIOS if s.family == "http1-1k" and s.kind != "idle" and s.name != "smoke"],
     "http2": [s.name for s in SCENARIOS if s.family == "http2-1k"],
-    "grpc": [s.name for s in SCENARIOS if s.protocol == "grpc"],
+    "grpc": [s.name for s in SCENARIOS if s.grpc],
+    "grpc-unary": [s.name for s in SCENARIOS if s.protocol == "grpc"],
+    "grpc-stream": [s.name for s in SCENARIOS if s.protocol == "grpc-stream"],
     "large": ["http1-100k-1000rps"],
     "newconn": ["http1-newconn-1000rps"],
     "idle": ["idle-1000"],

@@ -3,7 +3,10 @@ checkout's release build, and the peers (nginx, HAProxy, Envoy) from the system 
 
 The release binaries in `target/release/` are what gets measured. The load generator and the
 backend are built with cargo when missing (they are the harness's own tools); so is the
-sidecar, which is this project's.
+sidecar, which is this project's. `PYMESH_BENCH_TOOLS_DIR` names another directory to take
+the load generator and the backend from (for example a release build with its own
+`CARGO_TARGET_DIR`); they are not built there, and the sidecar still comes from
+`target/release/`.
 
 A run measures a snapshot: the binaries and the `pymesh` package (with its engine extension)
 are copied into the run's scratch directory first, so a rebuild in the checkout during the run
@@ -28,6 +31,9 @@ RELEASE = ROOT / "target" / "release"
 # binary -> cargo package that builds it
 PACKAGES = {"pymesh-loadgen": "pymesh-loadgen", "pymesh-backend": "pymesh-backend", "pymesh-proxy": "pymesh-sidecar"}
 BUILD_TIMEOUT_S = 1800
+# The harness's own tools, which PYMESH_BENCH_TOOLS_DIR may take from elsewhere.
+TOOLS = ("pymesh-loadgen", "pymesh-backend")
+TOOLS_DIR_ENV = "PYMESH_BENCH_TOOLS_DIR"
 
 
 class ToolMissing(Exception):
@@ -35,7 +41,15 @@ class ToolMissing(Exception):
 
 
 def rust_tool(name: str, *, build: bool = True) -> Path:
-    """A binary of this workspace from `target/release`, built with cargo first if missing."""
+    """A binary of this workspace from `target/release`, built with cargo first if missing
+    (the load generator and the backend from `PYMESH_BENCH_TOOLS_DIR` when that is set)."""
+    tools_dir = os.environ.get(TOOLS_DIR_ENV)
+    if tools_dir and name in TOOLS:
+        path = Path(tools_dir) / name
+        if not path.exists():
+            raise ToolMissing(f"{path} is missing ({TOOLS_DIR_ENV}={tools_dir}): build it there, e.g. "
+                              f"CARGO_TARGET_DIR={Path(tools_dir).parent} cargo build --release -p {PACKAGES[name]}")
+        return path
     path = RELEASE / name
     if path.exists():
         return path

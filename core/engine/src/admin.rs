@@ -80,6 +80,10 @@ async fn handle(
         (&Method::GET, "/ready") if proxy.is_shutting_down() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
+        (&Method::GET, "/ready") if !proxy.is_ready() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for a certificate from the mesh CA\n",
+        ),
         (&Method::GET, "/ready") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/config") => json(StatusCode::OK, proxy.config_json()),
         (&Method::GET, "/listeners") => {

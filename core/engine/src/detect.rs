@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
@@ -33,8 +32,8 @@ const MAX_DETECT_BYTES: usize = 8 * 1024;
 
 /// Reads from `stream` into `buf` until the protocol is known or `timeout` passes.
 /// Returns `Ok(None)` when the client closed without sending anything.
-pub async fn detect(
-    stream: &mut TcpStream,
+pub async fn detect<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     timeout: Duration,
 ) -> std::io::Result<Option<Detected>> {

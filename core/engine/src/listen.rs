@@ -1,5 +1,7 @@
 //! Listeners: accepting connections within the connection limit, detecting their
-//! protocol, and handing them to the HTTP server or the opaque TCP forwarder.
+//! protocol, and handing them to the HTTP server or the opaque TCP forwarder. On an
+//! INBOUND listener of a meshed proxy, mesh TLS is terminated first (the client's
+//! identity is then known), and opaque TCP is checked against authorization policy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,12 +13,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ListenerProtocol, ListenerSettings};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::authz::{decide, Subject};
+use crate::config::{Direction, ListenerProtocol, ListenerSettings, TlsMode};
 use crate::detect::{detect, Detected};
 use crate::http::forward::ConnContext;
-use crate::io::ClientIo;
-use crate::metrics::{DirectionLabel, Label, TcpCloseLabels, TcpLabels};
+use crate::io::{ClientIo, Prefixed};
+use crate::metrics::{tls_label, DirectionLabel, Label, TcpCloseLabels, TcpLabels};
 use crate::proxy::Shared;
+use crate::tls::{peek_client_hello, Hello};
 
 /// A running listener. Its settings may change on reload; its address may not.
 pub struct Listening {
@@ -121,54 +129,174 @@ async fn serve_connection(
     metrics.tcp_open.get_or_create(&labels).inc();
     let open = OpenGuard(metrics.tcp_open_connections.get_or_create(&labels).clone());
     open.0.inc();
-
-    let mut buf = BytesMut::new();
-    let protocol = match settings.protocol {
-        ListenerProtocol::Http1 => Some(Detected::Http1),
-        ListenerProtocol::Http2 => Some(Detected::Http2),
-        ListenerProtocol::Opaque => Some(Detected::Opaque),
-        ListenerProtocol::Detect => detect(&mut stream, &mut buf, config.timeouts.detect)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "reading the first bytes failed");
-                None
-            }),
-    };
     let read_bytes = metrics.tcp_read_bytes.get_or_create(&labels).clone();
     let write_bytes = metrics.tcp_write_bytes.get_or_create(&labels).clone();
-    let io = ClientIo::new(buf.freeze(), stream, read_bytes, write_bytes);
 
-    match protocol {
-        None => {}
-        Some(Detected::Opaque) => {
-            let route = shared
-                .router
-                .load()
-                .route(None, settings.default_service.as_deref())
-                .cloned();
-            match route {
-                Some(route) => crate::tcp::forward(io, route).await,
-                None => {
-                    tracing::info!(listener = %settings.name, "opaque connection closed: the listener has no default service")
-                }
+    let started = tokio::time::Instant::now();
+    let detect_timeout = config.timeouts.detect;
+    let mut buf = BytesMut::new();
+    // Mesh TLS is terminated on INBOUND listeners of a proxy with an identity.
+    let mesh = shared
+        .mesh
+        .as_ref()
+        .filter(|_| settings.direction == Direction::Inbound && settings.tls != TlsMode::Disabled);
+    let hello = match mesh {
+        Some(_) => read_hello(&mut stream, &mut buf, detect_timeout).await,
+        None => Hello::NotTls,
+    };
+    let meshed = match (&hello, mesh) {
+        (Hello::Tls { sni: Some(sni) }, Some(mesh)) => *sni == mesh.sni,
+        _ => false,
+    };
+    let conn = Conn {
+        shared: &shared,
+        settings: &settings,
+        listener: &labels.listener.0,
+        detect_timeout: detect_timeout.saturating_sub(started.elapsed()),
+    };
+    let mut client_id = None;
+    let io = ClientIo::new(buf.split().freeze(), stream, read_bytes, write_bytes);
+    let protocol = match mesh {
+        Some(mesh) if meshed => match mesh.accept(io).await {
+            Ok((mut tls, client)) => {
+                client_id = Some(client);
+                let protocol = conn.protocol(&mut tls, &mut buf).await;
+                let io = Prefixed::new(buf.freeze(), tls);
+                conn.dispatch(io, protocol, client_id.clone()).await;
+                protocol
             }
+            Err(e) => {
+                tracing::info!(listener = %settings.name, error = %e, "mesh TLS handshake refused");
+                None
+            }
+        },
+        _ if settings.tls == TlsMode::Strict && mesh.is_some() => {
+            tracing::info!(listener = %settings.name, "connection refused: the listener is STRICT and the client did not use mesh TLS");
+            None
         }
-        Some(protocol) => {
-            let ctx = Arc::new(ConnContext {
-                shared: shared.clone(),
-                direction: settings.direction,
-                default_service: settings.default_service.clone(),
-                protocol,
-            });
-            crate::http::server::serve(io, ctx, config.limits, shared.shutdown.clone()).await;
+        _ => {
+            let mut io = io;
+            let protocol = conn.protocol(&mut io, &mut buf).await;
+            io.unread(buf.freeze());
+            conn.dispatch(io, protocol, None).await;
+            protocol
         }
-    }
+    };
     let close = TcpCloseLabels {
         direction: labels.direction,
         listener: labels.listener,
         protocol: protocol.map_or("none", Detected::as_str),
+        tls: tls_label(client_id.is_some()),
+        client_id: client_id.map(Label),
     };
     metrics.tcp_close.get_or_create(&close).inc();
+}
+
+/// Reads until the first bytes are known to be a TLS ClientHello or not.
+async fn read_hello(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duration) -> Hello {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if !buf.is_empty() {
+            match peek_client_hello(buf) {
+                Hello::Partial if buf.len() < MAX_HELLO_BYTES => {}
+                Hello::Partial => return Hello::NotTls,
+                found => return found,
+            }
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed, silent (server-speaks-first) or failed: not mesh TLS.
+            _ => return Hello::NotTls,
+        }
+    }
+}
+
+/// A ClientHello longer than this is not one a mesh proxy sends.
+const MAX_HELLO_BYTES: usize = 16 * 1024;
+
+/// One accepted connection, once any mesh TLS is off it.
+struct Conn<'a> {
+    shared: &'a Arc<Shared>,
+    settings: &'a ListenerSettings,
+    listener: &'a Arc<str>,
+    detect_timeout: Duration,
+}
+
+impl Conn<'_> {
+    async fn protocol<S: AsyncRead + Unpin>(
+        &self,
+        io: &mut S,
+        buf: &mut BytesMut,
+    ) -> Option<Detected> {
+        match self.settings.protocol {
+            ListenerProtocol::Http1 => Some(Detected::Http1),
+            ListenerProtocol::Http2 => Some(Detected::Http2),
+            ListenerProtocol::Opaque => Some(Detected::Opaque),
+            ListenerProtocol::Detect => {
+                detect(io, buf, self.detect_timeout)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::debug!(error = %e, "reading the first bytes failed");
+                        None
+                    })
+            }
+        }
+    }
+
+    async fn dispatch<I>(&self, io: I, protocol: Option<Detected>, client_id: Option<Arc<str>>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (shared, settings) = (self.shared, self.settings);
+        match protocol {
+            None => {}
+            Some(Detected::Opaque) => {
+                if settings.direction == Direction::Inbound {
+                    let subject = Subject {
+                        listener: &settings.name,
+                        client: client_id.as_deref(),
+                        request: None,
+                    };
+                    let decision = decide(&shared.settings.load().authorization, &subject);
+                    shared.authz_counters.record(
+                        &shared.metrics,
+                        self.listener,
+                        "tcp",
+                        client_id.as_ref(),
+                        &decision,
+                    );
+                    if !decision.allowed {
+                        tracing::info!(listener = %settings.name, policy = %decision.policy, client = ?client_id, "opaque connection denied by policy");
+                        return;
+                    }
+                }
+                let route = shared
+                    .router
+                    .load()
+                    .route(None, settings.default_service.as_deref())
+                    .cloned();
+                match route {
+                    Some(route) => crate::tcp::forward(io, route, shared.mesh.clone()).await,
+                    None => {
+                        tracing::info!(listener = %settings.name, "opaque connection closed: the listener has no default service")
+                    }
+                }
+            }
+            Some(protocol) => {
+                let ctx = Arc::new(ConnContext {
+                    shared: shared.clone(),
+                    direction: settings.direction,
+                    default_service: settings.default_service.clone(),
+                    protocol,
+                    listener: self.listener.clone(),
+                    client_id,
+                });
+                let limits = shared.settings.load().limits;
+                crate::http::server::serve(io, ctx, limits, shared.shutdown.clone()).await;
+            }
+        }
+    }
 }
 
 /// Decrements the open-connection gauge however the connection ends.

@@ -69,6 +69,19 @@ pub struct ResponseLabels {
     pub classification: &'static str,
     /// Why the proxy answered by itself (`pymesh-reason`), or empty.
     pub error: &'static str,
+    /// `true` over mesh TLS, `no_identity` otherwise.
+    pub tls: &'static str,
+    /// The peer's mesh identity: `client_id` inbound, `server_id` outbound.
+    pub peer_id: Option<Label>,
+}
+
+/// `tls` label values.
+pub fn tls_label(meshed: bool) -> &'static str {
+    if meshed {
+        "true"
+    } else {
+        "no_identity"
+    }
 }
 
 // Written by hand so the labels that do not apply (`grpc_status` on plain HTTP,
@@ -85,6 +98,14 @@ impl EncodeLabelSet for ResponseLabels {
         ("classification", self.classification).encode(encoder.encode_label())?;
         if !self.error.is_empty() {
             ("error", self.error).encode(encoder.encode_label())?;
+        }
+        ("tls", self.tls).encode(encoder.encode_label())?;
+        if let Some(peer) = &self.peer_id {
+            let key = match self.direction.0 {
+                Direction::Inbound => "client_id",
+                Direction::Outbound => "server_id",
+            };
+            (key, peer.clone()).encode(encoder.encode_label())?;
         }
         Ok(())
     }
@@ -108,6 +129,34 @@ pub struct TcpCloseLabels {
     pub direction: DirectionLabel,
     pub listener: Label,
     pub protocol: &'static str,
+    pub tls: &'static str,
+    pub client_id: Option<Label>,
+}
+
+/// One authorization decision on an INBOUND listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub listener: Label,
+    /// `http` or `tcp`.
+    pub protocol: &'static str,
+    /// The policy that decided (`default:…` when none did).
+    pub policy: Label,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    pub tls: &'static str,
+    pub client_id: Option<Label>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityRefreshLabels {
+    pub result: &'static str,
+}
+
+/// What the identity task records; cloned into it so it needn't hold the proxy.
+#[derive(Clone, Default)]
+pub struct IdentityMetrics {
+    pub expiry: Gauge,
+    pub refreshes: Family<IdentityRefreshLabels, Counter>,
 }
 
 /// The most handles a [`HandleCache`] keeps; rarer outcomes use the family directly.
@@ -165,6 +214,8 @@ pub struct Metrics {
     pub shed: Family<ShedLabels, Counter>,
     pub rate_limited: Family<ServiceLabels, Counter>,
     pub endpoints: Family<EndpointStateLabels, Gauge>,
+    pub authz: Family<AuthzLabels, Counter>,
+    pub identity: IdentityMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -224,6 +275,8 @@ impl Metrics {
         let shed = Family::<ShedLabels, Counter>::default();
         let rate_limited = Family::<ServiceLabels, Counter>::default();
         let endpoints = Family::<EndpointStateLabels, Gauge>::default();
+        let authz = Family::<AuthzLabels, Counter>::default();
+        let identity = IdentityMetrics::default();
 
         registry.register("request", "HTTP requests received", requests.clone());
         registry.register("response", "HTTP responses sent", responses.clone());
@@ -279,6 +332,21 @@ impl Metrics {
             "Endpoints per balancer, by state",
             endpoints.clone(),
         );
+        registry.register(
+            "inbound_authz",
+            "Authorization decisions on inbound traffic, by policy",
+            authz.clone(),
+        );
+        registry.register(
+            "identity_cert_expiration_timestamp_seconds",
+            "When the proxy's mesh certificate expires (Unix time)",
+            identity.expiry.clone(),
+        );
+        registry.register(
+            "identity_cert_refresh",
+            "Certificate requests to the mesh CA, by result",
+            identity.refreshes.clone(),
+        );
 
         Self {
             registry,
@@ -296,6 +364,8 @@ impl Metrics {
             shed,
             rate_limited,
             endpoints,
+            authz,
+            identity,
         }
     }
 

@@ -9,10 +9,12 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::DecisionCounters;
 use crate::config::{ConfigError, ProxyConfig, Settings};
 use crate::listen::{self, Listening};
 use crate::metrics::{EndpointStateLabels, Metrics, ReloadLabels};
 use crate::route::Router;
+use crate::tls::MeshTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,6 +41,10 @@ pub struct Shared {
     pub settings: ArcSwap<Settings>,
     pub router: ArcSwap<Router>,
     pub metrics: Metrics,
+    /// Mutual TLS, when the proxy has a mesh identity. Fixed for the proxy's life
+    /// (only the trust anchors change on reload).
+    pub mesh: Option<Arc<MeshTls>>,
+    pub authz_counters: DecisionCounters,
     /// Cancelled when the proxy drains: listeners stop and connections close gracefully.
     pub shutdown: CancellationToken,
     /// Cancelled when someone asks the proxy to stop (admin `/shutdown`).
@@ -72,7 +78,11 @@ impl Proxy {
         let settings = Settings::from_config(config)?;
         let control_plane = settings.control_plane.clone();
         let metrics = Metrics::new();
-        let router = Router::build(&settings, None);
+        let mesh = settings
+            .identity
+            .as_ref()
+            .map(|id| Arc::new(MeshTls::new(id.id.clone(), id.trust_anchors.clone())));
+        let router = Router::build(&settings, None, mesh.as_ref());
         let admin_listener = listen::bind(settings.admin)
             .map_err(|e| bind_error("admin.address", settings.admin, e))?;
         let mut bound = Vec::new();
@@ -85,6 +95,8 @@ impl Proxy {
             settings: ArcSwap::from_pointee(settings),
             router: ArcSwap::from_pointee(router),
             metrics,
+            mesh,
+            authz_counters: DecisionCounters::default(),
             shutdown: CancellationToken::new(),
             stop_requested: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -113,6 +125,14 @@ impl Proxy {
             Arc::downgrade(&proxy.inner).into(),
             shared.shutdown.clone(),
         ));
+        if let (Some(mesh), Some(identity)) = (&shared.mesh, &shared.settings.load().identity) {
+            tokio::spawn(crate::identity::run(
+                mesh.clone(),
+                identity.clone(),
+                shared.metrics.identity.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
         if let (Some(settings), Some(state)) = (control_plane, discovered) {
             tokio::spawn(crate::discover::run(
                 Arc::downgrade(&proxy.inner).into(),
@@ -175,6 +195,12 @@ impl Proxy {
     /// Resolves when something (the admin endpoint's `/shutdown`) asks the proxy to stop.
     pub async fn stop_requested(&self) {
         self.inner.shared.stop_requested.cancelled().await;
+    }
+
+    /// Whether the proxy can serve: a proxy with a mesh identity needs its certificate.
+    pub fn is_ready(&self) -> bool {
+        let shared = &self.inner.shared;
+        !shared.shutdown.is_cancelled() && shared.mesh.as_ref().is_none_or(|m| m.is_certified())
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -270,6 +296,21 @@ impl Inner {
             )
             .into());
         }
+        match (&current.identity, &settings.identity, &shared.mesh) {
+            (None, None, _) => {}
+            (Some(old), Some(new), Some(mesh)) if old.same_except_anchors(new) => {
+                mesh.set_anchors(new.trust_anchors.clone()).map_err(|e| {
+                    ConfigError::new("identity", format!("the trust anchors cannot be used: {e}"))
+                })?;
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    "identity",
+                    "only the trust anchors can change while running; restart the proxy to change its identity or CA",
+                )
+                .into())
+            }
+        }
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         // Bind new addresses first: if one fails, nothing has changed yet.
         // A listener stays when its name and configured address stay; otherwise it is
@@ -287,7 +328,7 @@ impl Inner {
                 bound.push((l.clone(), socket));
             }
         }
-        let router = Router::build(&settings, Some(&shared.router.load()));
+        let router = Router::build(&settings, Some(&shared.router.load()), shared.mesh.as_ref());
         let keep: HashMap<String, Arc<crate::config::ListenerSettings>> = settings
             .listeners
             .iter()

@@ -16,10 +16,11 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::balance::{Balancer, Endpoint};
 use crate::config::{Direction, ServiceSettings, Settings};
-use crate::http::upstream::{http1_client, ConnectionLimits, Http1Client};
+use crate::http::upstream::{http1_client, ConnectionLimits, EndpointConnect, Http1Client};
 use crate::limit::TokenBucket;
 use crate::metrics::{DirectionLabel, HandleCache, Label, Metrics, RouteLabels};
 use crate::retry::RetryBudget;
+use crate::tls::MeshTls;
 use prometheus_client::metrics::histogram::Histogram;
 
 /// A service as the data plane uses it.
@@ -54,7 +55,8 @@ pub struct Route {
 }
 
 /// What tells one response counter of a route from another.
-pub type ResponseKey = (usize, u16, Option<u32>, &'static str);
+/// (direction, status, gRPC status, local reason, mesh peer identity)
+pub type ResponseKey = (usize, u16, Option<u32>, &'static str, Option<Arc<str>>);
 
 pub fn direction_index(direction: Direction) -> usize {
     match direction {
@@ -70,12 +72,16 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn build(settings: &Settings, previous: Option<&Router>) -> Self {
+    pub fn build(
+        settings: &Settings,
+        previous: Option<&Router>,
+        mesh: Option<&Arc<MeshTls>>,
+    ) -> Self {
         let mut router = Router::default();
         for service in &settings.services {
             let target = match previous.and_then(|p| p.targets.get(&service.name)) {
                 Some(old) if old.settings == *service => old.clone(),
-                old => Arc::new(Target::new(service.clone(), old.map(|t| &**t))),
+                old => Arc::new(Target::new(service.clone(), old.map(|t| &**t), mesh)),
             };
             for authority in &service.authorities {
                 let route = Route::new(target.clone(), authority);
@@ -122,7 +128,11 @@ impl Router {
 }
 
 impl Target {
-    fn new(settings: Arc<ServiceSettings>, previous: Option<&Target>) -> Self {
+    fn new(
+        settings: Arc<ServiceSettings>,
+        previous: Option<&Target>,
+        mesh: Option<&Arc<MeshTls>>,
+    ) -> Self {
         let timeouts = settings.timeouts;
         let limits = settings.policy.limits;
         // Endpoints that stay keep their state (load, ejection, HTTP/2 connection)
@@ -138,18 +148,30 @@ impl Target {
             .endpoints
             .iter()
             .map(|e| match reusable.get(&e.addr) {
-                Some(existing) if existing.weight == e.weight => Arc::clone(existing),
+                Some(existing)
+                    if existing.weight == e.weight && existing.identity == e.identity =>
+                {
+                    Arc::clone(existing)
+                }
                 _ => Arc::new(Endpoint::new(
                     e.addr,
                     e.weight,
                     timeouts.connect,
                     limits.max_connections,
+                    e.identity.clone(),
+                    mesh.cloned(),
                 )),
             })
             .collect();
-        let caps: HashMap<SocketAddr, Arc<Semaphore>> = endpoints
+        let caps: HashMap<SocketAddr, EndpointConnect> = endpoints
             .iter()
-            .map(|e| (e.addr, e.connections.clone()))
+            .map(|e| {
+                let connect = EndpointConnect {
+                    cap: e.connections.clone(),
+                    identity: e.identity.clone(),
+                };
+                (e.addr, connect)
+            })
             .collect();
         // The HTTP/1 pool survives a reload when its timeouts do.
         let (http1, connection_limits) = match previous {
@@ -159,7 +181,10 @@ impl Target {
             }
             _ => {
                 let limits: ConnectionLimits = Arc::new(ArcSwap::from_pointee(caps));
-                (http1_client(&timeouts, limits.clone()), limits)
+                (
+                    http1_client(&timeouts, limits.clone(), mesh.cloned()),
+                    limits,
+                )
             }
         };
         let policy = &settings.policy;
@@ -228,7 +253,7 @@ services:
   - {name: api}
 "#;
         let settings = Settings::from_config(parse(text).unwrap()).unwrap();
-        let router = Router::build(&settings, None);
+        let router = Router::build(&settings, None, None);
         let name = |r: Option<&Arc<Route>>| r.map(|r| r.target.settings.name.clone());
         assert_eq!(
             name(router.route(Some("WEB.local:8080"), None)).as_deref(),

@@ -1,20 +1,26 @@
 //! Opaque TCP: bytes copied both ways to an endpoint, with half-close passed on
 //! (when one side finishes sending, the other side's write half is shut down).
-//! A failed connect counts against the endpoint and is tried on another one.
+//! A failed connect counts against the endpoint and is tried on another one. A meshed
+//! endpoint is reached over mutual TLS, so opaque TCP is protected like HTTP.
 
 use std::sync::Arc;
 
 use tokio::io::copy_bidirectional;
 
 use crate::balance::{Transition, Verdict};
-use crate::http::upstream::connect_tcp;
-use crate::io::ClientIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::http::upstream::{connect_tcp, secure};
 use crate::route::Route;
+use crate::tls::MeshTls;
 
 /// Endpoints tried before giving up on a connection.
 const CONNECT_TRIES: usize = 3;
 
-pub async fn forward(mut client: ClientIo, route: Arc<Route>) {
+pub async fn forward<I>(mut client: I, route: Arc<Route>, mesh: Option<Arc<MeshTls>>)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let target = &route.target;
     let policy = &target.settings.policy;
     for _ in 0..CONNECT_TRIES {
@@ -23,7 +29,18 @@ pub async fn forward(mut client: ClientIo, route: Arc<Route>) {
             return;
         };
         let in_flight = endpoint.start();
-        let connected = connect_tcp(endpoint.addr, target.settings.timeouts.connect).await;
+        let connected = match connect_tcp(endpoint.addr, target.settings.timeouts.connect).await {
+            Ok(stream) => {
+                secure(
+                    stream,
+                    endpoint.addr,
+                    endpoint.identity.as_deref(),
+                    mesh.as_deref(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         let rtt = in_flight.finish();
         let verdict = if connected.is_ok() {
             Verdict::Success

@@ -83,6 +83,11 @@ class System(ABC):
         """How the system is configured for the benchmark (for the report)."""
         return {"threads": THREADS}
 
+    def unsupported(self, scenario: Scenario) -> str | None:
+        """Why this system cannot serve `scenario` (it is then reported as skipped, not
+        failed), or None if it can."""
+        return None
+
     @abstractmethod
     def start(self, upstream: str, scenario: Scenario) -> AbstractContextManager[Running]:
         """Start in front of `upstream` (host:port of the backend) for `scenario`."""

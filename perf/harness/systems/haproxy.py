@@ -2,8 +2,9 @@
 generated config in a scratch directory: one thread (`nbthread 1`, matched to pymesh),
 keep-alive on both sides with idle upstream connections reused (`http-reuse always`), no log.
 
-HTTP/2 scenarios: the frontend binds `proto h2` (h2c, prior knowledge) and the server line
-says `proto h2`, so the upstream hop is HTTP/2 too, as pymesh's is.
+HTTP/2 and gRPC scenarios: the frontend binds `proto h2` (h2c, prior knowledge) and the server
+line says `proto h2`, so the upstream hop is HTTP/2 too, as pymesh's is (gRPC trailers pass
+through end to end).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Haproxy(DebianPackageSystem):
                 "upstream": "HTTP/1.1 keep-alive; HTTP/2 (proto h2) for HTTP/2 clients", "log": "off"}
 
     def config(self, upstream: str, listen: str, scenario: Scenario) -> str:
-        proto = " proto h2" if scenario.protocol in ("http2", "grpc") else ""
+        proto = " proto h2" if scenario.http2 else ""
         return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto=proto)
 
     @contextmanager

@@ -5,7 +5,9 @@ streaming (`proxy_buffering off`, `proxy_request_buffering off`) as the other pr
 
 HTTP/2 scenarios: `listen … http2` serves h2c (prior knowledge) to the client; nginx's
 `proxy_pass` speaks HTTP/1.1 upstream only, so the upstream hop stays HTTP/1.1 keep-alive.
-Measured as master + worker (CPU and RSS summed over both).
+gRPC scenarios (unary and streaming) use `grpc_pass` instead, nginx's gRPC proxy, which speaks
+HTTP/2 upstream (kept alive the same way) and passes trailers through; `proxy_pass` would drop
+them. Measured as master + worker (CPU and RSS summed over both).
 """
 
 from __future__ import annotations
@@ -54,15 +56,23 @@ http {{
     server {{
         listen {listen}{http2};
         location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
+{location}
         }}
     }}
 }}
 """
+
+
+HTTP_LOCATION = """\
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;"""
+
+# grpc_pass always streams the request body; responses are passed on as they arrive.
+GRPC_LOCATION = """\
+            grpc_pass grpc://backend;"""
 
 
 class Nginx(DebianPackageSystem):
@@ -75,14 +85,16 @@ class Nginx(DebianPackageSystem):
 
     def settings(self) -> dict[str, Any]:
         return {"threads": THREADS, "worker_processes": THREADS, "upstream_keepalive": 64,
-                "upstream": "HTTP/1.1 keep-alive (nginx cannot proxy_pass HTTP/2)", "buffering": "off",
+                "upstream": "HTTP/1.1 keep-alive (nginx cannot proxy_pass HTTP/2); gRPC: grpc_pass, HTTP/2 "
+                            "keep-alive", "buffering": "off",
                 "access_log": "off"}
 
     def config(self, upstream: str, listen: str, scenario: Scenario, workdir: Path) -> str:
         # Run as root, the worker would switch to `nobody` and lose access to the scratch dir.
         user = f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.geteuid() == 0 else ""
         return CONFIG.format(user=user, threads=THREADS, dir=workdir, upstream=upstream, listen=listen,
-                             http2=" http2" if scenario.protocol in ("http2", "grpc") else "")
+                             http2=" http2" if scenario.http2 else "",
+                             location=GRPC_LOCATION if scenario.grpc else HTTP_LOCATION)
 
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:

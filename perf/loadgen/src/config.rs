@@ -11,12 +11,30 @@ pub const DEFAULT_OPEN_LOOP_INFLIGHT: usize = 128;
 
 /// The wire protocol of the load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Protocol {
     /// HTTP/1.1 keep-alive: one request in flight per connection.
     Http1,
     /// HTTP/2 prior knowledge (h2c): requests multiplexed on each connection.
     Http2,
+    /// gRPC unary over h2c: each request one length-prefixed message of --body-size bytes;
+    /// success is HTTP 200 with `grpc-status: 0`.
+    Grpc,
+    /// gRPC bidirectional streaming over h2c: one long-lived call per connection; each
+    /// request is one message sent and its echo received (for an echo server).
+    GrpcStream,
+}
+
+impl Protocol {
+    /// Whether the connection speaks HTTP/2 (prior knowledge).
+    pub fn is_http2(self) -> bool {
+        !matches!(self, Protocol::Http1)
+    }
+
+    /// Whether requests are gRPC calls.
+    pub fn is_grpc(self) -> bool {
+        matches!(self, Protocol::Grpc | Protocol::GrpcStream)
+    }
 }
 
 /// Where the load goes.
@@ -45,10 +63,15 @@ pub struct Config {
     pub connections: usize,
     pub protocol: Protocol,
     pub method: Method,
+    /// Request body size in bytes (gRPC: the message payload, after the 5-byte prefix).
     pub body_size: usize,
     pub headers: HeaderMap,
     /// Most requests in flight on one connection (always 1 for HTTP/1.1).
     pub inflight: usize,
+    /// Open a fresh connection for every request (and close it after the response) instead
+    /// of keeping `connections` connections alive; `connections` then bounds how many are
+    /// open at once.
+    pub new_connection: bool,
 }
 
 /// A setting the user gave that cannot work, with what would.
@@ -60,6 +83,10 @@ pub enum ConfigError {
     Header { header: String, reason: String },
     #[error("--method {0:?}: not an HTTP method token (for example GET or POST)")]
     Method(String),
+    #[error("--method {0:?}: gRPC calls are always POST (leave --method out, or say POST)")]
+    GrpcMethod(String),
+    #[error("--new-connection-per-request cannot be combined with --protocol grpc-stream (a stream lives on one connection; use grpc for unary calls)")]
+    NewConnectionStream,
     #[error("--{flag} {value}: {expected}")]
     Number {
         flag: &'static str,

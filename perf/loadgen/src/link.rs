@@ -1,6 +1,8 @@
 //! One client connection: TCP connect plus the hyper HTTP/1.1 or HTTP/2 handshake, split
-//! into the handle that sends requests and the future that drives the socket.
+//! into the handle that sends requests and the future that drives the socket. Generic over
+//! the request body: a whole body (`Full`) for requests, a channel for a gRPC stream.
 
+use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +12,7 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -20,15 +22,15 @@ use crate::config::Protocol;
 /// Drives a connection's I/O; completes when the connection closes.
 pub type Driver = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
 
-/// Sends requests on a connection.
-pub enum Sender {
-    Http1(http1::SendRequest<Full<Bytes>>),
-    Http2(http2::SendRequest<Full<Bytes>>),
+/// Sends requests (with bodies of type `B`) on a connection.
+pub enum Sender<B = Full<Bytes>> {
+    Http1(http1::SendRequest<B>),
+    Http2(http2::SendRequest<B>),
 }
 
 /// A connected, handshaken connection.
-pub struct Link {
-    pub sender: Sender,
+pub struct Link<B = Full<Bytes>> {
+    pub sender: Sender<B>,
     pub driver: Driver,
 }
 
@@ -44,34 +46,65 @@ pub enum ConnectError {
     },
 }
 
-/// Connect to `addr` and speak `protocol` (HTTP/2: prior knowledge).
-pub async fn connect(addr: SocketAddr, protocol: Protocol) -> Result<Link, ConnectError> {
+/// Why a request on a connection of its own got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum OnceError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("request failed: {0}")]
+    Request(#[from] hyper::Error),
+}
+
+/// Connect to `addr` and speak `protocol` (HTTP/2 and gRPC: prior knowledge).
+pub async fn connect<B>(addr: SocketAddr, protocol: Protocol) -> Result<Link<B>, ConnectError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let io = TokioIo::new(stream);
     let handshake_failed = |source| ConnectError::Handshake { protocol, source };
-    Ok(match protocol {
-        Protocol::Http1 => {
-            let (sender, connection) = http1::handshake(io).await.map_err(handshake_failed)?;
-            Link {
-                sender: Sender::Http1(sender),
-                driver: Box::pin(connection),
-            }
+    Ok(if protocol.is_http2() {
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+            .map_err(handshake_failed)?;
+        Link {
+            sender: Sender::Http2(sender),
+            driver: Box::pin(connection),
         }
-        Protocol::Http2 => {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .handshake(io)
-                .await
-                .map_err(handshake_failed)?;
-            Link {
-                sender: Sender::Http2(sender),
-                driver: Box::pin(connection),
-            }
+    } else {
+        let (sender, connection) = http1::handshake(io).await.map_err(handshake_failed)?;
+        Link {
+            sender: Sender::Http1(sender),
+            driver: Box::pin(connection),
         }
     })
 }
 
-impl Sender {
+/// Open a connection for `request` alone and send it; resolves with the response head. The
+/// connection is driven on a task of its own and closes once the response has been read and
+/// dropped (HTTP/1.1 requests also say `connection: close`).
+pub async fn once(
+    addr: SocketAddr,
+    protocol: Protocol,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, OnceError> {
+    let Link { mut sender, driver } = connect(addr, protocol).await?;
+    // The connection's own errors surface as the response's.
+    tokio::spawn(async move {
+        let _ = driver.await;
+    });
+    sender.ready().await?;
+    Ok(sender.send(request).await?)
+}
+
+impl<B> Sender<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
     /// Wait until the connection can take a request (HTTP/1.1: the previous exchange is done).
     pub async fn ready(&mut self) -> Result<(), hyper::Error> {
         match self {
@@ -83,7 +116,7 @@ impl Sender {
     /// Queue `request` on the connection; the future resolves with the response head.
     pub fn send(
         &mut self,
-        request: Request<Full<Bytes>>,
+        request: Request<B>,
     ) -> impl Future<Output = Result<Response<Incoming>, hyper::Error>> + Send + 'static {
         match self {
             Sender::Http1(sender) => Either::Left(sender.send_request(request)),

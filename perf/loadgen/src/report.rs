@@ -39,6 +39,8 @@ pub struct Report {
     pub url: String,
     pub protocol: Protocol,
     pub connections: usize,
+    /// Whether every request opened (and closed) its own connection.
+    pub new_connection_per_request: bool,
     /// Requests per second asked for (0: closed loop).
     pub requested_rps: f64,
     /// Responses (any status) per second of the measured window.
@@ -49,10 +51,13 @@ pub struct Report {
     pub requests: u64,
     /// Responses of any status.
     pub responses: u64,
-    /// Requests without a response (connect, transport, timeout) plus non-2xx responses.
+    /// Requests without a response (connect, transport, timeout) plus responses that are not
+    /// a success (non-2xx; gRPC unary: also a `grpc-status` other than 0, or none).
     pub errors: u64,
-    /// Responses by status code.
+    /// Responses by status code (grpc-stream: echoed messages, all on `200` streams).
     pub status_counts: BTreeMap<String, u64>,
+    /// gRPC unary calls by `grpc-status` (`missing`: none); empty for other protocols.
+    pub grpc_status_counts: BTreeMap<String, u64>,
     /// Requests without a response, by cause: `connect`, `transport`, `timeout`.
     pub error_counts: BTreeMap<String, u64>,
     /// From each request's intended send time to the end of its response body.
@@ -77,6 +82,7 @@ impl Report {
             url: config.url.clone(),
             protocol: config.protocol,
             connections: config.connections,
+            new_connection_per_request: config.new_connection,
             requested_rps: config.rate,
             achieved_rps: round2(responses as f64 / duration_s),
             duration_s,
@@ -87,6 +93,11 @@ impl Report {
                 .status
                 .iter()
                 .map(|(code, count)| (code.to_string(), *count))
+                .collect(),
+            grpc_status_counts: stats
+                .grpc_status
+                .iter()
+                .map(|(status, count)| (status.to_string(), *count))
                 .collect(),
             error_counts,
             latency_us: Percentiles::of(&stats.latency),
@@ -101,9 +112,14 @@ impl Report {
         let l = &self.latency_us;
         let _ = writeln!(
             out,
-            "{} {:?} x{} for {:.1}s: requested {} rps, achieved {} rps",
+            "{} {:?}{} x{} for {:.1}s: requested {} rps, achieved {} rps",
             self.url,
             self.protocol,
+            if self.new_connection_per_request {
+                " (new connection per request)"
+            } else {
+                ""
+            },
             self.connections,
             self.duration_s,
             self.requested_rps,
@@ -114,6 +130,9 @@ impl Report {
             "requests {}  responses {}  errors {}  status {:?}  failures {:?}",
             self.requests, self.responses, self.errors, self.status_counts, self.error_counts
         );
+        if !self.grpc_status_counts.is_empty() {
+            let _ = writeln!(out, "grpc-status {:?}", self.grpc_status_counts);
+        }
         let _ = writeln!(
             out,
             "latency µs (from intended send time): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  mean {}",

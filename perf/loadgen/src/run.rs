@@ -1,20 +1,28 @@
-//! One run: resolve, connect every connection up front (so a wrong address fails at once),
-//! start the schedule, run one task per connection, merge what they saw.
+//! One run: resolve, connect every connection up front (so a wrong address fails at once;
+//! with a new connection per request, one connection that is closed again), start the
+//! schedule, run one task per connection (gRPC streaming: one call per connection), merge
+//! what they saw.
 
+use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use futures_util::future::try_join_all;
+use http_body_util::Full;
+use hyper::body::Body;
+use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, Protocol};
 use crate::lane::{self, LaneTask};
-use crate::link::{self, ConnectError};
+use crate::link::{self, ConnectError, Link};
 use crate::report::Report;
 use crate::request::RequestTemplate;
 use crate::schedule::{Lane, Schedule};
 use crate::stats::Stats;
+use crate::stream::{self, CallBody, StreamTask};
 
 /// Why a run could not start or finish.
 #[derive(Debug, thiserror::Error)]
@@ -42,43 +50,91 @@ pub enum RunError {
 /// returns after warm-up + duration + at most the drain time.
 pub async fn run(config: &Config) -> Result<Report, RunError> {
     let addr = resolve(config).await?;
-    let links = try_join_all((0..config.connections).map(|_| link::connect(addr, config.protocol)))
-        .await
-        .map_err(|source| RunError::Connect { addr, source })?;
-
     let template = Arc::new(RequestTemplate::new(config));
-    let schedule = Schedule::new(
-        Instant::now(),
-        config.rate,
-        config.warmup,
-        config.duration,
-        config.drain,
-    );
-    let step = links.len() as u64;
-    let tasks: Vec<_> = links
-        .into_iter()
-        .enumerate()
-        .map(|(index, link)| {
-            tokio::spawn(lane::run(LaneTask {
-                link,
-                lane: Lane {
-                    first: index as u64,
-                    step,
-                },
-                schedule,
-                template: Arc::clone(&template),
-                addr,
-                protocol: config.protocol,
-                inflight: config.inflight,
-            }))
-        })
-        .collect();
+    let tasks: Vec<JoinHandle<Stats>> = if config.protocol == Protocol::GrpcStream {
+        let links = connect_all::<CallBody>(addr, config).await?;
+        let schedule = schedule(config);
+        links
+            .into_iter()
+            .zip(lanes(config.connections))
+            .map(|(link, lane)| {
+                tokio::spawn(stream::run(StreamTask {
+                    link,
+                    lane,
+                    schedule,
+                    template: Arc::clone(&template),
+                    addr,
+                    protocol: config.protocol,
+                    inflight: config.inflight,
+                }))
+            })
+            .collect()
+    } else {
+        let links: Vec<Option<Link>> = if config.new_connection {
+            // Only to check the address: every request opens its own connection.
+            link::connect::<Full<Bytes>>(addr, config.protocol)
+                .await
+                .map_err(|source| RunError::Connect { addr, source })?;
+            (0..config.connections).map(|_| None).collect()
+        } else {
+            connect_all(addr, config)
+                .await?
+                .into_iter()
+                .map(Some)
+                .collect()
+        };
+        let schedule = schedule(config);
+        links
+            .into_iter()
+            .zip(lanes(config.connections))
+            .map(|(link, lane)| {
+                tokio::spawn(lane::run(LaneTask {
+                    link,
+                    lane,
+                    schedule,
+                    template: Arc::clone(&template),
+                    addr,
+                    protocol: config.protocol,
+                    inflight: config.inflight,
+                    new_connection: config.new_connection,
+                }))
+            })
+            .collect()
+    };
 
     let mut total = Stats::new();
     for task in tasks {
         total.merge(&task.await?)?;
     }
     Ok(Report::new(config, &total))
+}
+
+/// `config.connections` connections, all at once.
+async fn connect_all<B>(addr: SocketAddr, config: &Config) -> Result<Vec<Link<B>>, RunError>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    try_join_all((0..config.connections).map(|_| link::connect(addr, config.protocol)))
+        .await
+        .map_err(|source| RunError::Connect { addr, source })
+}
+
+/// The run's schedule, starting now.
+fn schedule(config: &Config) -> Schedule {
+    Schedule::new(
+        Instant::now(),
+        config.rate,
+        config.warmup,
+        config.duration,
+        config.drain,
+    )
+}
+
+/// The schedule split round-robin over `connections` lanes.
+fn lanes(connections: usize) -> impl Iterator<Item = Lane> {
+    let step = connections as u64;
+    (0..step).map(move |first| Lane { first, step })
 }
 
 async fn resolve(config: &Config) -> Result<SocketAddr, RunError> {

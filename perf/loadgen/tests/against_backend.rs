@@ -1,5 +1,6 @@
 //! The `pymesh-loadgen` binary against an in-process `pymesh-backend` server on
-//! 127.0.0.1:0: a paced run has no errors, the right count and ordered percentiles.
+//! 127.0.0.1:0: a paced run has no errors, the right count and ordered percentiles, over
+//! HTTP/1.1, HTTP/2, gRPC unary, gRPC streaming and a new connection per request.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -211,4 +212,135 @@ fn unreachable_target_fails_fast_with_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot connect to 127.0.0.1"), "{stderr}");
+}
+
+#[test]
+fn grpc_unary_at_200_rps_for_1_s_has_no_errors() {
+    let addr = start_backend(pymesh_backend::Config::default());
+    let url = format!("http://{addr}/pymesh.bench.Echo/Unary");
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--protocol",
+        "grpc",
+        "--body-size",
+        "1024",
+        "--connections",
+        "2",
+    ]);
+    check_paced_run(&report, 200);
+    assert_eq!(report["protocol"], "grpc");
+    assert_eq!(u(&report, "/grpc_status_counts/0"), 200, "{report}");
+}
+
+#[test]
+fn grpc_unary_without_grpc_status_is_an_error() {
+    // Not a gRPC answer (the backend sees no gRPC content type): 200, but no grpc-status.
+    let addr = start_backend(pymesh_backend::Config::default());
+    let url = format!("http://{addr}/");
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "100",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "--protocol",
+        "grpc",
+        "--header",
+        "content-type: text/plain",
+    ]);
+    assert_eq!(u(&report, "/requests"), 50, "{report}");
+    assert_eq!(u(&report, "/status_counts/200"), 50, "{report}");
+    assert_eq!(u(&report, "/grpc_status_counts/missing"), 50, "{report}");
+    assert_eq!(u(&report, "/errors"), 50, "{report}");
+}
+
+#[test]
+fn grpc_stream_at_200_messages_per_s_for_1_s_has_no_errors() {
+    let addr = start_backend(pymesh_backend::Config::default());
+    let url = format!("http://{addr}/pymesh.bench.Echo/Stream");
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--protocol",
+        "grpc-stream",
+        "--body-size",
+        "3000",
+        "--connections",
+        "2",
+    ]);
+    check_paced_run(&report, 200);
+    assert_eq!(report["protocol"], "grpc-stream");
+}
+
+#[test]
+fn grpc_stream_closed_loop_keeps_one_message_in_flight() {
+    let addr = start_backend(pymesh_backend::Config::default());
+    let url = format!("http://{addr}/pymesh.bench.Echo/Stream");
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "0",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--protocol",
+        "grpc-stream",
+        "--connections",
+        "1",
+    ]);
+    assert_eq!(u(&report, "/errors"), 0, "{report}");
+    assert!(u(&report, "/requests") > 100, "{report}");
+}
+
+#[test]
+fn new_connection_per_request_at_200_rps_for_1_s_has_no_errors() {
+    let addr = start_backend(pymesh_backend::Config::default());
+    let url = format!("http://{addr}/");
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--connections",
+        "4",
+        "--new-connection-per-request",
+    ]);
+    check_paced_run(&report, 200);
+    assert_eq!(report["new_connection_per_request"], true);
+    let grpc = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "100",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "--protocol",
+        "grpc",
+        "--new-connection-per-request",
+    ]);
+    check_paced_run(&grpc, 50);
 }

@@ -29,6 +29,10 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub authority: http::uri::Authority,
     pub weight: u32,
+    /// The identity of a meshed endpoint, as configured.
+    pub identity: Option<Arc<str>>,
+    /// The same, set only when this proxy reaches it over mutual TLS.
+    pub tls_identity: Option<Arc<str>>,
     pub h2: H2Connection,
     /// Upstream connections allowed to this endpoint (`limits.max_connections`).
     pub connections: Arc<Semaphore>,
@@ -74,14 +78,19 @@ impl Endpoint {
         weight: u32,
         connect_timeout: Duration,
         max_connections: usize,
+        identity: Option<Arc<str>>,
+        mesh: Option<Arc<crate::tls::MeshTls>>,
     ) -> Self {
         let now = Instant::now();
+        let tls_identity = identity.clone().filter(|_| mesh.is_some());
         Self {
             addr,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1")),
             weight: weight.max(1),
-            h2: H2Connection::new(addr, connect_timeout),
+            tls_identity,
+            h2: H2Connection::new(addr, connect_timeout, identity.clone(), mesh),
+            identity,
             connections: Arc::new(Semaphore::new(max_connections)),
             pending: AtomicUsize::new(0),
             state: AtomicU8::new(ACTIVE),
@@ -339,6 +348,8 @@ mod tests {
             1,
             Duration::from_secs(1),
             10,
+            None,
+            None,
         )
     }
 

@@ -205,7 +205,14 @@ mod tests {
         (0..n)
             .map(|i| {
                 let addr = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
-                Arc::new(Endpoint::new(addr, 1, Duration::from_secs(1), 10))
+                Arc::new(Endpoint::new(
+                    addr,
+                    1,
+                    Duration::from_secs(1),
+                    10,
+                    None,
+                    None,
+                ))
             })
             .collect()
     }

@@ -13,9 +13,11 @@ use std::time::Duration;
 use pymesh_api::config::v1 as api;
 
 pub mod policy;
+pub mod security;
 
 pub use api::ProxyConfig;
 pub use policy::ServicePolicy;
+pub use security::{AuthorizationSettings, IdentitySettings, TlsMode};
 
 /// A configuration that was rejected, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,6 +93,8 @@ pub struct Settings {
     /// Proxy-wide timeouts (detection uses these; services start from them).
     pub timeouts: Timeouts,
     pub control_plane: Option<ControlPlaneSettings>,
+    pub identity: Option<IdentitySettings>,
+    pub authorization: Arc<AuthorizationSettings>,
 }
 
 /// Where services and endpoints come from when a control plane is used.
@@ -137,6 +141,7 @@ pub struct ListenerSettings {
     pub direction: Direction,
     pub default_service: Option<String>,
     pub protocol: ListenerProtocol,
+    pub tls: TlsMode,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,10 +154,12 @@ pub struct ServiceSettings {
     pub policy: ServicePolicy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSettings {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The SPIFFE identity of a meshed endpoint: reached over mutual TLS.
+    pub identity: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,13 +276,21 @@ impl Settings {
             listeners.push(Arc::new(listener));
         }
 
+        let control_plane = control_plane(config.control_plane.as_ref())?;
+        let identity = security::identity(config.identity.as_ref(), control_plane.as_ref())?;
+        let authorization = Arc::new(security::authorization(
+            config.authorization.as_ref(),
+            &listener_names,
+        )?);
         Ok(Self {
             listeners,
             services,
             admin,
             limits,
             timeouts: defaults,
-            control_plane: control_plane(config.control_plane.as_ref())?,
+            control_plane,
+            identity,
+            authorization,
             source: config,
         })
     }
@@ -360,6 +375,7 @@ fn listener(
         direction,
         default_service,
         protocol,
+        tls: security::tls_mode(l.tls, at)?,
     })
 }
 
@@ -389,9 +405,18 @@ fn service(
     let mut endpoints = Vec::with_capacity(svc.endpoints.len());
     for (j, e) in svc.endpoints.iter().enumerate() {
         let addr = socket_addr(&e.address, &format!("{at}.endpoints[{j}].address"))?;
+        let identity = match e.identity.trim() {
+            "" => None,
+            id => {
+                security::check_spiffe_id(id)
+                    .map_err(|m| ConfigError::new(format!("{at}.endpoints[{j}].identity"), m))?;
+                Some(Arc::from(id))
+            }
+        };
         endpoints.push(EndpointSettings {
             addr,
             weight: e.weight.max(1),
+            identity,
         });
     }
     Ok(ServiceSettings {
@@ -440,6 +465,18 @@ fn timeouts(base: Timeouts, t: Option<&api::Timeouts>, at: &str) -> Result<Timeo
     Ok(out)
 }
 
+/// `host:port` (an `http://` prefix allowed) as the `http://host:port` tonic dials.
+fn host_port(value: &str, path: &str) -> Result<String, ConfigError> {
+    let a = value.trim().trim_start_matches("http://");
+    let valid = a
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !valid {
+        return Err(ConfigError::new(path, format!("{a:?} is not host:port")));
+    }
+    Ok(format!("http://{a}"))
+}
+
 fn control_plane(
     cp: Option<&api::ControlPlane>,
 ) -> Result<Option<ControlPlaneSettings>, ConfigError> {
@@ -452,17 +489,7 @@ fn control_plane(
     }
     let mut addresses = Vec::with_capacity(cp.addresses.len());
     for (i, a) in cp.addresses.iter().enumerate() {
-        let a = a.trim().trim_start_matches("http://");
-        let valid = a
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !valid {
-            return Err(ConfigError::new(
-                format!("control_plane.addresses[{i}]"),
-                format!("{a:?} is not host:port"),
-            ));
-        }
-        addresses.push(format!("http://{a}"));
+        addresses.push(host_port(a, &format!("control_plane.addresses[{i}]"))?);
     }
     let bound = |d: Option<&pbjson_types::Duration>, default: Duration, field: &str| match d {
         Some(d) => duration(d, &format!("control_plane.{field}")).map(|v| {

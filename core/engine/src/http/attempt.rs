@@ -153,7 +153,7 @@ pub(super) async fn run(
             }
         }
         return match result {
-            Ok(answer) => Outcome::Upstream(answer.response),
+            Ok(answer) => Outcome::Upstream(answer.response, endpoint.tls_identity.clone()),
             Err(e) => Outcome::Local(e.reason, e.detail),
         };
     }

@@ -1,4 +1,4 @@
-//! Forwarding one HTTP request: route it, admit it (rate limit, concurrency limit),
+//! Forwarding one HTTP request: authorize it (inbound), route it, admit it (rate limit, concurrency limit),
 //! give it a deadline (the request timeout, or a shorter `grpc-timeout`), hand it to
 //! the tries in `attempt`, and record the golden metrics.
 //!
@@ -16,10 +16,11 @@ use tokio::time::Instant;
 use super::attempt::{count_shed, parse_grpc_timeout};
 use super::body::{grpc_status, OnGrpcEnd, ProxyBody, UpstreamBody};
 use super::local::{respond, Reason};
+use crate::authz::{decide, Subject};
 use crate::config::Direction;
 use crate::detect::Detected;
 use crate::metrics::{
-    DirectionLabel, Label, LatencyLabels, Metrics, ResponseLabels, ServiceLabels,
+    tls_label, DirectionLabel, Label, LatencyLabels, Metrics, ResponseLabels, ServiceLabels,
 };
 use crate::proxy::Shared;
 use crate::route::{direction_index, Route};
@@ -30,13 +31,18 @@ pub struct ConnContext {
     pub direction: Direction,
     pub default_service: Option<String>,
     pub protocol: Detected,
+    /// The listener's name, for authorization.
+    pub listener: Arc<str>,
+    /// The client's mesh identity, when it came over mesh TLS.
+    pub client_id: Option<Arc<str>>,
 }
 
 /// The outcome of forwarding, before metrics are recorded.
 // Moved once per request; boxing the response would cost an allocation each time.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Outcome {
-    Upstream(Response<UpstreamBody>),
+    /// With the identity of the meshed endpoint that answered, over mutual TLS.
+    Upstream(Response<UpstreamBody>, Option<Arc<str>>),
     Local(Reason, String),
 }
 
@@ -46,6 +52,11 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let start = Instant::now();
     let grpc = is_grpc(&req);
+    if ctx.direction == Direction::Inbound {
+        if let Some(denied) = authorize(&ctx, &req, grpc, start) {
+            return Ok(denied);
+        }
+    }
     let route = {
         let router = ctx.shared.router.load();
         router
@@ -54,7 +65,7 @@ pub async fn handle(
     };
     let Some(route) = route else {
         let authority = request_authority(&req).unwrap_or("").to_owned();
-        record_unrouted(&ctx.shared.metrics, ctx.direction, grpc, start);
+        record_unrouted(&ctx, Reason::UnknownService, grpc, start);
         let detail = format!("no service matches authority {authority:?}");
         return Ok(respond(Reason::UnknownService, &detail, grpc));
     };
@@ -65,24 +76,37 @@ pub async fn handle(
 
     let metrics = &ctx.shared.metrics;
     let elapsed = start.elapsed();
+    // The peer on the far side of a mesh TLS hop: the client inbound, the endpoint outbound.
+    let inbound_peer = || ctx.client_id.clone();
     let response = match outcome {
         Outcome::Local(reason, detail) => {
             tracing::debug!(service = %route.target.settings.name, reason = reason.as_str(), %detail, "local response");
             let resp = respond(reason, &detail, grpc);
             let grpc_status = grpc.then(|| grpc_status(resp.headers())).flatten();
             record_latency(metrics, &route, dir, resp.status(), elapsed);
+            let peer = match ctx.direction {
+                Direction::Inbound => inbound_peer(),
+                Direction::Outbound => None,
+            };
             record_response(
                 metrics,
                 &route,
                 dir,
-                resp.status(),
-                grpc_status,
-                Some(reason),
+                Answered {
+                    status: resp.status(),
+                    grpc_status,
+                    reason: Some(reason),
+                    peer,
+                },
             );
             return Ok(resp);
         }
-        Outcome::Upstream(resp) => resp,
+        Outcome::Upstream(resp, server_id) => match ctx.direction {
+            Direction::Inbound => (resp, inbound_peer()),
+            Direction::Outbound => (resp, server_id),
+        },
     };
+    let (response, peer) = response;
     let status = response.status();
     record_latency(metrics, &route, dir, status, elapsed);
     // A gRPC call's outcome is in its trailers, unless the response is trailers-only.
@@ -91,6 +115,7 @@ pub async fn handle(
             shared: ctx.shared.clone(),
             route: route.clone(),
             dir,
+            peer,
         });
         return Ok(response.map(|body| ProxyBody::Grpc {
             body,
@@ -98,7 +123,17 @@ pub async fn handle(
         }));
     }
     let grpc_status = grpc.then(|| grpc_status(response.headers())).flatten();
-    record_response(metrics, &route, dir, status, grpc_status, None);
+    record_response(
+        metrics,
+        &route,
+        dir,
+        Answered {
+            status,
+            grpc_status,
+            reason: None,
+            peer,
+        },
+    );
     Ok(response.map(|body| ProxyBody::Upstream { body }))
 }
 
@@ -107,6 +142,7 @@ struct GrpcOutcome {
     shared: Arc<Shared>,
     route: Arc<Route>,
     dir: usize,
+    peer: Option<Arc<str>>,
 }
 
 impl OnGrpcEnd for GrpcOutcome {
@@ -117,9 +153,12 @@ impl OnGrpcEnd for GrpcOutcome {
             &self.shared.metrics,
             &self.route,
             self.dir,
-            StatusCode::OK,
-            Some(status),
-            None,
+            Answered {
+                status: StatusCode::OK,
+                grpc_status: Some(status),
+                reason: None,
+                peer: self.peer,
+            },
         );
     }
 }
@@ -220,16 +259,24 @@ fn record_latency(
     });
 }
 
-/// Counts a response: a failure when it is a 5xx or carries a gRPC error status.
-fn record_response(
-    metrics: &Metrics,
-    route: &Route,
-    dir: usize,
+/// How a request was answered, for its response counter.
+struct Answered {
     status: StatusCode,
     grpc_status: Option<u32>,
+    /// Why the proxy answered by itself, when it did.
     reason: Option<Reason>,
-) {
+    peer: Option<Arc<str>>,
+}
+
+/// Counts a response: a failure when it is a 5xx or carries a gRPC error status.
+fn record_response(metrics: &Metrics, route: &Route, dir: usize, answered: Answered) {
     let labels = &route.labels[dir];
+    let Answered {
+        status,
+        grpc_status,
+        reason,
+        peer,
+    } = answered;
     let error = reason.map_or("", Reason::as_str);
     let make = || {
         let failed = status.is_server_error() || grpc_status.is_some_and(|s| s != 0);
@@ -243,27 +290,74 @@ fn record_response(
                 grpc_status,
                 classification: if failed { "failure" } else { "success" },
                 error,
+                tls: tls_label(peer.is_some()),
+                peer_id: peer.clone().map(Label),
             })
             .clone()
     };
-    let key = (dir, status.as_u16(), grpc_status, error);
+    let key = (dir, status.as_u16(), grpc_status, error, peer.clone());
     route.responses.with(&key, make, |c| {
         c.inc();
     });
 }
 
-/// A request no service took: rare, so recorded on the families directly.
-fn record_unrouted(metrics: &Metrics, direction: Direction, grpc: bool, start: Instant) {
+/// Checks an inbound request against authorization policy; a denied one gets 403
+/// (gRPC PERMISSION_DENIED) naming the policy.
+fn authorize(
+    ctx: &ConnContext,
+    req: &Request<Incoming>,
+    grpc: bool,
+    start: Instant,
+) -> Option<Response<ProxyBody>> {
+    let shared = &ctx.shared;
+    let subject = Subject {
+        listener: &ctx.listener,
+        client: ctx.client_id.as_deref(),
+        request: Some((req.method(), req.uri().path())),
+    };
+    let decision = decide(&shared.settings.load().authorization, &subject);
+    shared.authz_counters.record(
+        &shared.metrics,
+        &ctx.listener,
+        "http",
+        ctx.client_id.as_ref(),
+        &decision,
+    );
+    if decision.allowed {
+        return None;
+    }
+    record_unrouted(ctx, Reason::Denied, grpc, start);
+    let client = ctx
+        .client_id
+        .as_deref()
+        .unwrap_or("an unauthenticated client");
+    let detail = format!("policy {:?} does not allow {client}", decision.policy);
+    let mut resp = respond(Reason::Denied, &detail, grpc);
+    if let Ok(value) = http::HeaderValue::from_str(&decision.policy) {
+        resp.headers_mut().insert("pymesh-policy", value);
+    }
+    Some(resp)
+}
+
+/// A request no service took (or that policy refused): rare, so recorded on the
+/// families directly.
+fn record_unrouted(ctx: &ConnContext, reason: Reason, grpc: bool, start: Instant) {
+    let metrics = &ctx.shared.metrics;
+    let direction = DirectionLabel(ctx.direction);
     let unknown = Label::new("");
     let status = if grpc {
         StatusCode::OK
     } else {
-        Reason::UnknownService.status()
+        reason.status()
+    };
+    let peer = match ctx.direction {
+        Direction::Inbound => ctx.client_id.clone(),
+        Direction::Outbound => None,
     };
     metrics
         .latency
         .get_or_create(&LatencyLabels {
-            direction: DirectionLabel(direction),
+            direction,
             dst_service: unknown.clone(),
             status_code: status.as_u16(),
         })
@@ -271,13 +365,15 @@ fn record_unrouted(metrics: &Metrics, direction: Direction, grpc: bool, start: I
     metrics
         .responses
         .get_or_create(&ResponseLabels {
-            direction: DirectionLabel(direction),
+            direction,
             dst_service: unknown.clone(),
             authority: unknown,
             status_code: status.as_u16(),
-            grpc_status: grpc.then(|| Reason::UnknownService.grpc_status()),
+            grpc_status: grpc.then(|| reason.grpc_status()),
             classification: "failure",
-            error: Reason::UnknownService.as_str(),
+            error: reason.as_str(),
+            tls: tls_label(peer.is_some()),
+            peer_id: peer.map(Label),
         })
         .inc();
 }

@@ -18,6 +18,8 @@ pub enum Reason {
     UpstreamError,
     /// A service limit (concurrency, pending, connections) refused the request.
     Shed,
+    /// An authorization policy refused the client.
+    Denied,
     RateLimited,
 }
 
@@ -31,6 +33,7 @@ impl Reason {
             Reason::UpstreamError => "upstream-error",
             Reason::Shed => "shed",
             Reason::RateLimited => "rate-limited",
+            Reason::Denied => "denied",
         }
     }
 
@@ -39,6 +42,7 @@ impl Reason {
             Reason::UnknownService => StatusCode::NOT_FOUND,
             Reason::NoEndpoints | Reason::Shed => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::Denied => StatusCode::FORBIDDEN,
             Reason::ConnectFailed | Reason::UpstreamError => StatusCode::BAD_GATEWAY,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -52,6 +56,7 @@ impl Reason {
                 14
             } // UNAVAILABLE
             Reason::RateLimited => 8,     // RESOURCE_EXHAUSTED
+            Reason::Denied => 7,          // PERMISSION_DENIED
             Reason::Timeout => 4,         // DEADLINE_EXCEEDED
         }
     }

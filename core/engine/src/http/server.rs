@@ -15,14 +15,12 @@ use tokio_util::sync::CancellationToken;
 use super::forward::{handle, ConnContext};
 use crate::config::Limits;
 use crate::detect::Detected;
-use crate::io::ClientIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-pub async fn serve(
-    io: ClientIo,
-    ctx: Arc<ConnContext>,
-    limits: Limits,
-    shutdown: CancellationToken,
-) {
+pub async fn serve<I>(io: I, ctx: Arc<ConnContext>, limits: Limits, shutdown: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let protocol = ctx.protocol;
     let service = service_fn(move |req| handle(ctx.clone(), req));
     let io = TokioIo::new(io);

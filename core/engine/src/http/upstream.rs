@@ -1,6 +1,7 @@
 //! Connections to endpoints for HTTP: a keep-alive pool per service for HTTP/1
 //! (hyper-util's pooled client, with a cap on connections per endpoint) and one
-//! multiplexed HTTP/2 connection per endpoint.
+//! multiplexed HTTP/2 connection per endpoint. Connections to meshed endpoints are
+//! mutual TLS (see `tls`), whatever the protocol inside.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,6 +23,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::replay::RequestBody;
 use crate::config::Timeouts;
+use crate::io::UpstreamIo;
+use crate::tls::{MeshTls, TlsError};
 
 pub type Http1Client = Client<LimitedConnector, RequestBody>;
 
@@ -42,13 +45,26 @@ pub enum ConnectError {
     },
     #[error("{addr} has reached its connection limit")]
     Limit { addr: SocketAddr },
+    #[error("mutual TLS with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
 }
 
-/// Connection caps per endpoint address, replaced as endpoints change.
-pub type ConnectionLimits = Arc<ArcSwap<HashMap<SocketAddr, Arc<Semaphore>>>>;
+/// How to reach one endpoint: its connection cap and, when meshed, its identity.
+#[derive(Clone)]
+pub struct EndpointConnect {
+    pub cap: Arc<Semaphore>,
+    pub identity: Option<Arc<str>>,
+}
+
+/// Per endpoint address, replaced as endpoints change.
+pub type ConnectionLimits = Arc<ArcSwap<HashMap<SocketAddr, EndpointConnect>>>;
 
 /// A pooled HTTP/1 client whose connections honour the service's timeouts and caps.
-pub fn http1_client(timeouts: &Timeouts, limits: ConnectionLimits) -> Http1Client {
+pub fn http1_client(
+    timeouts: &Timeouts,
+    limits: ConnectionLimits,
+    mesh: Option<Arc<MeshTls>>,
+) -> Http1Client {
     let mut inner = HttpConnector::new();
     inner.set_connect_timeout(Some(timeouts.connect));
     inner.set_nodelay(true);
@@ -58,7 +74,29 @@ pub fn http1_client(timeouts: &Timeouts, limits: ConnectionLimits) -> Http1Clien
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle)
         .pool_max_idle_per_host(256)
-        .build(LimitedConnector { inner, limits })
+        .build(LimitedConnector {
+            inner,
+            limits,
+            mesh,
+        })
+}
+
+/// Upgrades `stream` to mutual TLS when the endpoint is meshed and this proxy has
+/// an identity; otherwise it stays plain TCP.
+pub async fn secure(
+    stream: TcpStream,
+    addr: SocketAddr,
+    identity: Option<&str>,
+    mesh: Option<&MeshTls>,
+) -> Result<UpstreamIo, ConnectError> {
+    match (identity, mesh) {
+        (Some(identity), Some(mesh)) => mesh
+            .connect(stream, identity)
+            .await
+            .map(|tls| UpstreamIo::Tls(Box::new(tls)))
+            .map_err(|source| ConnectError::Tls { addr, source }),
+        _ => Ok(UpstreamIo::Plain(stream)),
+    }
 }
 
 /// Opens a TCP connection within the connect timeout.
@@ -77,6 +115,7 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
 pub struct LimitedConnector {
     inner: HttpConnector,
     limits: ConnectionLimits,
+    mesh: Option<Arc<MeshTls>>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -92,20 +131,25 @@ impl tower_service::Service<Uri> for LimitedConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let addr: Option<SocketAddr> = uri.authority().and_then(|a| a.as_str().parse().ok());
-        let permit = match addr
-            .and_then(|addr| self.limits.load().get(&addr).cloned().map(|s| (addr, s)))
-        {
-            Some((addr, semaphore)) => match semaphore.try_acquire_owned() {
-                Ok(permit) => Some(permit),
+        let endpoint =
+            addr.and_then(|addr| self.limits.load().get(&addr).cloned().map(|e| (addr, e)));
+        let (permit, identity) = match endpoint {
+            Some((addr, endpoint)) => match endpoint.cap.try_acquire_owned() {
+                Ok(permit) => (Some(permit), endpoint.identity.map(|id| (addr, id))),
                 Err(_) => return Box::pin(async move { Err(ConnectError::Limit { addr }.into()) }),
             },
-            None => None,
+            None => (None, None),
         };
         let connecting = self.inner.call(uri);
+        let mesh = self.mesh.clone();
         Box::pin(async move {
-            let io = connecting.await?;
+            let stream = connecting.await?.into_inner();
+            let io = match identity {
+                Some((addr, id)) => secure(stream, addr, Some(&id), mesh.as_deref()).await?,
+                None => UpstreamIo::Plain(stream),
+            };
             Ok(LimitedIo {
-                io,
+                io: TokioIo::new(io),
                 _permit: permit,
             })
         })
@@ -116,14 +160,14 @@ pin_project! {
     /// A pooled connection holding its slot under the endpoint's cap until it closes.
     pub struct LimitedIo {
         #[pin]
-        io: TokioIo<TcpStream>,
+        io: TokioIo<UpstreamIo>,
         _permit: Option<OwnedSemaphorePermit>,
     }
 }
 
 impl Connection for LimitedIo {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        Connected::new()
     }
 }
 
@@ -171,16 +215,25 @@ impl hyper::rt::Write for LimitedIo {
 pub struct H2Connection {
     addr: SocketAddr,
     connect_timeout: Duration,
+    identity: Option<Arc<str>>,
+    mesh: Option<Arc<MeshTls>>,
     current: ArcSwapOption<http2::SendRequest<RequestBody>>,
     // Serialises reconnects so a burst of requests opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
 }
 
 impl H2Connection {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    pub fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        identity: Option<Arc<str>>,
+        mesh: Option<Arc<MeshTls>>,
+    ) -> Self {
         Self {
             addr,
             connect_timeout,
+            identity,
+            mesh,
             current: ArcSwapOption::empty(),
             connecting: tokio::sync::Mutex::new(()),
         }
@@ -196,6 +249,13 @@ impl H2Connection {
             return Ok(sender);
         }
         let stream = connect_tcp(self.addr, self.connect_timeout).await?;
+        let stream = secure(
+            stream,
+            self.addr,
+            self.identity.as_deref(),
+            self.mesh.as_deref(),
+        )
+        .await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))

@@ -1,0 +1,241 @@
+//! Authorization of inbound traffic (the `policy` of DESIGN.md): who may use an
+//! INBOUND listener, by client identity, by authenticated-or-not, and for HTTP by
+//! path and method. DENY policies are checked first; then if any ALLOW policy
+//! applies to the listener, the request must match one; otherwise the mesh-wide
+//! default decides. Every decision is counted with the name of the policy that made it.
+
+use std::sync::Arc;
+
+use http::Method;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::config::security::{
+    AuthorizationSettings, DefaultPolicy, IdentityMatch, PathMatch, PolicySettings,
+};
+use crate::metrics::{tls_label, AuthzLabels, HandleCache, Label, Metrics};
+
+/// What a request (or, for opaque TCP, a connection) is checked on.
+pub struct Subject<'a> {
+    pub listener: &'a str,
+    /// The client's mesh identity, when it came over mesh TLS.
+    pub client: Option<&'a str>,
+    /// Method and path, for HTTP.
+    pub request: Option<(&'a Method, &'a str)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub policy: Arc<str>,
+}
+
+pub fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decision {
+    let applicable = || {
+        settings.policies.iter().filter(|p| {
+            (p.listeners.is_empty() || p.listeners.iter().any(|l| l == subject.listener))
+                && (subject.request.is_some() || (p.paths.is_empty() && p.methods.is_empty()))
+        })
+    };
+    if let Some(p) = applicable().find(|p| p.deny && matches(p, subject)) {
+        return Decision {
+            allowed: false,
+            policy: p.name.clone(),
+        };
+    }
+    let mut allows = applicable().filter(|p| !p.deny).peekable();
+    if allows.peek().is_some() {
+        return match allows.find(|p| matches(p, subject)) {
+            Some(p) => Decision {
+                allowed: true,
+                policy: p.name.clone(),
+            },
+            None => Decision {
+                allowed: false,
+                policy: Arc::from("default:no-matching-policy"),
+            },
+        };
+    }
+    let allowed = match settings.default {
+        DefaultPolicy::AllUnauthenticated => true,
+        DefaultPolicy::AllAuthenticated => subject.client.is_some(),
+        DefaultPolicy::Deny => false,
+    };
+    Decision {
+        allowed,
+        policy: Arc::from(settings.default.name()),
+    }
+}
+
+fn matches(policy: &PolicySettings, subject: &Subject<'_>) -> bool {
+    let client = if policy.identities.is_empty() && !policy.unauthenticated {
+        true
+    } else {
+        match subject.client {
+            Some(id) => policy.identities.iter().any(|m| match m {
+                IdentityMatch::Exact(exact) => exact == id,
+                IdentityMatch::Prefix(prefix) => id.starts_with(prefix.as_str()),
+                IdentityMatch::AnyAuthenticated => true,
+            }),
+            None => policy.unauthenticated,
+        }
+    };
+    if !client {
+        return false;
+    }
+    let Some((method, path)) = subject.request else {
+        return true;
+    };
+    (policy.methods.is_empty() || policy.methods.contains(method))
+        && (policy.paths.is_empty()
+            || policy.paths.iter().any(|p| match p {
+                PathMatch::Exact(exact) => exact == path,
+                PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            }))
+}
+
+type CounterKey = (Arc<str>, &'static str, Arc<str>, bool, Option<Arc<str>>);
+
+/// Counts decisions without taking the metric family's lock on the request path.
+#[derive(Default)]
+pub struct DecisionCounters {
+    cache: HandleCache<CounterKey, Counter>,
+}
+
+impl DecisionCounters {
+    pub fn record(
+        &self,
+        metrics: &Metrics,
+        listener: &Arc<str>,
+        protocol: &'static str,
+        client: Option<&Arc<str>>,
+        decision: &Decision,
+    ) {
+        let key = (
+            listener.clone(),
+            protocol,
+            decision.policy.clone(),
+            decision.allowed,
+            client.cloned(),
+        );
+        let make = || {
+            metrics
+                .authz
+                .get_or_create(&AuthzLabels {
+                    listener: Label(listener.clone()),
+                    protocol,
+                    policy: Label(decision.policy.clone()),
+                    decision: if decision.allowed { "allow" } else { "deny" },
+                    tls: tls_label(client.is_some()),
+                    client_id: client.map(|c| Label(c.clone())),
+                })
+                .clone()
+        };
+        self.cache.with(&key, make, |c| {
+            c.inc();
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::security::authorization;
+    use pymesh_api::config::v1 as api;
+
+    fn settings(default: i32, policies: Vec<api::AuthorizationPolicy>) -> AuthorizationSettings {
+        let listeners = ["in".to_owned()].into_iter().collect();
+        authorization(
+            Some(&api::Authorization {
+                default_policy: default,
+                policies,
+            }),
+            &listeners,
+        )
+        .expect("valid")
+    }
+
+    fn http<'a>(client: Option<&'a str>, method: &'a Method, path: &'a str) -> Subject<'a> {
+        Subject {
+            listener: "in",
+            client,
+            request: Some((method, path)),
+        }
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/web/sa/api";
+    const OPS: &str = "spiffe://cluster.local/ns/ops/sa/admin";
+
+    #[test]
+    fn defaults_decide_without_policies() {
+        let get = Method::GET;
+        let open = settings(0, vec![]);
+        assert!(decide(&open, &http(None, &get, "/")).allowed);
+        let authenticated = settings(1, vec![]);
+        assert!(!decide(&authenticated, &http(None, &get, "/")).allowed);
+        assert!(decide(&authenticated, &http(Some(WEB), &get, "/")).allowed);
+        let deny = settings(2, vec![]);
+        let d = decide(&deny, &http(Some(WEB), &get, "/"));
+        assert!(!d.allowed);
+        assert_eq!(&*d.policy, "default:deny");
+    }
+
+    #[test]
+    fn deny_first_then_allow_lists() {
+        let get = Method::GET;
+        let post = Method::POST;
+        let s = settings(
+            0,
+            vec![
+                api::AuthorizationPolicy {
+                    name: "no-ops-writes".into(),
+                    action: 1,
+                    identities: vec!["spiffe://cluster.local/ns/ops/*".into()],
+                    methods: vec!["POST".into()],
+                    ..Default::default()
+                },
+                api::AuthorizationPolicy {
+                    name: "mesh-only".into(),
+                    identities: vec!["spiffe://cluster.local/*".into()],
+                    ..Default::default()
+                },
+                api::AuthorizationPolicy {
+                    name: "public-health".into(),
+                    unauthenticated: true,
+                    paths: vec!["/health*".into()],
+                    ..Default::default()
+                },
+            ],
+        );
+        assert_eq!(
+            decide(&s, &http(Some(OPS), &post, "/x")),
+            Decision {
+                allowed: false,
+                policy: Arc::from("no-ops-writes")
+            }
+        );
+        assert_eq!(
+            &*decide(&s, &http(Some(OPS), &get, "/x")).policy,
+            "mesh-only"
+        );
+        assert!(decide(&s, &http(Some(WEB), &post, "/x")).allowed);
+        assert_eq!(
+            &*decide(&s, &http(None, &get, "/healthz")).policy,
+            "public-health"
+        );
+        let d = decide(&s, &http(None, &get, "/x"));
+        assert!(!d.allowed);
+        // Opaque TCP: path policies don't apply, the identity one does.
+        let tcp = Subject {
+            listener: "in",
+            client: None,
+            request: None,
+        };
+        assert!(!decide(&s, &tcp).allowed);
+        let tcp = Subject {
+            listener: "in",
+            client: Some(WEB),
+            request: None,
+        };
+        assert!(decide(&s, &tcp).allowed);
+    }
+}

@@ -1,0 +1,404 @@
+//! Validation of the security part of a `ProxyConfig`: the proxy's mesh identity
+//! (trust domain, trust anchors, CA) and the authorization policies of its INBOUND
+//! listeners.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::Method;
+use pymesh_api::config::v1 as api;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use super::{ConfigError, ControlPlaneSettings};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Who this proxy is in the mesh, and whom it trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySettings {
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub id: Arc<str>,
+    pub trust_domain: String,
+    /// DER certificates every peer's chain must end at (old and new while rotating).
+    pub trust_anchors: Vec<CertificateDer<'static>>,
+    /// `http://host:port` of each CA replica.
+    pub ca_addresses: Vec<String>,
+    pub token_file: PathBuf,
+}
+
+impl IdentitySettings {
+    /// Everything but the trust anchors, which may change on reload.
+    pub fn same_except_anchors(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.trust_domain == other.trust_domain
+            && self.ca_addresses == other.ca_addresses
+            && self.token_file == other.token_file
+    }
+}
+
+/// Mutual TLS on an INBOUND listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Permissive,
+    Strict,
+    Disabled,
+}
+
+/// The fallback for a listener that no ALLOW policy applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultPolicy {
+    AllUnauthenticated,
+    AllAuthenticated,
+    Deny,
+}
+
+impl DefaultPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            DefaultPolicy::AllUnauthenticated => "default:all-unauthenticated",
+            DefaultPolicy::AllAuthenticated => "default:all-authenticated",
+            DefaultPolicy::Deny => "default:deny",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizationSettings {
+    pub default: DefaultPolicy,
+    pub policies: Vec<Arc<PolicySettings>>,
+}
+
+impl Default for AuthorizationSettings {
+    fn default() -> Self {
+        Self {
+            default: DefaultPolicy::AllUnauthenticated,
+            policies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySettings {
+    pub name: Arc<str>,
+    pub deny: bool,
+    /// Listener names; empty means every INBOUND listener.
+    pub listeners: Vec<String>,
+    pub identities: Vec<IdentityMatch>,
+    pub unauthenticated: bool,
+    pub paths: Vec<PathMatch>,
+    pub methods: Vec<Method>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMatch {
+    Exact(String),
+    /// A namespace or a trust domain: everything under `spiffe://td/ns/x/` or `spiffe://td/`.
+    Prefix(String),
+    AnyAuthenticated,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+pub fn identity(
+    config: Option<&api::Identity>,
+    control_plane: Option<&ControlPlaneSettings>,
+) -> Result<Option<IdentitySettings>, ConfigError> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let trust_domain = match config.trust_domain.trim() {
+        "" => DEFAULT_TRUST_DOMAIN.to_owned(),
+        td if valid_name(td, true) => td.to_ascii_lowercase(),
+        td => {
+            return Err(ConfigError::new(
+                "identity.trust_domain",
+                format!(
+                    "{td:?} is not a trust domain; expected a DNS-like name such as cluster.local"
+                ),
+            ))
+        }
+    };
+    let namespace = pick(
+        &config.namespace,
+        control_plane.map(|c| c.namespace.as_str()),
+    );
+    let service_account = pick(
+        &config.service_account,
+        control_plane.map(|c| c.service_account.as_str()),
+    );
+    for (field, value) in [
+        ("namespace", namespace),
+        ("service_account", service_account),
+    ] {
+        if value.is_empty() {
+            return Err(ConfigError::new(
+                format!("identity.{field}"),
+                "is required (here or in control_plane) to name the proxy's identity",
+            ));
+        }
+        if !valid_name(value, false) {
+            return Err(ConfigError::new(
+                format!("identity.{field}"),
+                format!("{value:?} may hold only letters, digits, '-', '.' and '_'"),
+            ));
+        }
+    }
+    let trust_anchors = trust_anchors(config)?;
+    let ca_addresses = if config.ca_addresses.is_empty() {
+        match control_plane {
+            Some(cp) => cp.addresses.clone(),
+            None => return Err(ConfigError::new(
+                "identity.ca_addresses",
+                "at least one CA address (host:port) is required when there is no control_plane",
+            )),
+        }
+    } else {
+        let mut out = Vec::new();
+        for (i, a) in config.ca_addresses.iter().enumerate() {
+            out.push(super::host_port(a, &format!("identity.ca_addresses[{i}]"))?);
+        }
+        out
+    };
+    if config.token_file.trim().is_empty() {
+        return Err(ConfigError::new(
+            "identity.token_file",
+            "is required: the file holding this workload's proof of identity for the CA",
+        ));
+    }
+    Ok(Some(IdentitySettings {
+        id: Arc::from(format!(
+            "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        )),
+        trust_domain,
+        trust_anchors,
+        ca_addresses,
+        token_file: PathBuf::from(config.token_file.trim()),
+    }))
+}
+
+fn pick<'a>(own: &'a str, fallback: Option<&'a str>) -> &'a str {
+    match own.trim() {
+        "" => fallback.unwrap_or("").trim(),
+        own => own,
+    }
+}
+
+fn valid_name(value: &str, dns: bool) -> bool {
+    !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || (!dns && c == '_'))
+}
+
+fn trust_anchors(config: &api::Identity) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let (pem, field) = match (
+        config.trust_anchors_pem.trim().is_empty(),
+        config.trust_anchors_file.trim().is_empty(),
+    ) {
+        (false, true) => (
+            config.trust_anchors_pem.clone().into_bytes(),
+            "identity.trust_anchors_pem",
+        ),
+        (true, false) => {
+            let path = config.trust_anchors_file.trim();
+            let bytes = std::fs::read(path).map_err(|e| {
+                ConfigError::new(
+                    "identity.trust_anchors_file",
+                    format!("cannot read {path:?}: {e}"),
+                )
+            })?;
+            (bytes, "identity.trust_anchors_file")
+        }
+        (true, true) => return Err(ConfigError::new(
+            "identity",
+            "trust_anchors_pem or trust_anchors_file is required (the mesh's root certificates)",
+        )),
+        (false, false) => {
+            return Err(ConfigError::new(
+                "identity",
+                "set only one of trust_anchors_pem and trust_anchors_file",
+            ))
+        }
+    };
+    let mut anchors = Vec::new();
+    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
+        let cert = cert.map_err(|e| {
+            ConfigError::new(field, format!("certificate {i} is not valid PEM: {e}"))
+        })?;
+        x509_parser::parse_x509_certificate(&cert).map_err(|e| {
+            ConfigError::new(
+                field,
+                format!("certificate {i} is not an X.509 certificate: {e}"),
+            )
+        })?;
+        // rustls only takes anchors it can parse; check now so a reload fails cleanly.
+        webpki_anchor(&cert).map_err(|e| {
+            ConfigError::new(
+                field,
+                format!("certificate {i} cannot be a trust anchor: {e}"),
+            )
+        })?;
+        anchors.push(cert);
+    }
+    if anchors.is_empty() {
+        return Err(ConfigError::new(
+            field,
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        ));
+    }
+    Ok(anchors)
+}
+
+fn webpki_anchor(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let mut store = rustls::RootCertStore::empty();
+    store.add(cert.clone())
+}
+
+pub fn tls_mode(value: i32, at: &str) -> Result<TlsMode, ConfigError> {
+    match api::TlsMode::try_from(value) {
+        Ok(api::TlsMode::Permissive) => Ok(TlsMode::Permissive),
+        Ok(api::TlsMode::Strict) => Ok(TlsMode::Strict),
+        Ok(api::TlsMode::Disabled) => Ok(TlsMode::Disabled),
+        Err(_) => Err(ConfigError::new(
+            format!("{at}.tls"),
+            format!("unknown TLS mode {value}; expected PERMISSIVE, STRICT or DISABLED"),
+        )),
+    }
+}
+
+/// A SPIFFE id as CONVENTIONS.md spells it, or the reason it is not one.
+pub fn check_spiffe_id(value: &str) -> Result<(), String> {
+    let rest = value
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| format!("{value:?} is not a SPIFFE id; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [td, "ns", ns, "sa", sa] if valid_name(td, true) && valid_name(ns, false) && valid_name(sa, false) => Ok(()),
+        _ => Err(format!("{value:?} is not a SPIFFE id; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")),
+    }
+}
+
+pub fn authorization(
+    config: Option<&api::Authorization>,
+    listeners: &HashSet<String>,
+) -> Result<AuthorizationSettings, ConfigError> {
+    let Some(config) = config else {
+        return Ok(AuthorizationSettings::default());
+    };
+    let default = match api::authorization::Default::try_from(config.default_policy) {
+        Ok(api::authorization::Default::AllUnauthenticated) => DefaultPolicy::AllUnauthenticated,
+        Ok(api::authorization::Default::AllAuthenticated) => DefaultPolicy::AllAuthenticated,
+        Ok(api::authorization::Default::Deny) => DefaultPolicy::Deny,
+        Err(_) => {
+            return Err(ConfigError::new(
+                "authorization.default_policy",
+                format!(
+                    "unknown default {}; expected ALL_UNAUTHENTICATED, ALL_AUTHENTICATED or DENY",
+                    config.default_policy
+                ),
+            ))
+        }
+    };
+    let mut names = HashSet::new();
+    let mut policies = Vec::with_capacity(config.policies.len());
+    for (i, p) in config.policies.iter().enumerate() {
+        let at = format!("authorization.policies[{i}]");
+        let name = p.name.trim();
+        if name.is_empty() {
+            return Err(ConfigError::new(format!("{at}.name"), "is required"));
+        }
+        if !names.insert(name.to_owned()) {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                format!("duplicate policy name {name:?}"),
+            ));
+        }
+        for (j, l) in p.listeners.iter().enumerate() {
+            if !listeners.contains(l) {
+                return Err(ConfigError::new(
+                    format!("{at}.listeners[{j}]"),
+                    format!("no listener is named {l:?}"),
+                ));
+            }
+        }
+        let mut identities = Vec::new();
+        for (j, id) in p.identities.iter().enumerate() {
+            identities.push(identity_match(id.trim(), &format!("{at}.identities[{j}]"))?);
+        }
+        let mut paths = Vec::new();
+        for (j, path) in p.paths.iter().enumerate() {
+            let path = path.trim();
+            if !path.starts_with('/') {
+                return Err(ConfigError::new(
+                    format!("{at}.paths[{j}]"),
+                    format!("{path:?} is not a path; expected /exact or /prefix/*"),
+                ));
+            }
+            paths.push(match path.strip_suffix('*') {
+                Some(prefix) => PathMatch::Prefix(prefix.to_owned()),
+                None => PathMatch::Exact(path.to_owned()),
+            });
+        }
+        let mut methods = Vec::new();
+        for (j, m) in p.methods.iter().enumerate() {
+            let method =
+                Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    ConfigError::new(
+                        format!("{at}.methods[{j}]"),
+                        format!("{m:?} is not an HTTP method"),
+                    )
+                })?;
+            methods.push(method);
+        }
+        let deny = match api::authorization_policy::Action::try_from(p.action) {
+            Ok(api::authorization_policy::Action::Allow) => false,
+            Ok(api::authorization_policy::Action::Deny) => true,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    format!("{at}.action"),
+                    format!("unknown action {}; expected ALLOW or DENY", p.action),
+                ))
+            }
+        };
+        policies.push(Arc::new(PolicySettings {
+            name: Arc::from(name),
+            deny,
+            listeners: p.listeners.clone(),
+            identities,
+            unauthenticated: p.unauthenticated,
+            paths,
+            methods,
+        }));
+    }
+    Ok(AuthorizationSettings { default, policies })
+}
+
+fn identity_match(value: &str, at: &str) -> Result<IdentityMatch, ConfigError> {
+    if value == "*" {
+        return Ok(IdentityMatch::AnyAuthenticated);
+    }
+    if let Some(prefix) = value.strip_suffix('*') {
+        let rest = prefix.strip_prefix("spiffe://").unwrap_or("");
+        let parts: Vec<&str> = rest.split('/').collect();
+        let valid = match parts.as_slice() {
+            [td, ""] => valid_name(td, true),
+            [td, "ns", ns, ""] => valid_name(td, true) && valid_name(ns, false),
+            _ => false,
+        };
+        if !valid {
+            return Err(ConfigError::new(
+                at,
+                format!("{value:?} is not an identity pattern; expected spiffe://<trust-domain>/* or spiffe://<trust-domain>/ns/<namespace>/*"),
+            ));
+        }
+        return Ok(IdentityMatch::Prefix(prefix.to_owned()));
+    }
+    check_spiffe_id(value).map_err(|e| ConfigError::new(at, e))?;
+    Ok(IdentityMatch::Exact(value.to_owned()))
+}

@@ -1,0 +1,212 @@
+//! The proxy's mesh identity: it makes its own private key (which never leaves the
+//! process), asks the CA (the control plane's Identity service) for a certificate
+//! with a CSR and its workload token, and renews at about 70% of the certificate's
+//! lifetime with jitter. While renewal fails it keeps the certificate it has and
+//! tries again with backoff, rotating over the CA replicas.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pymesh_api::mesh::v1::identity_client::IdentityClient;
+use pymesh_api::mesh::v1::CertifyRequest;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint as ChannelEndpoint;
+
+use crate::config::IdentitySettings;
+use crate::metrics::{IdentityMetrics, IdentityRefreshLabels};
+use crate::tls::{Certified, MeshTls};
+
+const RETRY_BASE: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("cannot make a key or CSR: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("cannot read the token file {path}: {source}")]
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the CA at {address}: {source}")]
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the CA at {address} refused: {status}")]
+    Refused {
+        address: String,
+        status: Box<tonic::Status>,
+    },
+    #[error("the CA's certificate is unusable: {0}")]
+    BadCertificate(String),
+}
+
+/// The key pair a proxy keeps for its lifetime; only CSRs leave the process.
+pub struct Keys {
+    key_pair: rcgen::KeyPair,
+    csr: Vec<u8>,
+}
+
+impl Keys {
+    pub fn generate(id: &str) -> Result<Self, CertifyError> {
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+            id.to_owned(),
+        )?)];
+        let csr = params.serialize_request(&key_pair)?.der().to_vec();
+        Ok(Self { key_pair, csr })
+    }
+
+    fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pair.serialize_der()))
+    }
+}
+
+/// Keeps `tls` holding a valid certificate until `stop`.
+pub async fn run(
+    tls: Arc<MeshTls>,
+    settings: IdentitySettings,
+    metrics: IdentityMetrics,
+    stop: CancellationToken,
+) {
+    let keys = match Keys::generate(&settings.id) {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::error!(error = %e, "no mesh identity: cannot make a key");
+            return;
+        }
+    };
+    let mut replica = 0usize;
+    let mut delay = RETRY_BASE;
+    loop {
+        let address = &settings.ca_addresses[replica % settings.ca_addresses.len()];
+        let wait = match certify(&settings, &keys, address).await {
+            Ok(certified) => {
+                let (issued, expires) = (certified.1, certified.0.expires_at);
+                match tls.set_certificate(certified.0) {
+                    Ok(()) => {
+                        delay = RETRY_BASE;
+                        count(&metrics, "ok");
+                        metrics.expiry.set(expires as i64);
+                        let wait = renew_after(issued, expires);
+                        tracing::info!(identity = %settings.id, expires_at = expires, renew_in = ?wait, "certified");
+                        wait
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the CA's certificate cannot be used");
+                        count(&metrics, "failed");
+                        backoff(&mut delay, &mut replica)
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(ca = %address, error = %e, "certificate renewal failed; keeping the current one");
+                count(&metrics, "failed");
+                backoff(&mut delay, &mut replica)
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+fn count(metrics: &IdentityMetrics, result: &'static str) {
+    metrics
+        .refreshes
+        .get_or_create(&IdentityRefreshLabels { result })
+        .inc();
+}
+
+fn backoff(delay: &mut Duration, replica: &mut usize) -> Duration {
+    *replica += 1;
+    let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+    *delay = (*delay * 2).min(RETRY_MAX);
+    wait
+}
+
+/// 70% of the lifetime from issuance, ±5% so proxies don't renew in step.
+fn renew_after(issued: u64, expires: u64) -> Duration {
+    let lifetime = expires.saturating_sub(issued) as f64;
+    let at = issued as f64 + lifetime * (0.65 + fastrand::f64() * 0.1);
+    let now = unix_now() as f64;
+    Duration::from_secs_f64((at - now).max(1.0))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One exchange with the CA; returns the certificate and when it was issued.
+async fn certify(
+    settings: &IdentitySettings,
+    keys: &Keys,
+    address: &str,
+) -> Result<(Certified, u64), CertifyError> {
+    let token = tokio::fs::read_to_string(&settings.token_file)
+        .await
+        .map_err(|source| CertifyError::Token {
+            path: settings.token_file.display().to_string(),
+            source,
+        })?;
+    let connect = |source| CertifyError::Connect {
+        address: address.to_owned(),
+        source,
+    };
+    let channel = ChannelEndpoint::from_shared(address.to_owned())
+        .map_err(connect)?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .map_err(connect)?;
+    let response = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            identity: settings.id.to_string(),
+            token: token.trim().to_owned(),
+            certificate_signing_request: keys.csr.clone(),
+        })
+        .await
+        .map_err(|status| CertifyError::Refused {
+            address: address.to_owned(),
+            status: Box::new(status),
+        })?
+        .into_inner();
+    let leaf = CertificateDer::from(response.leaf_certificate);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf)
+        .map_err(|e| CertifyError::BadCertificate(e.to_string()))?;
+    let validity = parsed.validity();
+    let issued = validity.not_before.timestamp().max(0) as u64;
+    let expires = validity.not_after.timestamp().max(0) as u64;
+    let named = crate::tls::peer_identity(Some(std::slice::from_ref(&leaf)));
+    if named.as_deref() != Some(&*settings.id) {
+        return Err(CertifyError::BadCertificate(format!(
+            "it names {named:?}, not {}",
+            settings.id
+        )));
+    }
+    let mut chain = vec![leaf];
+    chain.extend(
+        response
+            .intermediate_certificates
+            .into_iter()
+            .map(CertificateDer::from),
+    );
+    Ok((
+        Certified {
+            chain,
+            key: keys.private_key(),
+            expires_at: expires,
+        },
+        issued,
+    ))
+}

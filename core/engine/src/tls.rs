@@ -1,0 +1,325 @@
+//! Mutual TLS between meshed proxies: TLS 1.3 only (rustls with ring), SPIFFE
+//! identities in URI SANs, and configs swapped atomically when the certificate or
+//! the trust anchors change (handshakes in progress and open sessions carry on).
+//!
+//! A client proxy names the identity it expects in SNI (as a DNS-like name), so the
+//! server proxy can tell mesh TLS from an application's own TLS, which it passes
+//! through untouched. The chain is checked against the trust anchors by rustls;
+//! the identity is checked after the handshake against what the endpoint should be.
+
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Why a mesh TLS connection could not be made or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("this proxy has no certificate yet (its identity is not certified)")]
+    NotCertified,
+    #[error("{expected:?} cannot be named in TLS: {reason}")]
+    BadName { expected: String, reason: String },
+    #[error("TLS handshake failed: {0}")]
+    Handshake(#[source] std::io::Error),
+    #[error("the peer is {found:?}, not the expected {expected:?}")]
+    WrongIdentity { expected: String, found: String },
+    #[error("the peer's certificate names no SPIFFE identity")]
+    NoIdentity,
+    #[error("cannot build a TLS config: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The certificate a proxy holds: its chain (leaf first) and private key.
+pub struct Certified {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// Seconds since the Unix epoch when the leaf expires.
+    pub expires_at: u64,
+}
+
+/// Rustls configs for one (certificate, trust anchors) pair.
+struct Configs {
+    client: TlsConnector,
+    server: TlsAcceptor,
+}
+
+/// The proxy's mesh TLS state: its identity, the current certificate and anchors.
+pub struct MeshTls {
+    pub id: Arc<str>,
+    /// The SNI name clients use to reach this proxy.
+    pub sni: String,
+    anchors: ArcSwap<Vec<CertificateDer<'static>>>,
+    certified: ArcSwapOption<Certified>,
+    configs: ArcSwapOption<Configs>,
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl MeshTls {
+    pub fn new(id: Arc<str>, anchors: Vec<CertificateDer<'static>>) -> Self {
+        Self {
+            sni: sni_name(&id),
+            id,
+            anchors: ArcSwap::from_pointee(anchors),
+            certified: ArcSwapOption::empty(),
+            configs: ArcSwapOption::empty(),
+        }
+    }
+
+    pub fn is_certified(&self) -> bool {
+        self.configs.load().is_some()
+    }
+
+    /// When the current certificate expires (Unix seconds), if there is one.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.certified.load().as_ref().map(|c| c.expires_at)
+    }
+
+    /// Installs a new certificate; new handshakes use it at once.
+    pub fn set_certificate(&self, certified: Certified) -> Result<(), TlsError> {
+        let configs = build(&self.anchors.load(), &certified)?;
+        self.certified.store(Some(Arc::new(certified)));
+        self.configs.store(Some(Arc::new(configs)));
+        Ok(())
+    }
+
+    /// Replaces the trust anchors (a rotation adds the new anchor beside the old).
+    pub fn set_anchors(&self, anchors: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+        if **self.anchors.load() == anchors {
+            return Ok(());
+        }
+        if let Some(certified) = self.certified.load_full() {
+            let configs = build(&anchors, &certified)?;
+            self.configs.store(Some(Arc::new(configs)));
+        }
+        self.anchors.store(Arc::new(anchors));
+        Ok(())
+    }
+
+    /// Opens mutual TLS on `stream` to a proxy that must be `expected`.
+    pub async fn connect<S>(
+        &self,
+        stream: S,
+        expected: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let configs = self.configs.load_full().ok_or(TlsError::NotCertified)?;
+        let name = ServerName::try_from(sni_name(expected)).map_err(|e| TlsError::BadName {
+            expected: expected.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let tls = configs
+            .client
+            .connect(name, stream)
+            .await
+            .map_err(TlsError::Handshake)?;
+        let found =
+            peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
+        if &*found != expected {
+            return Err(TlsError::WrongIdentity {
+                expected: expected.to_owned(),
+                found: found.to_string(),
+            });
+        }
+        Ok(tls)
+    }
+
+    /// Completes the server side of a mesh handshake; returns the client's identity.
+    pub async fn accept<S>(
+        &self,
+        stream: S,
+    ) -> Result<(tokio_rustls::server::TlsStream<S>, Arc<str>), TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let configs = self.configs.load_full().ok_or(TlsError::NotCertified)?;
+        let tls = configs
+            .server
+            .accept(stream)
+            .await
+            .map_err(TlsError::Handshake)?;
+        let client =
+            peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
+        Ok((tls, client))
+    }
+}
+
+/// What the first bytes of a connection say about TLS.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Hello {
+    /// Not a complete ClientHello yet.
+    Partial,
+    NotTls,
+    /// A ClientHello, with the name it asks for.
+    Tls {
+        sni: Option<String>,
+    },
+}
+
+/// Reads a ClientHello out of `buf` without consuming the connection, so a hello
+/// meant for the application (its own TLS) can still be passed through untouched.
+pub fn peek_client_hello(buf: &[u8]) -> Hello {
+    // A TLS record: handshake (22), major version 3.
+    if buf.is_empty() || buf[0] != 0x16 || (buf.len() > 1 && buf[1] != 0x03) {
+        return Hello::NotTls;
+    }
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = buf;
+    while !rest.is_empty() {
+        match acceptor.read_tls(&mut rest) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Hello::NotTls,
+        }
+    }
+    match acceptor.accept() {
+        Ok(None) => Hello::Partial,
+        Ok(Some(accepted)) => Hello::Tls {
+            sni: accepted.client_hello().server_name().map(str::to_owned),
+        },
+        Err(_) => Hello::NotTls,
+    }
+}
+
+/// The DNS-like name standing for `id` in SNI:
+/// `spiffe://td/ns/NS/sa/SA` becomes `SA.NS.serviceaccount.identity.pymesh.td`.
+pub fn sni_name(id: &str) -> String {
+    let rest = id.strip_prefix("spiffe://").unwrap_or(id);
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [td, "ns", ns, "sa", sa] => format!("{sa}.{ns}.serviceaccount.identity.pymesh.{td}")
+            .replace('_', "-")
+            .to_ascii_lowercase(),
+        _ => rest.replace(['/', ':', '_'], "-").to_ascii_lowercase(),
+    }
+}
+
+/// The SPIFFE id in the leaf's URI SAN.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
+    let leaf = certs?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+            Some(Arc::from(*uri))
+        }
+        _ => None,
+    })
+}
+
+fn build(anchors: &[CertificateDer<'static>], certified: &Certified) -> Result<Configs, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for anchor in anchors {
+        roots.add(anchor.clone())?;
+    }
+    let roots = Arc::new(roots);
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+    let server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(certified.chain.clone(), certified.key.clone_key())?;
+    let server_verifier = Arc::new(MeshServerVerifier {
+        roots,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier)
+        .with_client_auth_cert(certified.chain.clone(), certified.key.clone_key())?;
+    // Many proxies resume sessions with the same peers; tickets save a full handshake.
+    client.resumption = rustls::client::Resumption::in_memory_sessions(256);
+    Ok(Configs {
+        client: TlsConnector::from(Arc::new(client)),
+        server: TlsAcceptor::from(Arc::new(server)),
+    })
+}
+
+/// Checks that a server's chain ends at a trust anchor and is valid now. The name
+/// is not checked here: mesh certificates carry SPIFFE URIs, not DNS names, and
+/// [`MeshTls::connect`] compares the identity once the handshake is done.
+#[derive(Debug)]
+struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is ever offered.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_names_stand_for_identities() {
+        assert_eq!(
+            sni_name("spiffe://cluster.local/ns/web/sa/api_v2"),
+            "api-v2.web.serviceaccount.identity.pymesh.cluster.local"
+        );
+        assert!(ServerName::try_from(sni_name("spiffe://cluster.local/ns/a/sa/b")).is_ok());
+    }
+
+    #[test]
+    fn plaintext_is_not_tls() {
+        assert_eq!(peek_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
+        assert_eq!(peek_client_hello(b"\x16\x03\x01\x00"), Hello::Partial);
+    }
+}
