@@ -142,7 +142,8 @@ def run(
 
 @bench_app.command("list")
 def list_(as_json: JsonOption = False) -> None:
-    """The scenarios and sets, and the systems with whether each can run here."""
+    """The scenarios and sets, and the systems with whether each can run here (and which scenarios
+    a system cannot serve, and why)."""
     h = harness()
     from perf.harness.loadgen import Capabilities
     from perf.harness.systems import Context, Unavailable
@@ -166,8 +167,10 @@ def list_(as_json: JsonOption = False) -> None:
             status, reason = "available", ""
         except Unavailable as e:
             status, reason = "skipped", str(e)
+        # Scenarios this system would skip (System.unsupported), by scenario name: the reason.
+        unsupported = {s.name: why for s in h.SCENARIOS if (why := system.unsupported(s))}
         system_rows.append({"name": name, "label": system.label, "description": system.description,
-                            "status": status, "reason": reason})
+                            "status": status, "reason": reason, "unsupported": unsupported})
     if as_json:
         console.print_json(json.dumps({"scenarios": scenario_rows, "sets": h.SETS, "systems": system_rows}))
         return
@@ -189,13 +192,21 @@ def list_(as_json: JsonOption = False) -> None:
         console.print(f"[yellow]skipped[/yellow] {', '.join(names)}: {escape(reason)}")
     console.print(f"sets: {', '.join(h.SETS)} (full = every scenario but smoke)\n")
     systems_table = Table(title="systems", title_justify="left")
-    for column in ("name", "status", "what"):
+    for column in ("name", "status", "scenarios", "what"):
         systems_table.add_column(column)
     for r in system_rows:
         status = ("[green]available[/green]" if r["status"] == "available"
                   else f"[yellow]skipped[/yellow]: {escape(r['reason'])}")
-        systems_table.add_row(r["name"], status, r["description"])
+        serves = (f"all but {len(r['unsupported'])}" if r["unsupported"] else "all") if r["status"] == "available" \
+            else "–"
+        systems_table.add_row(r["name"], status, serves, r["description"])
     console.print(systems_table)
+    for r in system_rows:
+        by_reason: dict[str, list[str]] = {}
+        for scenario, why in r["unsupported"].items():
+            by_reason.setdefault(why, []).append(scenario)
+        for why, names in by_reason.items():
+            console.print(f"[yellow]{r['name']} skips[/yellow] {', '.join(names)}: {escape(why)}")
 
 
 def _size(n: int) -> str:

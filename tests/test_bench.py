@@ -1,8 +1,8 @@
 """`pymesh bench`: the perf harness end to end through the CLI.
 
-The smoke scenario runs against direct, the native sidecar, nginx and Envoy, and the report's
-structure and the plausibility of its figures are checked (rates reached, percentiles in
-order, CPU and memory read, plots drawn) — never a performance number.
+The smoke scenario runs against direct, the native sidecar, the mTLS sidecar pair, nginx and
+Envoy, and the report's structure and the plausibility of its figures are checked (rates
+reached, percentiles in order, CPU and memory read, plots drawn) — never a performance number.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.timeout(1500)
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ["direct", "pymesh", "nginx", "envoy"]
+SYSTEMS = ["direct", "pymesh", "pymesh-mtls", "nginx", "envoy"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,7 +63,12 @@ def test_smoke_result_structure(smoke: tuple[Path, dict[str, Any]]) -> None:
     assert (scenario["name"], scenario["protocol"], scenario["rate"], scenario["response_size"],
             scenario["duration"]) == ("smoke", "http1", 200, 1024, 2.0)
     assert data["problems"] == []
-    assert {"pymesh.json", "nginx-http1.conf", "envoy.yaml"} <= set(data["configs"])
+    assert {"pymesh.json", "pymesh-mtls-client.json", "pymesh-mtls-server.json", "nginx-http1.conf",
+            "envoy.yaml"} <= set(data["configs"])
+    server = json.loads(data["configs"]["pymesh-mtls-server.json"])
+    client = json.loads(data["configs"]["pymesh-mtls-client.json"])
+    assert server["listeners"][0]["tls"] == "STRICT" and server["identity"]["serviceAccount"] == "server"
+    assert client["services"][0]["endpoints"][0]["identity"] == "spiffe://cluster.local/ns/bench/sa/server"
     envoy = data["configs"]["envoy.yaml"]
     assert "generate_request_id: false" in envoy and "max_pending_requests: 1000000000" in envoy
 
@@ -136,8 +141,9 @@ def test_list_reports_what_cannot_run_and_why() -> None:
     assert result.returncode == 0, result.stderr
     listing = json.loads(result.stdout)
     systems = {s["name"]: s for s in listing["systems"]}
-    assert systems["pymesh-mtls"]["status"] == "skipped"
-    assert systems["pymesh-mtls"]["reason"] == "mTLS not implemented yet"
+    assert systems["pymesh-mtls"]["status"] == "available", systems["pymesh-mtls"]
+    assert all(isinstance(s["unsupported"], dict) for s in systems.values())
+    assert systems["pymesh-mtls"]["unsupported"] == systems["pymesh"]["unsupported"] == {}
     linkerd = systems["linkerd2-proxy"]
     assert linkerd["status"] == "skipped" and "--linkerd2-proxy" in linkerd["reason"]
     assert systems["envoy"]["status"] == "available"

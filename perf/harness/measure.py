@@ -1,7 +1,8 @@
 """CPU time and memory of a system under test, read from /proc.
 
 A system is measured as a process tree: its root process and every live descendant (nginx's
-master and its worker, the threads of Envoy or pymesh are inside one process). CPU is
+master and its worker, the threads of Envoy or pymesh are inside one process), or as several
+trees summed (the two sidecars of the `pymesh-mtls` pair). CPU is
 user + system time from `/proc/PID/stat`; memory is `VmRSS` (now) and `VmHWM` (the peak
 resident set since the process started) from `/proc/PID/status`, each summed over the tree.
 """
@@ -25,8 +26,8 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and its live descendants (found through the parent pid of every process)."""
+def process_tree(*roots: int) -> list[int]:
+    """`roots` and their live descendants (found through the parent pid of every process), once each."""
     children: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
@@ -34,10 +35,11 @@ def process_tree(root: int) -> list[int]:
         fields = _stat_fields(int(entry.name))
         if fields:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [], [root]
+    tree: list[int] = []
+    todo = list(roots)
     while todo:
         pid = todo.pop()
-        if (PROC / str(pid)).exists():
+        if pid not in tree and (PROC / str(pid)).exists():
             tree.append(pid)
             todo.extend(children.get(pid, []))
     return tree
@@ -80,18 +82,19 @@ def memory(pids: list[int]) -> Memory:
 
 
 class TreeSampler:
-    """CPU of a process tree between `start()` and `stop()`, counting processes that come
-    and go in between only while they are seen (nginx keeps its worker for the whole run)."""
+    """CPU of the process trees under `roots` between `start()` and `stop()`, summed, counting
+    processes that come and go in between only while they are seen (nginx keeps its worker
+    for the whole run)."""
 
-    def __init__(self, root: int) -> None:
-        self.root = root
+    def __init__(self, *roots: int) -> None:
+        self.roots = roots
         self._before = 0.0
 
     def start(self) -> None:
-        self._before = cpu_seconds(process_tree(self.root))
+        self._before = cpu_seconds(process_tree(*self.roots))
 
     def stop(self) -> float:
-        return max(0.0, cpu_seconds(process_tree(self.root)) - self._before)
+        return max(0.0, cpu_seconds(process_tree(*self.roots)) - self._before)
 
     def memory(self) -> Memory:
-        return memory(process_tree(self.root))
+        return memory(process_tree(*self.roots))

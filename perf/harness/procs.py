@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -140,5 +141,14 @@ def port_open(address: str) -> bool:
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
             return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    """Whether a GET of `url` answers 200 (an admin `/ready`, say) within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
     except OSError:
         return False

@@ -125,7 +125,8 @@ class Runner:
             systems=[], scenarios=[s.to_dict() for s in self.scenarios],
         )
         with tempfile.TemporaryDirectory(prefix="pymesh-bench-") as tmp:
-            binaries = ["pymesh-loadgen", "pymesh-backend"] + (["pymesh-proxy"] if "pymesh" in plan.systems else [])
+            sidecar = {"pymesh", "pymesh-mtls"} & set(plan.systems)
+            binaries = ["pymesh-loadgen", "pymesh-backend"] + (["pymesh-proxy"] if sidecar else [])
             snap = snapshot(Path(tmp), binaries, pymesh_package="pymesh-embedded" in plan.systems)
             self.loadgen = snap.path("pymesh-loadgen") or self.loadgen
             self.backend = snap.path("pymesh-backend") or self.backend
@@ -214,8 +215,7 @@ class Runner:
                     progress.advance(overall, len(rounds))
                     continue
                 stack.enter_context(own)
-                if running.config_name:
-                    result.configs[running.config_name] = running.config_text
+                result.configs.update(running.configs)
                 active.append(_Active(system, running))
             for round_ in rounds:
                 shift = round_ % max(1, len(active))
@@ -271,7 +271,8 @@ class Runner:
 
     def _load(self, scenario: Scenario, item: _Active, round_: int, tick: Callable[[float], None]) -> Run:
         args = loadgen.command(self.loadgen, item.running.address, scenario, cpu=self.load_cpu)
-        sampler = measure.TreeSampler(item.running.pid) if item.running.pid else None
+        pids = item.running.pids
+        sampler = measure.TreeSampler(*pids) if pids else None
         start = now()
         if sampler:
             sampler.start()
@@ -296,8 +297,8 @@ class Runner:
         return run
 
     def _idle(self, scenario: Scenario, item: _Active, round_: int) -> IdleRun:
-        pid = item.running.pid
-        tree: Callable[[], measure.Memory | None] = (lambda: measure.memory(measure.process_tree(pid))) if pid \
+        pids = item.running.pids
+        tree: Callable[[], measure.Memory | None] = (lambda: measure.memory(measure.process_tree(*pids))) if pids \
             else (lambda: None)
         before = tree()
         start = now()

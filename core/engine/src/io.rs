@@ -53,9 +53,7 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
+            replay(&mut this.prefix, buf);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -106,6 +104,17 @@ impl AsyncWrite for ClientIo {
     }
 }
 
+/// Copies what fits of `prefix` into `buf`; once all of it is replayed its buffer is
+/// released, so an idle keep-alive connection doesn't hold its detection buffer.
+fn replay(prefix: &mut Bytes, buf: &mut ReadBuf<'_>) {
+    let n = prefix.len().min(buf.remaining());
+    buf.put_slice(&prefix[..n]);
+    prefix.advance(n);
+    if prefix.is_empty() {
+        *prefix = Bytes::new();
+    }
+}
+
 /// A stream with bytes already read from it (during detection) put back in front.
 pub struct Prefixed<S> {
     prefix: Bytes,
@@ -126,9 +135,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
+            replay(&mut this.prefix, buf);
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

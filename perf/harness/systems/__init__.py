@@ -1,8 +1,9 @@
 """The systems under test, one module each, in the order reports list them.
 
-`direct` is the floor; `pymesh` (native sidecar) and `pymesh-embedded` (the engine inside a
-Python process) are this project; `nginx`, `haproxy`, `envoy` and `linkerd2-proxy` are the
-peers; `pymesh-mtls` (a sidecar pair with mTLS) is listed until it exists.
+`direct` is the floor; `pymesh` (native sidecar), `pymesh-embedded` (the engine inside a
+Python process) and `pymesh-mtls` (a client and a server sidecar speaking mutual TLS, with the
+control plane as their CA) are this project; `nginx`, `haproxy`, `envoy` and `linkerd2-proxy`
+are the peers.
 """
 
 from __future__ import annotations

@@ -41,25 +41,41 @@ class Context:
 @dataclass
 class Running:
     """A started system: where to send load, and its process (the root of the tree to measure;
-    None for direct)."""
+    None for direct). A system of several proxies (a sidecar pair) names the others in
+    `companions`: their trees are measured with `child`'s, CPU and memory summed."""
 
     address: str
     child: Child | None = None
     config_name: str = ""  # file name for the generated config in the report directory
     config_text: str = ""
     notes: list[str] = field(default_factory=list)
+    companions: list[Child] = field(default_factory=list)
+    more_configs: dict[str, str] = field(default_factory=dict)  # further generated configs, by file name
 
     @property
     def pid(self) -> int | None:
         return self.child.pid if self.child else None
 
+    @property
+    def pids(self) -> list[int]:
+        """The roots of every process tree to measure (none for direct)."""
+        return [c.pid for c in ([self.child] if self.child else []) + self.companions]
+
+    @property
+    def configs(self) -> dict[str, str]:
+        """Every generated config, by file name for the report directory."""
+        return ({self.config_name: self.config_text} if self.config_name else {}) | self.more_configs
+
     def died(self) -> str | None:
-        """Why the process is gone (exit status and log tail), or None while it runs."""
-        if self.child is None or self.child.alive():
-            return None
-        tail = self.child.tail()
-        return f"exited with status {self.child.process.returncode} during the run" + (
-            f"; its log ends:\n{tail}" if tail else "")
+        """Why a process is gone (exit status and log tail), or None while they all run."""
+        for child in ([self.child] if self.child else []) + self.companions:
+            if child.alive():
+                continue
+            tail = child.tail()
+            who = "" if child is self.child else f"({child.name}) "
+            return f"{who}exited with status {child.process.returncode} during the run" + (
+                f"; its log ends:\n{tail}" if tail else "")
+        return None
 
 
 class System(ABC):

@@ -14,13 +14,12 @@ without the flag it is reported as skipped.
 from __future__ import annotations
 
 import os
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..procs import Child, free_port, pinned
+from ..procs import Child, free_port, http_ok, pinned
 from ..scenarios import Scenario
 from ..tools import version_of
 from .base import THREADS, Running, System, Unavailable, supervised
@@ -64,16 +63,9 @@ class Linkerd2Proxy(System):
         (workdir / "linkerd2-proxy.env").write_text(config + "\n")
         command = pinned([str(self.binary())], self.context.proxy_cpu)
         with supervised(Child(self.name, command, workdir / "linkerd2-proxy.log", env=env)) as child:
-            child.wait_for(lambda: _ready(ports["ADMIN"]), "report /ready", READY_TIMEOUT_S)
+            child.wait_for(lambda: http_ok(f"http://{ports['ADMIN']}/ready"), "report /ready", READY_TIMEOUT_S)
             yield Running(address=ports["OUTBOUND"], child=child, config_name="linkerd2-proxy.env",
                           config_text=config + "\n",
                           notes=[f"load sent to the outbound listener; routing follows the original destination "
                                  f"(backend {upstream})"])
 
-
-def _ready(admin: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
