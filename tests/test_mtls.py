@@ -386,20 +386,88 @@ def test_opaque_tcp_is_protected_and_authorized(mesh: Mesh, native: ProxyStarter
         echo.stop()
 
 
-def test_trust_anchor_rotation_with_a_bundle(mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
-    """Proxies trust old and new anchors at once; traffic carries on while the CA moves to
-    an issuer under the new anchor and the proxies renew."""
-    client_proxy, server_proxy = pair(mesh, native, backend)
-    url = f"http://{client_proxy.address()}/echo"
-    assert httpx.get(url, headers={"host": "web"}, timeout=10).status_code == 200
-    new_key, new_anchor = self_signed_ca("new anchor")
-    bundle = mesh.anchors.read_text() + new_anchor.public_bytes(serialization.Encoding.PEM).decode()
-    for proxy in (client_proxy, server_proxy):
-        config = json.loads(json.dumps(proxy_config(proxy)))
-        config["identity"]["trustAnchorsFile"] = str(mesh.tmp / "bundle.pem")
-        (mesh.tmp / "bundle.pem").write_text(bundle)
-        proxy.reload(config)
-    assert httpx.get(url, headers={"host": "web"}, timeout=10).status_code == 200
+def test_trust_anchor_rotation_with_a_bundle(tmp_path: Path, native: ProxyStarter, backend: EchoBackend) -> None:
+    """The whole rotation, with traffic throughout: proxies get a bundle of the old and new
+    anchors; the CA moves to an issuer under the new anchor; proxies renew (10 s
+    certificates); the old anchor is dropped; the hop still works."""
+    state_dir = tmp_path / "ca"
+    services = tmp_path / "services"
+    services.mkdir()
+    write_services(services / "services.yaml", [])
+    control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
+                           "--cert-lifetime", "10s")
+    try:
+        anchors = tmp_path / "anchors.pem"
+        old_pem = pymesh("control", "ca-bundle", "--state-dir", str(state_dir))
+        anchors.write_text(old_pem)
+        mesh = Mesh(control, state_dir, anchors, tmp_path)
+        client_proxy, server_proxy = pair(mesh, native, backend)
+        url = f"http://{client_proxy.address()}/echo"
+
+        def works() -> None:
+            with httpx.Client(timeout=10) as http:
+                for _ in range(10):
+                    assert http.get(url, headers={"host": "web"}).status_code == 200
+
+        works()
+        new_key, new_anchor = self_signed_ca("new anchor")
+        new_pem = new_anchor.public_bytes(serialization.Encoding.PEM).decode()
+        for proxy in (client_proxy, server_proxy):
+            config = proxy_config(proxy)
+            config["identity"]["trustAnchorsFile"] = str(tmp_path / "bundle.pem")
+            (tmp_path / "bundle.pem").write_text(old_pem + new_pem)
+            proxy.reload(config)
+        works()
+
+        # The CA switches to an issuer of the new anchor (key first, as the README says).
+        issuer_key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        issuer = (x509.CertificateBuilder()
+                  .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "new issuer")]))
+                  .issuer_name(new_anchor.subject).public_key(issuer_key.public_key())
+                  .serial_number(x509.random_serial_number())
+                  .not_valid_before(now - datetime.timedelta(minutes=1))
+                  .not_valid_after(now + datetime.timedelta(days=1))
+                  .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                  .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                               content_commitment=False, key_encipherment=False,
+                                               data_encipherment=False, key_agreement=False,
+                                               encipher_only=False, decipher_only=False), critical=True)
+                  .sign(new_key, hashes.SHA256()))
+        (state_dir / "trust-anchor.pem").write_text(old_pem + new_pem)
+        (state_dir / "issuer.key").write_bytes(issuer_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (state_dir / "issuer.pem").write_bytes(issuer.public_bytes(serialization.Encoding.PEM))
+
+        def serves_new_issuer() -> bool:
+            works()
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE  # only reading which issuer signed it
+            host, port = server_proxy.address("inbound").rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=sni(SERVER_ID)) as tls:
+                der = tls.getpeercert(binary_form=True)
+            return der is not None and x509.load_der_x509_certificate(der).issuer == issuer.subject
+
+        wait_for(serves_new_issuer, 30)
+        time.sleep(10)  # one more renewal: the client proxy holds a new-issuer certificate too
+
+        (tmp_path / "new.pem").write_text(new_pem)
+        for proxy in (client_proxy, server_proxy):
+            config = proxy_config(proxy)
+            config["identity"]["trustAnchorsFile"] = str(tmp_path / "new.pem")
+            proxy.reload(config)
+        works()
+        # A client checking against the new anchor alone accepts the server, and is accepted.
+        mesh.anchors = tmp_path / "new.pem"
+        key = ec.generate_private_key(ec.SECP256R1())
+        chain = mesh.certify(f"spiffe://{TRUST_DOMAIN}/ns/tools/sa/probe", key)
+        with mesh_tls_client(mesh, key, chain, server_proxy) as tls:
+            tls.sendall(b"GET /echo HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            assert read_all(tls).startswith(b"HTTP/1.1 200")
+    finally:
+        control.stop()
 
 
 def proxy_config(proxy: NativeProxy) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 //! The proxy's mesh identity: it makes its own private key (which never leaves the
 //! process), asks the CA (the control plane's Identity service) for a certificate
-//! with a CSR and its workload token, and renews at about 70% of the certificate's
-//! lifetime with jitter. While renewal fails it keeps the certificate it has and
+//! with a CSR and its workload token, and renews after about 70% of the time the
+//! certificate has left, with jitter. While renewal fails it keeps the certificate it has and
 //! tries again with backoff, rotating over the CA replicas.
 
 use std::sync::Arc;
@@ -87,13 +87,13 @@ pub async fn run(
         let address = &settings.ca_addresses[replica % settings.ca_addresses.len()];
         let wait = match certify(&settings, &keys, address).await {
             Ok(certified) => {
-                let (issued, expires) = (certified.1, certified.0.expires_at);
-                match tls.set_certificate(certified.0) {
+                let expires = certified.expires_at;
+                match tls.set_certificate(certified) {
                     Ok(()) => {
                         delay = RETRY_BASE;
                         count(&metrics, "ok");
                         metrics.expiry.set(expires as i64);
-                        let wait = renew_after(issued, expires);
+                        let wait = renew_after(expires);
                         tracing::info!(identity = %settings.id, expires_at = expires, renew_in = ?wait, "certified");
                         wait
                     }
@@ -131,12 +131,11 @@ fn backoff(delay: &mut Duration, replica: &mut usize) -> Duration {
     wait
 }
 
-/// 70% of the lifetime from issuance, ±5% so proxies don't renew in step.
-fn renew_after(issued: u64, expires: u64) -> Duration {
-    let lifetime = expires.saturating_sub(issued) as f64;
-    let at = issued as f64 + lifetime * (0.65 + fastrand::f64() * 0.1);
-    let now = unix_now() as f64;
-    Duration::from_secs_f64((at - now).max(1.0))
+/// 70% of the time left on a certificate just received, ±5% so proxies don't renew in
+/// step. (Not from its notBefore: CAs backdate that for clock skew.)
+fn renew_after(expires: u64) -> Duration {
+    let left = expires.saturating_sub(unix_now()) as f64;
+    Duration::from_secs_f64((left * (0.65 + fastrand::f64() * 0.1)).max(1.0))
 }
 
 fn unix_now() -> u64 {
@@ -146,12 +145,12 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// One exchange with the CA; returns the certificate and when it was issued.
+/// One exchange with the CA.
 async fn certify(
     settings: &IdentitySettings,
     keys: &Keys,
     address: &str,
-) -> Result<(Certified, u64), CertifyError> {
+) -> Result<Certified, CertifyError> {
     let token = tokio::fs::read_to_string(&settings.token_file)
         .await
         .map_err(|source| CertifyError::Token {
@@ -184,9 +183,7 @@ async fn certify(
     let leaf = CertificateDer::from(response.leaf_certificate);
     let (_, parsed) = x509_parser::parse_x509_certificate(&leaf)
         .map_err(|e| CertifyError::BadCertificate(e.to_string()))?;
-    let validity = parsed.validity();
-    let issued = validity.not_before.timestamp().max(0) as u64;
-    let expires = validity.not_after.timestamp().max(0) as u64;
+    let expires = parsed.validity().not_after.timestamp().max(0) as u64;
     let named = crate::tls::peer_identity(Some(std::slice::from_ref(&leaf)));
     if named.as_deref() != Some(&*settings.id) {
         return Err(CertifyError::BadCertificate(format!(
@@ -201,12 +198,9 @@ async fn certify(
             .into_iter()
             .map(CertificateDer::from),
     );
-    Ok((
-        Certified {
-            chain,
-            key: keys.private_key(),
-            expires_at: expires,
-        },
-        issued,
-    ))
+    Ok(Certified {
+        chain,
+        key: keys.private_key(),
+        expires_at: expires,
+    })
 }

@@ -402,3 +402,88 @@ fn identity_match(value: &str, at: &str) -> Result<IdentityMatch, ConfigError> {
     check_spiffe_id(value).map_err(|e| ConfigError::new(at, e))?;
     Ok(IdentityMatch::Exact(value.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{parse, ConfigError, Settings};
+
+    fn settings(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_config(parse(text)?)
+    }
+
+    // A real self-signed certificate, so the anchor parses like a mesh's would.
+    fn anchor_pem() -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).expect("certificate").pem()
+    }
+
+    fn meshed(extra: &str) -> String {
+        let anchor = anchor_pem().replace('\n', "\\n");
+        format!(
+            r#"{{"listeners": [{{"name": "in", "address": "127.0.0.1:0", "direction": "INBOUND", "defaultService": "app", "tls": "STRICT"}}],
+               "services": [{{"name": "app", "endpoints": [{{"address": "127.0.0.1:8080", "identity": "spiffe://cluster.local/ns/a/sa/b"}}]}}],
+               "identity": {{"trustAnchorsPem": "{anchor}", "caAddresses": ["127.0.0.1:4200"], "tokenFile": "/t",
+                            "namespace": "shop", "serviceAccount": "web"}}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn an_identity_is_named_from_its_parts() {
+        let s = settings(&meshed("")).unwrap();
+        let id = s.identity.unwrap();
+        assert_eq!(&*id.id, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(id.trust_anchors.len(), 1);
+        assert_eq!(s.listeners[0].tls, super::TlsMode::Strict);
+        assert_eq!(
+            s.services[0].endpoints[0].identity.as_deref(),
+            Some("spiffe://cluster.local/ns/a/sa/b")
+        );
+    }
+
+    #[test]
+    fn bad_security_settings_name_their_path() {
+        let cases = [
+            (
+                meshed("").replace("spiffe://cluster.local/ns/a/sa/b", "web"),
+                "services[0].endpoints[0].identity",
+                "not a SPIFFE id",
+            ),
+            (
+                meshed("").replace("CERTIFICATE", "NONSENSE"),
+                "identity.trust_anchors_pem",
+                "no PEM certificate",
+            ),
+            (
+                meshed(
+                    r#", "authorization": {"policies": [{"name": "p", "listeners": ["nope"]}]}"#,
+                ),
+                "authorization.policies[0].listeners[0]",
+                "no listener",
+            ),
+            (
+                meshed(
+                    r#", "authorization": {"policies": [{"name": "p", "identities": ["spiffe://x/ns/*/sa"]}]}"#,
+                ),
+                "authorization.policies[0].identities[0]",
+                "not a SPIFFE id",
+            ),
+            (
+                meshed(r#", "authorization": {"policies": [{"name": "p"}, {"name": "p"}]}"#),
+                "authorization.policies[1].name",
+                "duplicate",
+            ),
+            (
+                meshed("").replace(r#""tokenFile": "/t","#, ""),
+                "identity.token_file",
+                "is required",
+            ),
+        ];
+        for (text, path, message) in cases {
+            let err = settings(&text).unwrap_err();
+            assert_eq!(err.path, path, "{err}");
+            assert!(err.message.contains(message), "{err}");
+        }
+    }
+}
