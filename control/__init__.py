@@ -6,6 +6,7 @@ One concern per module:
 
 - :mod:`pymesh.control.state` — the mesh state and change notification;
 - :mod:`pymesh.control.sources` — where the state comes from (``file``, ``etcd``);
+- :mod:`pymesh.control.policy` — the mesh-wide authorization a source holds, checked;
 - :mod:`pymesh.control.server` — the gRPC Discovery service;
 - :mod:`pymesh.control.identity` — the mesh's CA, the gRPC Identity service on the same server;
 - :mod:`pymesh.control.metrics` and :mod:`pymesh.control.http` — Prometheus metrics, ``/live``

@@ -1,5 +1,6 @@
-"""The mesh state: services with their settings, the endpoints of each service, their
-versions, the source's health, and the change notification every watcher subscribes to.
+"""The mesh state: services with their settings, the endpoints of each service, the
+mesh-wide authorization, their versions, the source's health, and the change notification
+every watcher subscribes to.
 
 Everything here runs on the event loop's thread and never awaits, so a change and the
 notifications it causes are one atomic step.
@@ -17,6 +18,7 @@ and never blocks the others.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import time
@@ -28,11 +30,22 @@ from pymesh._proto.pymesh.config.v1 import proxy_pb2
 from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 
 from .metrics import ControlMetrics
+from .policy import describe
 
 log = logging.getLogger("pymesh.control")
 
 Service = proxy_pb2.Service
 Endpoint = proxy_pb2.Endpoint
+Authorization = proxy_pb2.Authorization
+
+
+class Keep(enum.Enum):
+    """In a :class:`Delta`, the authorization is left as it is (``None`` removes it)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
 
 #: Updates a watcher may have queued before it is resynchronised with a full state.
 DEFAULT_MAX_PENDING = 64
@@ -50,6 +63,14 @@ def _endpoint_digest(endpoint: Endpoint) -> int:
     return _digest(endpoint.SerializeToString(deterministic=True))
 
 
+def _authorization_digest(authorization: Authorization | None) -> int:
+    """0 when there is none; a prefix keeps it apart from any service's digest, and an empty
+    authorization (which allows everyone) apart from none (the proxy keeps its own)."""
+    if authorization is None:
+        return 0
+    return _digest(b"authorization\0" + authorization.SerializeToString(deterministic=True))
+
+
 def _version(value: int) -> str:
     return f"{value:016x}"
 
@@ -57,21 +78,25 @@ def _version(value: int) -> str:
 @dataclass
 class Snapshot:
     """A whole state as a source sees it. ``services`` carry no endpoints; endpoints are
-    keyed by service, then by address (a service may have endpoints before it is defined)."""
+    keyed by service, then by address (a service may have endpoints before it is defined).
+    ``authorization`` is the mesh-wide policy, or None: proxies then keep their own."""
 
     services: dict[str, Service] = field(default_factory=dict)
     endpoints: dict[str, dict[str, Endpoint]] = field(default_factory=dict)
+    authorization: Authorization | None = None
 
 
 @dataclass
 class Delta:
-    """Changes to apply: ``None`` removes a service or an endpoint."""
+    """Changes to apply: ``None`` removes a service, an endpoint or the authorization;
+    ``KEEP`` leaves the authorization as it is."""
 
     services: dict[str, Service | None] = field(default_factory=dict)
     endpoints: dict[str, dict[str, Endpoint | None]] = field(default_factory=dict)
+    authorization: Authorization | None | Keep = KEEP
 
     def __bool__(self) -> bool:
-        return bool(self.services or self.endpoints)
+        return bool(self.services or self.endpoints) or self.authorization is not KEEP
 
 
 class ConfigWatch:
@@ -133,9 +158,11 @@ class MeshState:
         self.max_pending = max_pending
         self.services: dict[str, Service] = {}
         self.endpoints: dict[str, dict[str, Endpoint]] = {}
+        self.authorization: Authorization | None = None
         self.loaded = asyncio.Event()
         self.source_errors: dict[str, str] = {}
         self._service_digests: dict[str, int] = {}
+        self._authorization_digest = 0
         self._config_digest = 0
         self._endpoint_digests: dict[str, int] = {}
         self._config_payload: bytes | None = None
@@ -168,6 +195,8 @@ class MeshState:
         if self._config_payload is None:
             config = proxy_pb2.ProxyConfig()
             config.services.extend(self.services[name] for name in sorted(self.services))
+            if self.authorization is not None:
+                config.authorization.CopyFrom(self.authorization)
             update = discovery_pb2.ConfigUpdate(config=config, version=self.config_version)
             self._config_payload = update.SerializeToString()
         return self._config_payload
@@ -184,9 +213,10 @@ class MeshState:
         return payload
 
     def snapshot(self) -> Snapshot:
-        """A copy of the current state (services and endpoints are shared, immutable by
-        convention)."""
-        return Snapshot(dict(self.services), {name: dict(eps) for name, eps in self.endpoints.items()})
+        """A copy of the current state (services, endpoints and the authorization are shared,
+        immutable by convention)."""
+        return Snapshot(dict(self.services), {name: dict(eps) for name, eps in self.endpoints.items()},
+                        self.authorization)
 
     # -- subscribing ----------------------------------------------------------------------
 
@@ -247,6 +277,8 @@ class MeshState:
     def replace(self, snapshot: Snapshot) -> bool:
         """Makes the state equal to ``snapshot``, notifying only what changed."""
         delta = Delta()
+        if snapshot.authorization != self.authorization:
+            delta.authorization = snapshot.authorization
         for name in self.services.keys() - snapshot.services.keys():
             delta.services[name] = None
         for name, service in snapshot.services.items():
@@ -266,6 +298,8 @@ class MeshState:
         """Applies a delta; returns whether anything changed. Watchers are notified once."""
         now = time.monotonic()
         config_changed = self._apply_services(delta.services)
+        if delta.authorization is not KEEP and self._apply_authorization(delta.authorization):
+            config_changed = True
         endpoints_changed = False
         for service, changes in delta.endpoints.items():
             if self._apply_endpoints(service, changes, now):
@@ -305,6 +339,16 @@ class MeshState:
             self.services[name] = service
             changed = True
         return changed
+
+    def _apply_authorization(self, authorization: Authorization | None) -> bool:
+        digest = _authorization_digest(authorization)
+        if digest == self._authorization_digest:
+            return False
+        self._config_digest ^= self._authorization_digest ^ digest
+        self._authorization_digest = digest
+        self.authorization = authorization
+        log.info("authorization from %s: %s", self.source_name, describe(authorization))
+        return True
 
     def _apply_endpoints(self, service: str, changes: Mapping[str, Endpoint | None], now: float) -> bool:
         current = self.endpoints.get(service)

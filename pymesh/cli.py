@@ -104,14 +104,17 @@ def demo(
     requests: Annotated[int, typer.Option(help="Requests to send.", min=1, max=100_000)] = 30,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a local service with a proxy in front, send traffic, and show what the proxy saw."""
+    """Start a local service behind two meshed proxies (mutual TLS, certificates from a local
+    control plane acting as the mesh CA), send traffic, and show what the proxies saw."""
     from . import demo as demo_module
 
-    result = demo_module.run(requests=requests)
+    try:
+        result = demo_module.run(requests=requests)
+    except MeshError as e:
+        err.print(f"[red]the demo failed:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from e
     if as_json:
-        console.print_json(json.dumps({
-            "sent": result.sent, "statuses": result.statuses, "by_instance": result.by_instance,
-        }))
+        console.print_json(json.dumps(result.as_json()))
     else:
         demo_module.print_result(result, console)
 

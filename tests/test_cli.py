@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -41,6 +43,9 @@ def test_validate(tmp_path: Path) -> None:
 
 
 def test_demo_runs_with_no_setup() -> None:
+    """The demo starts its own control plane (the mesh CA) and two proxies: the hop between
+    them is mutual TLS with both SPIFFE identities, and the user handled no certificate."""
+    states_before = set(Path(tempfile.gettempdir()).glob("pymesh-demo-*"))
     result = run("demo", "--requests", "20", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -48,9 +53,26 @@ def test_demo_runs_with_no_setup() -> None:
     assert summary["statuses"] == {"200": 20, "404": 1, "502": 1}
     assert sum(summary["by_instance"].values()) == 20 and len(summary["by_instance"]) == 2
 
+    client_id, server_id = "spiffe://cluster.local/ns/demo/sa/client", "spiffe://cluster.local/ns/demo/sa/hello"
+    client, server = summary["proxies"]["client"], summary["proxies"]["server"]
+    assert (client["identity"], server["identity"]) == (client_id, server_id)
+    inbound = [r for r in server["responses"] if r["direction"] == "inbound" and r["status_code"] == "200"]
+    assert inbound and all(r["tls"] == "true" and r["client_id"] == client_id for r in inbound), server
+    assert sum(r["count"] for r in inbound) == 20
+    outbound = [r for r in client["responses"] if r.get("dst_service") == "hello"]
+    assert outbound and all(r["tls"] == "true" and r["server_id"] == server_id for r in outbound), client
+    assert sum(r["count"] for r in outbound) == 20
+    for proxy in (client, server):
+        assert proxy["cert_expires"] > time.time()
+
     table = run("demo", "--requests", "5")
-    assert table.returncode == 0
-    assert "golden metrics" in table.stdout and "request_total" in table.stdout
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.split())  # rich may wrap a cell
+    assert "response_total" in text and "tls=true" in text
+    assert f"client_id={client_id}" in text and f"server_id={server_id}" in text
+    assert "hello-0" in text and "hello-1" in text
+    # The demo's temporary state (the CA, tokens, the control plane's log) is gone.
+    assert set(Path(tempfile.gettempdir()).glob("pymesh-demo-*")) <= states_before
 
 
 def test_proxy_run_serves_until_sigterm(tmp_path: Path, echo_backend: EchoBackend) -> None:

@@ -476,6 +476,7 @@ def proxy_config(proxy: NativeProxy) -> dict[str, Any]:
     return yaml.safe_load(proxy.config_path.read_text())
 
 
+@pytest.mark.timeout(480)  # five minutes of load, beyond the suite's per-test default
 def test_certificates_rotate_under_load_without_a_failed_request(tmp_path: Path, native: ProxyStarter,
                                                                  backend: EchoBackend) -> None:
     """60 s certificates, 500 rps for five minutes through a meshed hop: every request
@@ -571,25 +572,55 @@ def test_sslyze_finds_only_tls13_and_no_weak_settings(mesh: Mesh, native: ProxyS
     assert curves and curves <= {"X25519", "prime256v1", "secp256r1", "secp384r1", "X25519MLKEM768"}, curves
 
 
-def test_the_control_plane_marks_endpoints_as_meshed(mesh: Mesh, native: ProxyStarter,
-                                                      backend: EchoBackend) -> None:
-    """Discovery streams an endpoint with its identity; the client proxy, configured with
-    only its control plane and trust anchors, reaches it over mutual TLS."""
-    server_proxy = native("server", server_config(mesh, backend.address))
-    ready(server_proxy)
+def test_the_control_plane_marks_endpoints_as_meshed_and_streams_policy(
+        mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
+    """Discovery streams an endpoint with its identity, and a mesh-wide policy for the
+    server; proxies configured with only their control plane, identity and anchors mesh
+    to each other, and the server enforces the streamed policy as it changes."""
     source = Path(mesh.control.source.removeprefix("file:")) / "services.yaml"
-    write_services(source, [{"name": "web", "endpoints": [
-        {"address": server_proxy.address("inbound"), "identity": SERVER_ID}]}])
-    identity = mesh.identity("shop", "client")
-    del identity["caAddresses"], identity["namespace"], identity["serviceAccount"]
-    client_proxy = native("client", {
-        "admin": {"address": "127.0.0.1:0"},
-        "listeners": [{"name": "main", "address": "127.0.0.1:0"}],
-        "controlPlane": {"addresses": [mesh.control.address], "namespace": "shop", "serviceAccount": "client"},
-        "identity": identity,
-    })
+
+    def publish(server_inbound: str, authorization: dict[str, Any] | None) -> None:
+        document: dict[str, Any] = {"services": [
+            {"name": "app", "endpoints": [{"address": backend.address}]},
+            {"name": "web", "endpoints": [{"address": server_inbound, "identity": SERVER_ID}]},
+        ]}
+        if authorization is not None:
+            document["authorization"] = authorization
+        import yaml
+
+        write_services(source, yaml.safe_dump(document))
+
+    def meshed(service_account: str, listener: dict[str, Any]) -> dict[str, Any]:
+        identity = mesh.identity("shop", service_account)
+        del identity["caAddresses"], identity["namespace"], identity["serviceAccount"]
+        return {
+            "admin": {"address": "127.0.0.1:0"},
+            "listeners": [listener],
+            "services": [{"name": "app", "endpoints": [{"address": backend.address}]}],
+            "controlPlane": {"addresses": [mesh.control.address], "namespace": "shop",
+                             "serviceAccount": service_account},
+            "identity": identity,
+        }
+
+    server_proxy = native("server", meshed("server", {
+        "name": "inbound", "address": "127.0.0.1:0", "direction": "INBOUND", "defaultService": "app",
+        "tls": "STRICT"}))
+    deny_posts = {"policies": [{"name": "no-client-posts", "action": "DENY", "servers": [SERVER_ID],
+                                "identities": [CLIENT_ID], "methods": ["POST"]},
+                               {"name": "for-other-servers", "action": "DENY", "identities": ["*"],
+                                "servers": ["spiffe://cluster.local/ns/elsewhere/*"]}]}
+    publish(server_proxy.address("inbound"), deny_posts)
+    client_proxy = native("client", meshed("client", {"name": "main", "address": "127.0.0.1:0"}))
+    ready(server_proxy)
     ready(client_proxy)
     url = f"http://{client_proxy.address()}/echo"
-    wait_for(lambda: httpx.get(url, headers={"host": "web"}, timeout=5).status_code == 200, 10)
+    with httpx.Client(timeout=5) as http:
+        wait_for(lambda: http.get(url, headers={"host": "web"}).status_code == 200, 10)
+        wait_for(lambda: http.post(url, headers={"host": "web"}, content=b"x").status_code == 403, 10)
+        denied = http.post(url, headers={"host": "web"}, content=b"x")
+        assert denied.headers["pymesh-policy"] == "no-client-posts"
+        assert http.get(url, headers={"host": "web"}).status_code == 200  # the other policy is not ours
+        publish(server_proxy.address("inbound"), None)  # the policy is withdrawn
+        wait_for(lambda: http.post(url, headers={"host": "web"}, content=b"x").status_code == 200, 10)
     assert any(f'server_id="{SERVER_ID}"' in line for line in metric_lines(client_proxy, "response_total"))
     assert any(f'client_id="{CLIENT_ID}"' in line for line in metric_lines(server_proxy, "response_total"))

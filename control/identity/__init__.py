@@ -3,7 +3,7 @@ a CSR for a short-lived certificate naming their SPIFFE id (``pymesh.mesh.v1.Ide
 
 One concern per module:
 
-- :mod:`pymesh.control.identity.spiffe` — SPIFFE ids, parsed strictly;
+- :mod:`pymesh.control.identity.spiffe` — SPIFFE ids and identity patterns, parsed strictly;
 - :mod:`pymesh.control.identity.ca` — the trust anchor and the issuer (supplied or generated,
   the issuer followed on disk), and signing;
 - :mod:`pymesh.control.identity.proof` — per-workload tokens, or Kubernetes TokenReview;

@@ -59,3 +59,36 @@ def parse_spiffe_id(text: str) -> SpiffeId:
             raise ValueError(f"{text!r}: the {what} {part!r} is not a valid path segment "
                              "(letters, digits, '.', '-' and '_')")
     return SpiffeId(trust_domain, parts[1], parts[3])
+
+
+
+#: the identity patterns authorization policies name clients and servers with
+PATTERN_SHAPES = ("spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>, "
+                  "spiffe://<trust-domain>/ns/<namespace>/*, spiffe://<trust-domain>/* or *")
+#: proxies refuse a '_' in a pattern's trust domain (SPIFFE allows it): a policy they would
+#: reject must not reach them
+_PATTERN_TRUST_DOMAIN = re.compile(r"[a-z0-9.-]+")
+
+
+def check_identity_pattern(text: str) -> str:
+    """Returns ``text`` if it is an identity pattern the proxy accepts: an exact id, a
+    namespace (``spiffe://td/ns/NS/*``), a trust domain (``spiffe://td/*``) or ``*``. Raises
+    ValueError saying what is wrong."""
+    if text == "*":
+        return text
+    if text.startswith("spiffe://"):
+        trust_domain = text[len("spiffe://"):].partition("/")[0]
+        if len(trust_domain) > MAX_TRUST_DOMAIN or not _PATTERN_TRUST_DOMAIN.fullmatch(trust_domain):
+            raise ValueError(f"{text!r}: {trust_domain!r} is not a trust domain: use lower-case letters, "
+                             "digits, '.' and '-'")
+    if "*" not in text:
+        parse_spiffe_id(text)
+        return text
+    rest = text[len("spiffe://"):-len("/*")] if text.startswith("spiffe://") and text.endswith("/*") else ""
+    parts = rest.split("/")
+    if not rest or "*" in rest or len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "ns"):
+        raise ValueError(f"{text!r} is not an identity pattern; expected {PATTERN_SHAPES}")
+    if len(parts) == 3 and (not _SEGMENT.fullmatch(parts[2]) or parts[2] in (".", "..")):
+        raise ValueError(f"{text!r}: the namespace {parts[2]!r} is not a valid path segment "
+                         "(letters, digits, '.', '-' and '_')")
+    return text

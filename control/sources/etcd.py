@@ -6,13 +6,14 @@ Keys, under a prefix (``/pymesh/`` by default):
   without endpoints;
 - ``/pymesh/endpoints/<service>/<address>``: a ``pymesh.config.v1.Endpoint`` (``{}`` is
   enough: the address comes from the key). Registrations with a ttl are attached to an
-  etcd lease, so etcd expires them, whichever replica wrote them.
+  etcd lease, so etcd expires them, whichever replica wrote them;
+- ``/pymesh/authorization``: the mesh-wide ``pymesh.config.v1.Authorization`` (optional).
 
 Several control-plane replicas on one etcd share this state; each watches the prefix and
-serves any proxy. A key whose value is invalid (the engine judges it) is reported with the
-key and field path, and its last good value is kept. After a lost connection the watch
-resumes from the last revision applied (another endpoint of the list is tried on each
-attempt); if etcd compacted that revision away, the whole prefix is read again.
+serves any proxy. A key whose value is invalid (the engine judges services and endpoints) is
+reported with the key and field path, and its last good value is kept. After a lost
+connection the watch resumes from the last revision applied (another endpoint of the list is
+tried on each attempt); if etcd compacted that revision away, the whole prefix is read again.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import aetcd.exceptions
 import pymesh
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
+from ..policy import check_authorization
 from ..state import Delta, Snapshot
 from .base import (
     RegistrationError,
@@ -78,6 +80,7 @@ class EtcdSource(Source):
         self._services: dict[str, proxy_pb2.Service] = {}
         self._settings: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
+        self._authorization: proxy_pb2.Authorization | None = None
         self._errors: dict[str, str] = {}
 
     # -- Source ---------------------------------------------------------------------------
@@ -92,7 +95,8 @@ class EtcdSource(Source):
         self._errors.pop(_CONNECTION, None)
         self._load([(kv.key.decode(), kv.value) for kv in result])
         await self._advance(result.header.revision)
-        sink.replace(Snapshot(dict(self._services), {s: dict(e) for s, e in self._endpoints.items()}))
+        sink.replace(Snapshot(dict(self._services), {s: dict(e) for s, e in self._endpoints.items()},
+                              self._authorization))
         sink.report_errors(self._errors)
         log.info("loaded %d services and %d endpoints from %s at revision %d", len(self._services),
                  sum(len(e) for e in self._endpoints.values()), self.name, self._revision)
@@ -208,10 +212,13 @@ class EtcdSource(Source):
 
     def _parse_key(self, key: str) -> tuple[str, str, str] | None:
         """``/pymesh/services/web`` → ("services", "web", ""); ``/pymesh/endpoints/web/1.2.3.4:80``
-        → ("endpoints", "web", "1.2.3.4:80"); anything else → None."""
+        → ("endpoints", "web", "1.2.3.4:80"); ``/pymesh/authorization`` → ("authorization", "", "");
+        anything else → None."""
         rest = key[len(self.prefix):] if key.startswith(self.prefix) else None
         if rest is None:
             return None
+        if rest == "authorization":
+            return rest, "", ""
         kind, _, tail = rest.partition("/")
         if kind == "services" and tail and "/" not in tail:
             return kind, tail, ""
@@ -224,7 +231,7 @@ class EtcdSource(Source):
     def _load(self, items: list[tuple[str, bytes]]) -> None:
         """The whole prefix: services validated one by one, then merged (a conflicting one
         is left out and reported); endpoints validated per service."""
-        self._services, self._settings, self._endpoints = {}, {}, {}
+        self._services, self._settings, self._endpoints, self._authorization = {}, {}, {}, None
         self._errors = {k: v for k, v in self._errors.items() if k == _CONNECTION}
         candidates: dict[str, tuple[str, proxy_pb2.Service, dict[str, Any]]] = {}
         endpoint_values: dict[str, dict[str, tuple[str, Any]]] = {}
@@ -238,6 +245,8 @@ class EtcdSource(Source):
                 if kind == "services":
                     checked, settings = self._check_service(service, document)
                     candidates[service] = (key, checked, settings)
+                elif kind == "authorization":
+                    self._authorization = check_authorization(document, "")
                 else:
                     endpoint_values.setdefault(service, {})[address] = (key, self._check_address(address, document))
             except pymesh.ConfigError as e:
@@ -276,6 +285,9 @@ class EtcdSource(Source):
                 if self._services.pop(service, None) is not None:
                     self._settings.pop(service, None)
                     delta.services[service] = None
+            elif kind == "authorization":
+                if self._authorization is not None:
+                    self._authorization = delta.authorization = None
             elif self._endpoints.get(service, {}).pop(address, None) is not None:
                 delta.endpoints[service] = {address: None}
         else:
@@ -287,6 +299,8 @@ class EtcdSource(Source):
                     self._services[service] = checked
                     self._settings[service] = settings
                     delta.services[service] = checked
+                elif kind == "authorization":
+                    self._authorization = delta.authorization = check_authorization(document, "")
                 else:
                     endpoint = validate_endpoint(service, self._check_address(address, document))
                     self._endpoints.setdefault(service, {})[address] = endpoint

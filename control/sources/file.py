@@ -1,12 +1,15 @@
 """The file source: a directory of YAML (or JSON) files, each holding ``services:``, a list of
-``pymesh.config.v1.Service`` in the protobuf JSON mapping (endpoints included).
+``pymesh.config.v1.Service`` in the protobuf JSON mapping (endpoints included), and maybe
+``authorization:``, the mesh-wide ``pymesh.config.v1.Authorization`` (at most one file holds
+it; each policy's ``servers`` say which proxies apply it).
 
 The directory is polled (every ``poll_interval``, 200 ms by default): a file whose mtime,
 size or inode changed is read again. Each file is validated by the engine; a file that is
 malformed or invalid is reported with its name and the field path, and its last good
-content keeps being served. Across files, a service defined twice or an authority claimed by
-two services (the engine catches that once the files are merged) is a conflict: the file that
-changed is reported and its previous content kept.
+content keeps being served. Across files, a service defined twice, an authority claimed by
+two services (the engine catches that once the files are merged) or a second
+``authorization:`` is a conflict: the file that changed is reported and its previous content
+kept.
 
 Endpoints registered through the Discovery API live in this process only (they are not
 written to the files) and are lost on restart; use the etcd source to share them.
@@ -26,6 +29,7 @@ import yaml
 import pymesh
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
+from ..policy import check_authorization
 from ..state import Delta, Snapshot, split_endpoints
 from .base import RegistrationError, Sink, Source, SourceError, check_services, validate_merged
 
@@ -39,17 +43,25 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
+class _Content:
+    """What one file defines, validated."""
+
+    #: services with their endpoints
+    services: list[proxy_pb2.Service] = field(default_factory=list)
+    #: the same, as the engine normalised them, without endpoints (for merged validation)
+    normalised: list[dict[str, Any]] = field(default_factory=list)
+    authorization: proxy_pb2.Authorization | None = None
+
+
+@dataclass
 class _File:
     """One file's latest reading, and what of it is being served."""
 
     key: tuple[int, int, int]
-    #: the latest content that parsed and validated (services with their endpoints)
-    parsed: list[proxy_pb2.Service] | None = None
-    #: the same, as the engine normalised it, without endpoints (for merged validation)
-    normalised: list[dict[str, Any]] = field(default_factory=list)
+    #: the latest content that parsed and validated
+    parsed: _Content | None = None
     #: the content in the state being served
-    accepted: list[proxy_pb2.Service] | None = None
-    accepted_normalised: list[dict[str, Any]] = field(default_factory=list)
+    accepted: _Content | None = None
     error: str | None = None
 
 
@@ -155,7 +167,7 @@ class FileSource(Source):
         endpoints = dict(files.endpoints)
         for service, registered in self._registered.items():
             endpoints[service] = {**files.endpoints.get(service, {}), **registered}
-        return Snapshot(files.services, endpoints)
+        return Snapshot(files.services, endpoints, files.authorization)
 
     # -- reading files (on a worker thread) -----------------------------------------------
 
@@ -206,19 +218,20 @@ class FileSource(Source):
         entry.key = key
         self._files[name] = entry
         try:
-            services = self._parse(self.directory / name)
+            services, authorization = self._parse(self.directory / name)
             checked, normalised = check_services(services)
+            policy = check_authorization(authorization) if authorization is not None else None
         except _FileError as e:
             entry.error = str(e)
             return
         except pymesh.ConfigError as e:
             entry.error = _describe(e.path, e.message, services)
             return
-        entry.parsed = checked
-        entry.normalised = [_settings(s) for s in normalised]
+        entry.parsed = _Content(checked, [_settings(s) for s in normalised], policy)
         entry.error = None
 
-    def _parse(self, path: Path) -> list[Any]:
+    def _parse(self, path: Path) -> tuple[list[Any], Any]:
+        """The file's services (a list) and its ``authorization:`` (None when absent)."""
         try:
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
@@ -231,27 +244,28 @@ class FileSource(Source):
         except yaml.YAMLError as e:
             raise _FileError(_yaml_error(e)) from None
         if document is None:
-            return []
+            return [], None
         if not isinstance(document, dict):
-            raise _FileError(f"expected a mapping with `services:`, found {type(document).__name__}")
-        unknown = sorted(str(k) for k in document if k != "services")
+            raise _FileError(f"expected a mapping with `services:` or `authorization:`, found "
+                             f"{type(document).__name__}")
+        unknown = sorted(str(k) for k in document if k not in ("services", "authorization"))
         if unknown:
-            raise _FileError(f"{unknown[0]}: unknown key; a source file holds only `services:`")
+            raise _FileError(f"{unknown[0]}: unknown key; a source file holds only `services:` and `authorization:`")
         services = document.get("services")
         if services is None:
-            return []
+            services = []
         if not isinstance(services, list):
             raise _FileError(f"services: expected a list of services, found {type(services).__name__}")
-        return services
+        return services, document.get("authorization")
 
     def _merge(self) -> None:
         """Merges the files' latest good content; on a conflict, the file that changed keeps
         its previous content and is reported."""
         self._conflicts = {}
-        candidates: dict[str, tuple[list[proxy_pb2.Service], list[dict[str, Any]]]] = {}
+        candidates: dict[str, _Content] = {}
         for name, entry in sorted(self._files.items()):
             if entry.parsed is not None:
-                candidates[name] = (entry.parsed, entry.normalised)
+                candidates[name] = entry.parsed
         for _ in range(2 * len(candidates) + 1):
             conflict = self._find_conflict(candidates)
             if conflict is None:
@@ -259,25 +273,30 @@ class FileSource(Source):
             blamed, message = conflict
             self._conflicts[blamed] = message
             entry = self._files[blamed]
-            if entry.accepted is not None and entry.accepted is not candidates[blamed][0]:
-                candidates[blamed] = (entry.accepted, entry.accepted_normalised)
+            if entry.accepted is not None and entry.accepted is not candidates[blamed]:
+                candidates[blamed] = entry.accepted
             else:
                 del candidates[blamed]
         else:  # unreachable in practice: every round removes or reverts a file
             return
         for name, entry in self._files.items():
-            chosen = candidates.get(name)
-            entry.accepted, entry.accepted_normalised = chosen if chosen else (None, [])
-        self._file_snapshot = split_endpoints(s for services, _ in candidates.values() for s in services)
+            entry.accepted = candidates.get(name)
+        self._file_snapshot = split_endpoints(s for content in candidates.values() for s in content.services)
+        self._file_snapshot.authorization = next(
+            (c.authorization for c in candidates.values() if c.authorization is not None), None)
 
-    def _find_conflict(
-        self, candidates: dict[str, tuple[list[proxy_pb2.Service], list[dict[str, Any]]]],
-    ) -> tuple[str, str] | None:
+    def _find_conflict(self, candidates: dict[str, _Content]) -> tuple[str, str] | None:
         """The first conflict across files, as (file to blame, message), or None."""
+        authorized = [name for name, content in candidates.items() if content.authorization is not None]
+        if len(authorized) > 1:
+            blamed, other = self._blame(authorized[0], authorized[1])
+            return blamed, (f"authorization: already defined in {other}; at most one file of the directory "
+                            "may define it")
         owners: dict[str, tuple[str, int]] = {}
         merged: list[dict[str, Any]] = []
         origin: list[tuple[str, int]] = []
-        for name, (services, normalised) in candidates.items():
+        for name, content in candidates.items():
+            services, normalised = content.services, content.normalised
             for index, service in enumerate(services):
                 first = owners.get(service.name)
                 if first is not None:

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use http::Method;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::security::{
-    AuthorizationSettings, DefaultPolicy, IdentityMatch, PathMatch, PolicySettings,
-};
+use crate::config::security::{AuthorizationSettings, DefaultPolicy, PathMatch, PolicySettings};
 use crate::metrics::{tls_label, AuthzLabels, HandleCache, Label, Metrics};
 
 /// What a request (or, for opaque TCP, a connection) is checked on.
@@ -71,11 +69,7 @@ fn matches(policy: &PolicySettings, subject: &Subject<'_>) -> bool {
         true
     } else {
         match subject.client {
-            Some(id) => policy.identities.iter().any(|m| match m {
-                IdentityMatch::Exact(exact) => exact == id,
-                IdentityMatch::Prefix(prefix) => id.starts_with(prefix.as_str()),
-                IdentityMatch::AnyAuthenticated => true,
-            }),
+            Some(id) => policy.identities.iter().any(|m| m.matches(id)),
             None => policy.unauthenticated,
         }
     };
@@ -150,6 +144,8 @@ mod tests {
                 policies,
             }),
             &listeners,
+            None,
+            true,
         )
         .expect("valid")
     }

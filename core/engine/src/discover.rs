@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pymesh_api::config::v1::{Endpoint, ProxyConfig, Service};
+use pymesh_api::config::v1::{Authorization, Endpoint, ProxyConfig, Service};
 use pymesh_api::mesh::v1::discovery_client::DiscoveryClient;
 use pymesh_api::mesh::v1::{ProxyIdentity, WatchConfigRequest, WatchEndpointsRequest};
 use tokio_stream::{StreamExt, StreamMap};
@@ -27,14 +27,20 @@ pub(crate) struct Delivered {
     bootstrap: Option<ProxyConfig>,
     /// Services with their endpoints, from the last complete session state.
     services: Option<Vec<Service>>,
+    /// Mesh-wide authorization policy, when the control plane sends one.
+    authorization: Option<Authorization>,
 }
 
 impl Delivered {
-    /// The config to run: the bootstrap with the control plane's services, if any.
+    /// The config to run: the bootstrap with the control plane's services (and its
+    /// authorization policy, when it sends one), if any.
     pub(crate) fn compose(&self) -> Option<ProxyConfig> {
         let mut config = self.bootstrap.clone()?;
         if let Some(services) = &self.services {
             config.services = services.clone();
+        }
+        if let Some(authorization) = &self.authorization {
+            config.authorization = Some(authorization.clone());
         }
         Some(config)
     }
@@ -46,6 +52,7 @@ pub(crate) fn new_state(bootstrap: ProxyConfig) -> SharedDelivered {
     Arc::new(Mutex::new(Delivered {
         bootstrap: Some(bootstrap),
         services: None,
+        authorization: None,
     }))
 }
 
@@ -163,13 +170,16 @@ impl Session<'_> {
             tonic::Streaming<pymesh_api::mesh::v1::EndpointsUpdate>,
         > = StreamMap::new();
         let mut services: Option<Vec<Service>> = None;
+        let mut authorization: Option<Authorization> = None;
         let mut endpoints: HashMap<String, BTreeMap<String, Endpoint>> = HashMap::new();
         let mut complete: HashSet<String> = HashSet::new();
         loop {
             tokio::select! {
                 update = configs.message() => {
                     let update = update?.ok_or_else(|| SessionError::Ended("config".into()))?;
-                    let wanted: Vec<Service> = update.config.map(|c| c.services).unwrap_or_default();
+                    let config = update.config.unwrap_or_default();
+                    authorization = config.authorization;
+                    let wanted: Vec<Service> = config.services;
                     self.follow(&mut client, &mut watches, &wanted).await?;
                     let names: HashSet<&str> = wanted.iter().map(|s| s.name.as_str()).collect();
                     endpoints.retain(|name, _| names.contains(name.as_str()));
@@ -193,7 +203,8 @@ impl Session<'_> {
             }
             if let Some(services) = &services {
                 if services.iter().all(|s| complete.contains(&s.name)) {
-                    self.apply(services, &endpoints).await?;
+                    self.apply(services, authorization.as_ref(), &endpoints)
+                        .await?;
                 }
             }
         }
@@ -233,6 +244,7 @@ impl Session<'_> {
     async fn apply(
         &mut self,
         services: &[Service],
+        authorization: Option<&Authorization>,
         endpoints: &HashMap<String, BTreeMap<String, Endpoint>>,
     ) -> Result<(), SessionError> {
         let merged: Vec<Service> = services
@@ -248,10 +260,14 @@ impl Session<'_> {
             .collect();
         let config = {
             let mut delivered = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if delivered.services.as_ref() == Some(&merged) && self.established {
+            if delivered.services.as_ref() == Some(&merged)
+                && delivered.authorization.as_ref() == authorization
+                && self.established
+            {
                 return Ok(());
             }
             delivered.services = Some(merged);
+            delivered.authorization = authorization.cloned();
             delivered.compose()
         };
         self.established = true;

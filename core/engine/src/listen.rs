@@ -157,7 +157,7 @@ async fn serve_connection(
     let mut client_id = None;
     let io = ClientIo::new(buf.split().freeze(), stream, read_bytes, write_bytes);
     let protocol = match mesh {
-        Some(mesh) if meshed => match mesh.accept(io).await {
+        Some(mesh) if meshed => match mesh.accept(io, HANDSHAKE_TIMEOUT).await {
             Ok((mut tls, client)) => {
                 client_id = Some(client);
                 let protocol = conn.protocol(&mut tls, &mut buf).await;
@@ -211,6 +211,9 @@ async fn read_hello(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duratio
         }
     }
 }
+
+/// The most an inbound mesh TLS handshake may take once its ClientHello is in.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A ClientHello longer than this is not one a mesh proxy sends.
 const MAX_HELLO_BYTES: usize = 16 * 1024;

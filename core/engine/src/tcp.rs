@@ -29,15 +29,11 @@ where
             return;
         };
         let in_flight = endpoint.start();
-        let connected = match connect_tcp(endpoint.addr, target.settings.timeouts.connect).await {
+        let timeout = target.settings.timeouts.connect;
+        let connected = match connect_tcp(endpoint.addr, timeout).await {
             Ok(stream) => {
-                secure(
-                    stream,
-                    endpoint.addr,
-                    endpoint.identity.as_deref(),
-                    mesh.as_deref(),
-                )
-                .await
+                let identity = endpoint.identity.as_deref();
+                secure(stream, endpoint.addr, identity, mesh.as_deref(), timeout).await
             }
             Err(e) => Err(e),
         };

@@ -8,6 +8,7 @@
 //! the identity is checked after the handshake against what the endpoint should be.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -27,6 +28,8 @@ pub enum TlsError {
     BadName { expected: String, reason: String },
     #[error("TLS handshake failed: {0}")]
     Handshake(#[source] std::io::Error),
+    #[error("the TLS handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
     #[error("the peer is {found:?}, not the expected {expected:?}")]
     WrongIdentity { expected: String, found: String },
     #[error("the peer's certificate names no SPIFFE identity")]
@@ -104,11 +107,12 @@ impl MeshTls {
         Ok(())
     }
 
-    /// Opens mutual TLS on `stream` to a proxy that must be `expected`.
+    /// Opens mutual TLS on `stream` to a proxy that must be `expected`, within `timeout`.
     pub async fn connect<S>(
         &self,
         stream: S,
         expected: &str,
+        timeout: Duration,
     ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -118,10 +122,9 @@ impl MeshTls {
             expected: expected.to_owned(),
             reason: e.to_string(),
         })?;
-        let tls = configs
-            .client
-            .connect(name, stream)
+        let tls = tokio::time::timeout(timeout, configs.client.connect(name, stream))
             .await
+            .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
         let found =
             peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
@@ -134,19 +137,20 @@ impl MeshTls {
         Ok(tls)
     }
 
-    /// Completes the server side of a mesh handshake; returns the client's identity.
+    /// Completes the server side of a mesh handshake within `timeout` (a client that
+    /// stalls mid-handshake must not hold a connection); returns the client's identity.
     pub async fn accept<S>(
         &self,
         stream: S,
+        timeout: Duration,
     ) -> Result<(tokio_rustls::server::TlsStream<S>, Arc<str>), TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let configs = self.configs.load_full().ok_or(TlsError::NotCertified)?;
-        let tls = configs
-            .server
-            .accept(stream)
+        let tls = tokio::time::timeout(timeout, configs.server.accept(stream))
             .await
+            .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
         let client =
             peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;

@@ -281,6 +281,9 @@ impl Settings {
         let authorization = Arc::new(security::authorization(
             config.authorization.as_ref(),
             &listener_names,
+            identity.as_ref().map(|i| &*i.id),
+            // With a control plane, policy may come from it, mesh-wide.
+            control_plane.is_none(),
         )?);
         Ok(Self {
             listeners,

@@ -99,6 +99,16 @@ pub enum IdentityMatch {
     AnyAuthenticated,
 }
 
+impl IdentityMatch {
+    pub fn matches(&self, id: &str) -> bool {
+        match self {
+            IdentityMatch::Exact(exact) => exact == id,
+            IdentityMatch::Prefix(prefix) => id.starts_with(prefix.as_str()),
+            IdentityMatch::AnyAuthenticated => true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathMatch {
     Exact(String),
@@ -284,9 +294,15 @@ pub fn check_spiffe_id(value: &str) -> Result<(), String> {
     }
 }
 
+/// The policies that apply to this proxy: those whose `servers` match its own
+/// identity `own_id` (a proxy without one takes only policies with no `servers`).
+/// Listener names are checked only when `check_listeners` (policies from the proxy's
+/// own file; a control plane's mesh-wide ones may name listeners other proxies have).
 pub fn authorization(
     config: Option<&api::Authorization>,
     listeners: &HashSet<String>,
+    own_id: Option<&str>,
+    check_listeners: bool,
 ) -> Result<AuthorizationSettings, ConfigError> {
     let Some(config) = config else {
         return Ok(AuthorizationSettings::default());
@@ -319,8 +335,15 @@ pub fn authorization(
                 format!("duplicate policy name {name:?}"),
             ));
         }
+        let mut servers = Vec::new();
+        for (j, id) in p.servers.iter().enumerate() {
+            servers.push(identity_match(id.trim(), &format!("{at}.servers[{j}]"))?);
+        }
+        if !servers.is_empty() && !own_id.is_some_and(|id| servers.iter().any(|m| m.matches(id))) {
+            continue; // for other proxies of the mesh
+        }
         for (j, l) in p.listeners.iter().enumerate() {
-            if !listeners.contains(l) {
+            if check_listeners && servers.is_empty() && !listeners.contains(l) {
                 return Err(ConfigError::new(
                     format!("{at}.listeners[{j}]"),
                     format!("no listener is named {l:?}"),
@@ -440,6 +463,19 @@ mod tests {
             s.services[0].endpoints[0].identity.as_deref(),
             Some("spiffe://cluster.local/ns/a/sa/b")
         );
+    }
+
+    #[test]
+    fn mesh_wide_policies_apply_to_their_servers_only() {
+        let s = settings(&meshed(
+            r#", "authorization": {"policies": [
+                {"name": "ours", "servers": ["spiffe://cluster.local/ns/shop/*"], "listeners": ["elsewhere"]},
+                {"name": "theirs", "servers": ["spiffe://cluster.local/ns/other/sa/x"]},
+                {"name": "everyone"}]}"#,
+        ))
+        .unwrap();
+        let names: Vec<&str> = s.authorization.policies.iter().map(|p| &*p.name).collect();
+        assert_eq!(names, ["ours", "everyone"]);
     }
 
     #[test]

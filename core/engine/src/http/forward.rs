@@ -59,8 +59,13 @@ pub async fn handle(
     }
     let route = {
         let router = ctx.shared.router.load();
+        // Inbound traffic is for the local application, whatever authority it names.
+        let authority = match ctx.direction {
+            Direction::Inbound => None,
+            Direction::Outbound => request_authority(&req),
+        };
         router
-            .route(request_authority(&req), ctx.default_service.as_deref())
+            .route(authority, ctx.default_service.as_deref())
             .cloned()
     };
     let Some(route) = route else {

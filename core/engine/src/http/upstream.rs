@@ -78,20 +78,22 @@ pub fn http1_client(
             inner,
             limits,
             mesh,
+            connect_timeout: timeouts.connect,
         })
 }
 
 /// Upgrades `stream` to mutual TLS when the endpoint is meshed and this proxy has
-/// an identity; otherwise it stays plain TCP.
+/// an identity (the handshake within the connect timeout); otherwise it stays plain TCP.
 pub async fn secure(
     stream: TcpStream,
     addr: SocketAddr,
     identity: Option<&str>,
     mesh: Option<&MeshTls>,
+    timeout: Duration,
 ) -> Result<UpstreamIo, ConnectError> {
     match (identity, mesh) {
         (Some(identity), Some(mesh)) => mesh
-            .connect(stream, identity)
+            .connect(stream, identity, timeout)
             .await
             .map(|tls| UpstreamIo::Tls(Box::new(tls)))
             .map_err(|source| ConnectError::Tls { addr, source }),
@@ -116,6 +118,7 @@ pub struct LimitedConnector {
     inner: HttpConnector,
     limits: ConnectionLimits,
     mesh: Option<Arc<MeshTls>>,
+    connect_timeout: Duration,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -142,10 +145,13 @@ impl tower_service::Service<Uri> for LimitedConnector {
         };
         let connecting = self.inner.call(uri);
         let mesh = self.mesh.clone();
+        let connect_timeout = self.connect_timeout;
         Box::pin(async move {
             let stream = connecting.await?.into_inner();
             let io = match identity {
-                Some((addr, id)) => secure(stream, addr, Some(&id), mesh.as_deref()).await?,
+                Some((addr, id)) => {
+                    secure(stream, addr, Some(&id), mesh.as_deref(), connect_timeout).await?
+                }
                 None => UpstreamIo::Plain(stream),
             };
             Ok(LimitedIo {
@@ -254,6 +260,7 @@ impl H2Connection {
             self.addr,
             self.identity.as_deref(),
             self.mesh.as_deref(),
+            self.connect_timeout,
         )
         .await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
