@@ -20,6 +20,7 @@ import yaml
 import pymesh
 
 from .backends import EchoBackend, start_echo_backend
+from .control_plane import ControlPlane, Etcd, KubeApiServer, StartControl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,3 +213,36 @@ def wait_until(check: Callable[[], bool], timeout: float = 5.0, interval: float 
             return True
         time.sleep(interval)
     return check()
+
+
+# -- control planes and a Kubernetes API server, shared by the control-plane tests --------------
+
+
+@pytest.fixture
+def start_control(tmp_path: Path) -> Iterator[StartControl]:
+    """Starts `pymesh control run` processes; all are stopped after the test."""
+    started: list[ControlPlane] = []
+
+    def start(source: str, *args: str) -> ControlPlane:
+        control = ControlPlane(source, tmp_path / f"control{len(started)}.log", *args)
+        started.append(control)
+        control.wait_ready()
+        return control
+
+    yield start
+    for control in started:
+        control.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
+    directory = tmp_path_factory.mktemp("kube")
+    etcd = Etcd(directory / "etcd")
+    try:
+        api = KubeApiServer(etcd, directory / "apiserver")
+        try:
+            yield api
+        finally:
+            api.stop()
+    finally:
+        etcd.stop()

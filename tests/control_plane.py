@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -377,3 +378,7 @@ class KubeApiServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+#: what the `start_control` fixture (tests/conftest.py) hands a test
+StartControl = Callable[..., ControlPlane]

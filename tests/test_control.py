@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,7 @@ from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 from pymesh.control.metrics import ControlMetrics
 from pymesh.control.state import Delta, MeshState, Snapshot
 
-from .control_plane import ControlPlane, Etcd, wait_for, write_services
+from .control_plane import Etcd, StartControl, wait_for, write_services
 
 #: a change in a source must reach watchers within this (the file source polls every 200 ms)
 PUSH_TIMEOUT = 1.5
@@ -27,25 +27,6 @@ PUSH_TIMEOUT = 1.5
 WEB = {"name": "web", "authorities": ["web.local"],
        "endpoints": [{"address": "127.0.0.1:8080"}, {"address": "127.0.0.1:8081", "weight": 2}]}
 DB = {"name": "db", "endpoints": [{"address": "127.0.0.1:5432"}]}
-
-StartControl = Callable[..., ControlPlane]
-
-
-@pytest.fixture
-def start_control(tmp_path: Path) -> Iterator[StartControl]:
-    """Starts `pymesh control run` processes; all are stopped after the test."""
-    started: list[ControlPlane] = []
-
-    def start(source: str, *args: str) -> ControlPlane:
-        control = ControlPlane(source, tmp_path / f"control{len(started)}.log", *args)
-        started.append(control)
-        control.wait_ready()
-        return control
-
-    yield start
-    for control in started:
-        control.stop()
-
 
 @pytest.fixture
 def services_dir(tmp_path: Path) -> Path:

@@ -14,23 +14,9 @@ from typing import Any
 import grpc
 import pytest
 
-from .control_plane import ControlPlane, Etcd, KubeApiServer, wait_for
+from .control_plane import ControlPlane, KubeApiServer, wait_for
 
 PUSH_TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
-    directory = tmp_path_factory.mktemp("kube")
-    etcd = Etcd(directory / "etcd")
-    try:
-        api = KubeApiServer(etcd, directory / "apiserver")
-        try:
-            yield api
-        finally:
-            api.stop()
-    finally:
-        etcd.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ Debian's package, read with a real gRPC client. No mocks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 from pymesh.control.metrics import ControlMetrics
 from pymesh.control.state import Delta, MeshState, Snapshot
 
-from .control_plane import ControlPlane, Etcd, wait_for, write_services
+from .control_plane import ControlPlane, Etcd, StartControl, wait_for, write_services
 
 #: a change in a source must reach watchers within this (the file source polls every 200 ms)
 PUSH_TIMEOUT = 1.5
@@ -27,25 +27,6 @@ NO_WRITES = {"name": "ops-read-only", "action": "DENY", "servers": ["spiffe://cl
              "identities": ["spiffe://cluster.local/ns/ops/*"], "methods": ["POST", "PUT"]}
 HEALTH = {"name": "public-health", "unauthenticated": True, "paths": ["/healthz"], "servers": ["*"]}
 POLICY = {"defaultPolicy": "ALL_AUTHENTICATED", "policies": [NO_WRITES, HEALTH]}
-
-StartControl = Callable[..., ControlPlane]
-
-
-@pytest.fixture
-def start_control(tmp_path: Path) -> Iterator[StartControl]:
-    """Starts `pymesh control run` processes; all are stopped after the test."""
-    started: list[ControlPlane] = []
-
-    def start(source: str, *args: str) -> ControlPlane:
-        control = ControlPlane(source, tmp_path / f"control{len(started)}.log", *args)
-        started.append(control)
-        control.wait_ready()
-        return control
-
-    yield start
-    for control in started:
-        control.stop()
-
 
 @pytest.fixture
 def source_dir(tmp_path: Path) -> Path:

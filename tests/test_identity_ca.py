@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pymesh._proto.pymesh.mesh.v1 import identity_pb2, identity_pb2_grpc
 
-from .control_plane import ControlPlane, Etcd, KubeApiServer, wait_for
+from .control_plane import ControlPlane, KubeApiServer, wait_for
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
 DB = "spiffe://cluster.local/ns/default/sa/db"
@@ -504,20 +504,6 @@ def test_the_token_command(start_control: StartControl, state_dir: Path, tmp_pat
 
 
 # -- Kubernetes: ServiceAccount tokens, checked with TokenReview --------------------------------
-
-
-@pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
-    directory = tmp_path_factory.mktemp("kube")
-    etcd = Etcd(directory / "etcd")
-    try:
-        api = KubeApiServer(etcd, directory / "apiserver")
-        try:
-            yield api
-        finally:
-            api.stop()
-    finally:
-        etcd.stop()
 
 
 def service_account_token(kube: KubeApiServer, namespace: str, name: str) -> str:
