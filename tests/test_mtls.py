@@ -624,3 +624,45 @@ def test_the_control_plane_marks_endpoints_as_meshed_and_streams_policy(
         wait_for(lambda: http.post(url, headers={"host": "web"}, content=b"x").status_code == 200, 10)
     assert any(f'server_id="{SERVER_ID}"' in line for line in metric_lines(client_proxy, "response_total"))
     assert any(f'client_id="{CLIENT_ID}"' in line for line in metric_lines(server_proxy, "response_total"))
+
+
+def test_rate_limits_per_client_identity(mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
+    """A per-client rate limit on the server: one client identity over its bucket gets 429,
+    another identity is still served."""
+    config = server_config(mesh, backend.address)
+    config["services"][0]["rateLimit"] = {"requestsPerSecond": 0.01, "burst": 3, "perClient": True}
+    server_proxy = native("server", config)
+    client_proxy = native("client", client_config(mesh, server_proxy.address("inbound")))
+    ready(server_proxy)
+    ready(client_proxy)
+    with httpx.Client(timeout=10) as http:
+        statuses = [http.get(f"http://{client_proxy.address()}/echo", headers={"host": "web"}).status_code
+                    for _ in range(6)]
+    assert statuses == [200, 200, 200, 429, 429, 429], statuses
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain = mesh.certify(f"spiffe://{TRUST_DOMAIN}/ns/tools/sa/probe", key)
+    with mesh_tls_client(mesh, key, chain, server_proxy) as tls:
+        tls.sendall(b"GET /echo HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        assert read_all(tls).startswith(b"HTTP/1.1 200")
+
+
+def test_path_policies_cannot_be_sidestepped(mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
+    """A DENY on a path holds against other spellings of the path, and against a client that
+    stays silent until detection gives up and treats its connection as opaque TCP."""
+    authorization = {"policies": [{"name": "no-admin", "action": "DENY", "paths": ["/admin*"]}]}
+    server_proxy = native("server", server_config(mesh, backend.address, tls="PERMISSIVE",
+                                                  authorization=authorization))
+    ready(server_proxy)
+    host, port = server_proxy.address("inbound").rsplit(":", 1)
+    with httpx.Client(timeout=5) as http:
+        base = f"http://{server_proxy.address('inbound')}"
+        assert http.get(f"{base}/echo", headers={"host": "app"}).status_code == 200
+        for path in ["/admin", "/%61dmin", "/echo/../admin", "//admin"]:
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n".encode())
+                answer = read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 403"), (path, answer[:100])
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        time.sleep(1.5)  # past the detect timeout: the proxy now sees opaque TCP
+        sock.sendall(b"GET /admin HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        assert refused(lambda: read_all(sock))

@@ -29,12 +29,18 @@ pub struct Decision {
 
 pub fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decision {
     let applicable = || {
-        settings.policies.iter().filter(|p| {
-            (p.listeners.is_empty() || p.listeners.iter().any(|l| l == subject.listener))
-                && (subject.request.is_some() || (p.paths.is_empty() && p.methods.is_empty()))
-        })
+        settings
+            .policies
+            .iter()
+            .filter(|p| p.listeners.is_empty() || p.listeners.iter().any(|l| l == subject.listener))
     };
-    if let Some(p) = applicable().find(|p| p.deny && matches(p, subject)) {
+    // Paths are matched as an application would read them, not as sent: `/a/../admin`,
+    // `//admin` and `/%61dmin` are all `/admin`.
+    let normalised = subject
+        .request
+        .map(|(method, path)| (method, normalise_path(path)));
+    let request = normalised.as_ref().map(|(m, p)| (*m, p.as_str()));
+    if let Some(p) = applicable().find(|p| p.deny && matches(p, subject.client, request, true)) {
         return Decision {
             allowed: false,
             policy: p.name.clone(),
@@ -42,14 +48,14 @@ pub fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decisi
     }
     let mut allows = applicable().filter(|p| !p.deny).peekable();
     if allows.peek().is_some() {
-        return match allows.find(|p| matches(p, subject)) {
+        return match allows.find(|p| matches(p, subject.client, request, false)) {
             Some(p) => Decision {
                 allowed: true,
                 policy: p.name.clone(),
             },
             None => Decision {
                 allowed: false,
-                policy: Arc::from("default:no-matching-policy"),
+                policy: settings.no_match_name.clone(),
             },
         };
     }
@@ -60,31 +66,93 @@ pub fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decisi
     };
     Decision {
         allowed,
-        policy: Arc::from(settings.default.name()),
+        policy: settings.default_name.clone(),
     }
 }
 
-fn matches(policy: &PolicySettings, subject: &Subject<'_>) -> bool {
-    let client = if policy.identities.is_empty() && !policy.unauthenticated {
+/// Whether `policy` covers this client and request. Opaque TCP (no request) can't be
+/// checked against paths or methods: such a DENY counts as matching and such an ALLOW
+/// as not (`deny` says which is being asked), so a client that makes detection give up
+/// (by staying silent) gains nothing.
+fn matches(
+    policy: &PolicySettings,
+    client: Option<&str>,
+    request: Option<(&Method, &str)>,
+    deny: bool,
+) -> bool {
+    let client_matches = if policy.identities.is_empty() && !policy.unauthenticated {
         true
     } else {
-        match subject.client {
+        match client {
             Some(id) => policy.identities.iter().any(|m| m.matches(id)),
             None => policy.unauthenticated,
         }
     };
-    if !client {
+    if !client_matches {
         return false;
     }
-    let Some((method, path)) = subject.request else {
-        return true;
+    let Some((method, path)) = request else {
+        return deny || (policy.paths.is_empty() && policy.methods.is_empty());
     };
-    (policy.methods.is_empty() || policy.methods.contains(method))
+    (policy.methods.is_empty()
+        || policy
+            .methods
+            .iter()
+            .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str())))
         && (policy.paths.is_empty()
             || policy.paths.iter().any(|p| match p {
                 PathMatch::Exact(exact) => exact == path,
                 PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
             }))
+}
+
+/// The path as an application would resolve it: percent-decoded (`%2F` and `%5C`
+/// included), backslashes as slashes, repeated slashes merged, `.` and `..` resolved.
+pub fn normalise_path(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'\\', _, _) => {
+                decoded.push(b'/');
+                i += 1;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded).replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len() + 1);
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (decoded.ends_with('/') && !segments.is_empty()) {
+        out.push('/');
+    }
+    out
 }
 
 type CounterKey = (Arc<str>, &'static str, Arc<str>, bool, Option<Arc<str>>);
@@ -214,6 +282,9 @@ mod tests {
             "mesh-only"
         );
         assert!(decide(&s, &http(Some(WEB), &post, "/x")).allowed);
+        // Methods match whatever their case.
+        let lower = Method::from_bytes(b"post").unwrap();
+        assert!(!decide(&s, &http(Some(OPS), &lower, "/x")).allowed);
         assert_eq!(
             &*decide(&s, &http(None, &get, "/healthz")).policy,
             "public-health"

@@ -38,10 +38,20 @@ impl ClientIo {
 }
 
 impl ClientIo {
-    /// Puts bytes read through this stream (during detection) back in front.
+    /// Puts bytes read through this stream (during detection) back in front of any
+    /// not yet read.
     pub fn unread(&mut self, bytes: Bytes) {
-        debug_assert!(self.prefix.is_empty());
-        self.prefix = bytes;
+        if bytes.is_empty() {
+            return;
+        }
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            joined.freeze()
+        };
     }
 }
 

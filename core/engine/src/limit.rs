@@ -1,6 +1,9 @@
-//! Local rate limiting: a token bucket per service.
+//! Local rate limiting: a token bucket per service, or one per client identity.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use tokio::time::Instant;
 
@@ -36,6 +39,66 @@ impl TokenBucket {
     }
 }
 
+/// Buckets beyond this many clients: later clients share one (a bound on memory, since
+/// identities come from certificates the mesh CA issued, not from the request).
+const MAX_CLIENT_BUCKETS: usize = 10_000;
+
+type ClientKey = Option<Arc<str>>;
+
+/// A service's rate limit, as configured.
+pub enum RateLimiter {
+    Service(TokenBucket),
+    /// Read from a lock-free snapshot; a client's first request adds its bucket.
+    PerClient {
+        settings: RateLimitSettings,
+        buckets: ArcSwap<HashMap<ClientKey, Arc<TokenBucket>>>,
+        overflow: TokenBucket,
+    },
+}
+
+impl RateLimiter {
+    pub fn new(settings: RateLimitSettings) -> Self {
+        if settings.per_client {
+            RateLimiter::PerClient {
+                settings,
+                buckets: ArcSwap::from_pointee(HashMap::new()),
+                overflow: TokenBucket::new(settings),
+            }
+        } else {
+            RateLimiter::Service(TokenBucket::new(settings))
+        }
+    }
+
+    /// Takes a token for a request from `client` (its mesh identity, if any).
+    pub fn try_take(&self, client: Option<&Arc<str>>) -> bool {
+        let (settings, buckets, overflow) = match self {
+            RateLimiter::Service(bucket) => return bucket.try_take(),
+            RateLimiter::PerClient {
+                settings,
+                buckets,
+                overflow,
+            } => (settings, buckets, overflow),
+        };
+        let key: ClientKey = client.cloned();
+        if let Some(bucket) = buckets.load().get(&key) {
+            return bucket.try_take();
+        }
+        if buckets.load().len() >= MAX_CLIENT_BUCKETS {
+            return overflow.try_take();
+        }
+        let fresh = Arc::new(TokenBucket::new(*settings));
+        buckets.rcu(|old| {
+            let mut map = HashMap::clone(old);
+            map.entry(key.clone()).or_insert_with(|| fresh.clone());
+            map
+        });
+        buckets
+            .load()
+            .get(&key)
+            .map_or_else(|| overflow.try_take(), |bucket| bucket.try_take())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,10 +108,28 @@ mod tests {
         let bucket = TokenBucket::new(RateLimitSettings {
             per_second: 1000.0,
             burst: 10,
+            per_client: false,
         });
         let granted = (0..50).filter(|_| bucket.try_take()).count();
         assert!((10..=12).contains(&granted), "{granted}");
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(bucket.try_take());
+    }
+
+    #[test]
+    fn each_client_has_its_own_bucket() {
+        let limiter = RateLimiter::new(RateLimitSettings {
+            per_second: 0.001,
+            burst: 2,
+            per_client: true,
+        });
+        let a: Arc<str> = Arc::from("spiffe://cluster.local/ns/a/sa/a");
+        let b: Arc<str> = Arc::from("spiffe://cluster.local/ns/b/sa/b");
+        let granted =
+            |client: Option<&Arc<str>>| (0..5).filter(|_| limiter.try_take(client)).count();
+        assert_eq!(granted(Some(&a)), 2);
+        assert_eq!(granted(Some(&b)), 2);
+        assert_eq!(granted(None), 2);
+        assert_eq!(granted(Some(&a)), 0);
     }
 }

@@ -170,7 +170,7 @@ async fn serve_connection(
                 None
             }
         },
-        _ if settings.tls == TlsMode::Strict && mesh.is_some() => {
+        _ if settings.tls == TlsMode::Strict => {
             tracing::info!(listener = %settings.name, "connection refused: the listener is STRICT and the client did not use mesh TLS");
             None
         }

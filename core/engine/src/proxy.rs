@@ -296,12 +296,11 @@ impl Inner {
             )
             .into());
         }
-        match (&current.identity, &settings.identity, &shared.mesh) {
-            (None, None, _) => {}
+        // Only the trust anchors may change; they are applied once nothing else can fail.
+        let anchors = match (&current.identity, &settings.identity, &shared.mesh) {
+            (None, None, _) => None,
             (Some(old), Some(new), Some(mesh)) if old.same_except_anchors(new) => {
-                mesh.set_anchors(new.trust_anchors.clone()).map_err(|e| {
-                    ConfigError::new("identity", format!("the trust anchors cannot be used: {e}"))
-                })?;
+                Some((mesh, new.trust_anchors.clone()))
             }
             _ => {
                 return Err(ConfigError::new(
@@ -310,7 +309,7 @@ impl Inner {
                 )
                 .into())
             }
-        }
+        };
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
         // Bind new addresses first: if one fails, nothing has changed yet.
         // A listener stays when its name and configured address stay; otherwise it is
@@ -327,6 +326,11 @@ impl Inner {
                     .map_err(|e| bind_error(&format!("listeners[{i}].address"), l.addr, e))?;
                 bound.push((l.clone(), socket));
             }
+        }
+        if let Some((mesh, anchors)) = anchors {
+            mesh.set_anchors(anchors).map_err(|e| {
+                ConfigError::new("identity", format!("the trust anchors cannot be used: {e}"))
+            })?;
         }
         let router = Router::build(&settings, Some(&shared.router.load()), shared.mesh.as_ref());
         let keep: HashMap<String, Arc<crate::config::ListenerSettings>> = settings

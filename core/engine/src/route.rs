@@ -17,7 +17,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::balance::{Balancer, Endpoint};
 use crate::config::{Direction, ServiceSettings, Settings};
 use crate::http::upstream::{http1_client, ConnectionLimits, EndpointConnect, Http1Client};
-use crate::limit::TokenBucket;
+use crate::limit::RateLimiter;
 use crate::metrics::{DirectionLabel, HandleCache, Label, Metrics, RouteLabels};
 use crate::retry::RetryBudget;
 use crate::tls::MeshTls;
@@ -35,7 +35,7 @@ pub struct Target {
     pub concurrency: Arc<Semaphore>,
     /// Requests waiting for an upstream stream (`limits.max_pending`).
     pub pending: Arc<Semaphore>,
-    pub rate_limit: Option<TokenBucket>,
+    pub rate_limit: Option<RateLimiter>,
     /// Stops the service's health checks when the target is replaced.
     _health_checks: Option<DropGuard>,
 }
@@ -175,7 +175,11 @@ impl Target {
             .collect();
         // The HTTP/1 pool survives a reload when its timeouts do.
         let (http1, connection_limits) = match previous {
-            Some(p) if p.settings.timeouts == timeouts => {
+            // ...and no endpoint's identity changed: its pooled connections were made
+            // (plain, or verified as someone else) for the old one.
+            Some(p)
+                if p.settings.timeouts == timeouts && same_identities(&p.settings, &settings) =>
+            {
                 p.connection_limits.store(Arc::new(caps));
                 (p.http1.clone(), p.connection_limits.clone())
             }
@@ -207,11 +211,23 @@ impl Target {
             budget: RetryBudget::new(policy.retries.budget),
             concurrency: Arc::new(Semaphore::new(limits.max_concurrent)),
             pending: Arc::new(Semaphore::new(limits.max_pending)),
-            rate_limit: policy.rate_limit.map(TokenBucket::new),
+            rate_limit: policy.rate_limit.map(RateLimiter::new),
             _health_checks: health_checks,
             settings,
         }
     }
+}
+
+/// Whether every endpoint address in both has the same identity in both.
+fn same_identities(old: &ServiceSettings, new: &ServiceSettings) -> bool {
+    let identities: HashMap<SocketAddr, &Option<Arc<str>>> = old
+        .endpoints
+        .iter()
+        .map(|e| (e.addr, &e.identity))
+        .collect();
+    new.endpoints
+        .iter()
+        .all(|e| identities.get(&e.addr).is_none_or(|id| **id == e.identity))
 }
 
 impl Route {

@@ -7,7 +7,7 @@
 //! through untouched. The chain is checked against the trust anchors by rustls;
 //! the identity is checked after the handshake against what the endpoint should be.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -24,6 +24,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 pub enum TlsError {
     #[error("this proxy has no certificate yet (its identity is not certified)")]
     NotCertified,
+    #[error(
+        "the endpoint is meshed, and this proxy has no `identity` to reach it with mutual TLS"
+    )]
+    NoLocalIdentity,
     #[error("{expected:?} cannot be named in TLS: {reason}")]
     BadName { expected: String, reason: String },
     #[error("TLS handshake failed: {0}")]
@@ -60,6 +64,8 @@ pub struct MeshTls {
     anchors: ArcSwap<Vec<CertificateDer<'static>>>,
     certified: ArcSwapOption<Certified>,
     configs: ArcSwapOption<Configs>,
+    /// Serialises updates (a renewal and an anchor change at once must not lose either).
+    updating: Mutex<()>,
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -74,6 +80,7 @@ impl MeshTls {
             anchors: ArcSwap::from_pointee(anchors),
             certified: ArcSwapOption::empty(),
             configs: ArcSwapOption::empty(),
+            updating: Mutex::new(()),
         }
     }
 
@@ -88,6 +95,7 @@ impl MeshTls {
 
     /// Installs a new certificate; new handshakes use it at once.
     pub fn set_certificate(&self, certified: Certified) -> Result<(), TlsError> {
+        let _updating = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let configs = build(&self.anchors.load(), &certified)?;
         self.certified.store(Some(Arc::new(certified)));
         self.configs.store(Some(Arc::new(configs)));
@@ -96,6 +104,7 @@ impl MeshTls {
 
     /// Replaces the trust anchors (a rotation adds the new anchor beside the old).
     pub fn set_anchors(&self, anchors: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+        let _updating = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         if **self.anchors.load() == anchors {
             return Ok(());
         }
@@ -245,8 +254,9 @@ fn build(anchors: &[CertificateDer<'static>], certified: &Certified) -> Result<C
         .dangerous()
         .with_custom_certificate_verifier(server_verifier)
         .with_client_auth_cert(certified.chain.clone(), certified.key.clone_key())?;
-    // Many proxies resume sessions with the same peers; tickets save a full handshake.
-    client.resumption = rustls::client::Resumption::in_memory_sessions(256);
+    // No resumption: a resumed session would skip checking the peer's certificate (its
+    // expiry, the current anchors). Connections are pooled, so full handshakes are rare.
+    client.resumption = rustls::client::Resumption::disabled();
     Ok(Configs {
         client: TlsConnector::from(Arc::new(client)),
         server: TlsAcceptor::from(Arc::new(server)),

@@ -278,6 +278,23 @@ impl Settings {
 
         let control_plane = control_plane(config.control_plane.as_ref())?;
         let identity = security::identity(config.identity.as_ref(), control_plane.as_ref())?;
+        if let Some(i) = listeners
+            .iter()
+            .position(|l| l.tls == TlsMode::Strict && l.direction == Direction::Outbound)
+        {
+            return Err(ConfigError::new(
+                format!("listeners[{i}].tls"),
+                "STRICT applies to INBOUND listeners (where mesh TLS is terminated)",
+            ));
+        }
+        if identity.is_none() {
+            if let Some(i) = listeners.iter().position(|l| l.tls == TlsMode::Strict) {
+                return Err(ConfigError::new(
+                    format!("listeners[{i}].tls"),
+                    "STRICT needs the proxy to have an `identity` (mutual TLS); without one it could only serve plaintext",
+                ));
+            }
+        }
         let authorization = Arc::new(security::authorization(
             config.authorization.as_ref(),
             &listener_names,

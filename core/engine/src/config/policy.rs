@@ -77,6 +77,8 @@ pub struct ServiceLimits {
 pub struct RateLimitSettings {
     pub per_second: f64,
     pub burst: u32,
+    /// A bucket per client identity rather than one for the service.
+    pub per_client: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -361,6 +363,7 @@ fn rate_limit(
     Ok(Some(RateLimitSettings {
         per_second: r.requests_per_second,
         burst,
+        per_client: r.per_client,
     }))
 }
 

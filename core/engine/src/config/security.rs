@@ -68,14 +68,25 @@ impl DefaultPolicy {
 pub struct AuthorizationSettings {
     pub default: DefaultPolicy,
     pub policies: Vec<Arc<PolicySettings>>,
+    /// Decision names made once, so deciding allocates nothing.
+    pub default_name: Arc<str>,
+    pub no_match_name: Arc<str>,
+}
+
+impl AuthorizationSettings {
+    fn new(default: DefaultPolicy, policies: Vec<Arc<PolicySettings>>) -> Self {
+        Self {
+            default,
+            policies,
+            default_name: Arc::from(default.name()),
+            no_match_name: Arc::from("default:no-matching-policy"),
+        }
+    }
 }
 
 impl Default for AuthorizationSettings {
     fn default() -> Self {
-        Self {
-            default: DefaultPolicy::AllUnauthenticated,
-            policies: Vec::new(),
-        }
+        Self::new(DefaultPolicy::AllUnauthenticated, Vec::new())
     }
 }
 
@@ -399,7 +410,7 @@ pub fn authorization(
             methods,
         }));
     }
-    Ok(AuthorizationSettings { default, policies })
+    Ok(AuthorizationSettings::new(default, policies))
 }
 
 fn identity_match(value: &str, at: &str) -> Result<IdentityMatch, ConfigError> {

@@ -177,8 +177,8 @@ async fn admit_and_forward(
     grpc: bool,
 ) -> Outcome {
     let target = &route.target;
-    if let Some(bucket) = &target.rate_limit {
-        if !bucket.try_take() {
+    if let Some(limiter) = &target.rate_limit {
+        if !limiter.try_take(ctx.client_id.as_ref()) {
             ctx.shared
                 .metrics
                 .rate_limited

@@ -14,8 +14,16 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// True when an HTTP/1 request asks to switch protocols (`Connection: upgrade`).
+/// An upgrade to `h2c` is not passed on: the proxy speaks HTTP/2 itself, and a raw
+/// tunnel would carry later requests past routing and authorization policy.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    let Some(upgrade) = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let only_h2c = upgrade
+        .split(',')
+        .all(|p| p.trim().eq_ignore_ascii_case("h2c"));
+    !only_h2c && connection_has(headers, "upgrade")
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -72,6 +80,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h2c_upgrades_are_not_passed_on() {
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(!wants_upgrade(&h2c));
+        let ws = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&ws));
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

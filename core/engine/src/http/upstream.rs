@@ -82,8 +82,9 @@ pub fn http1_client(
         })
 }
 
-/// Upgrades `stream` to mutual TLS when the endpoint is meshed and this proxy has
-/// an identity (the handshake within the connect timeout); otherwise it stays plain TCP.
+/// Upgrades `stream` to mutual TLS when the endpoint is meshed (the handshake within
+/// the connect timeout; a proxy without an identity cannot reach it); otherwise it
+/// stays plain TCP.
 pub async fn secure(
     stream: TcpStream,
     addr: SocketAddr,
@@ -97,7 +98,12 @@ pub async fn secure(
             .await
             .map(|tls| UpstreamIo::Tls(Box::new(tls)))
             .map_err(|source| ConnectError::Tls { addr, source }),
-        _ => Ok(UpstreamIo::Plain(stream)),
+        // A meshed endpoint is never reached in plaintext.
+        (Some(_), None) => Err(ConnectError::Tls {
+            addr,
+            source: TlsError::NoLocalIdentity,
+        }),
+        (None, _) => Ok(UpstreamIo::Plain(stream)),
     }
 }
 
