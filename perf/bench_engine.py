@@ -38,6 +38,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# The harness's mesh CA (perf/harness/mesh.py): this script runs with perf/ on sys.path.
+from harness.mesh import MeshCA, mesh_ca, spiffe_id
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -91,32 +94,20 @@ def proxy_config(upstream: str) -> dict:
 @contextmanager
 def native_proxy(upstream: str, workdir: Path, cpu: int | None, binary: str | None = None
                  ) -> Iterator[tuple[str, int]]:
-    config = workdir / f"proxy-{os.urandom(4).hex()}.json"
-    config.write_text(json.dumps(proxy_config(upstream)))
-    command = [binary or tool("pymesh-proxy"), "--config", str(config), "--log", "warn"]
-    if cpu is not None:
-        command = ["taskset", "-c", str(cpu), *command]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process, addresses = start_sidecar(proxy_config(upstream), workdir, cpu, binary)
     try:
-        assert process.stdout is not None
-        address = ""
-        for line in process.stdout:
-            kind, *rest = line.split()
-            if kind == "listening":
-                address = rest[1]
-            if kind == "admin":
-                break
-        yield address, process.pid
+        yield addresses["main"], process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
-def start_sidecar(config: dict, workdir: Path, cpu: int | None) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def start_sidecar(config: dict, workdir: Path, cpu: int | None, binary: str | None = None
+                  ) -> tuple[subprocess.Popen[str], dict[str, str]]:
     """A `pymesh-proxy` on ``config``; returns it and its listeners' addresses (and `admin`)."""
     path = workdir / f"proxy-{os.urandom(4).hex()}.json"
     path.write_text(json.dumps(config))
-    command = [tool("pymesh-proxy"), "--config", str(path), "--log", "warn"]
+    command = [binary or tool("pymesh-proxy"), "--config", str(path), "--log", "warn"]
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -132,48 +123,12 @@ def start_sidecar(config: dict, workdir: Path, cpu: int | None) -> tuple[subproc
     return process, addresses
 
 
-def pymesh_cli(*args: str) -> str:
-    return subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", *args],
-                          capture_output=True, text=True, check=True, timeout=60).stdout
-
-
 @contextmanager
-def control_plane(workdir: Path) -> Iterator[tuple[str, Path]]:
-    """The mesh CA (a file-sourced control plane): its address and state directory."""
-    services = workdir / "services"
-    services.mkdir(exist_ok=True)
-    (services / "services.yaml").write_text("services: []\n")
-    state = workdir / "ca"
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run", "--source",
-         f"file:{services}", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir", str(state),
-         "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        address = process.stdout.readline().split()[1]
-        process.stdout.readline()
-        yield address, state
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-@contextmanager
-def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: tuple[str, Path] | None
+def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: MeshCA | None
                ) -> Iterator[tuple[str, int]]:
     """A client sidecar → server sidecar hop, over mutual TLS when ``ca`` is given. Yields
     the client's address and the client's pid (CPU is read for the pair's client side)."""
-    def identity(sa: str) -> dict:
-        assert ca is not None
-        address, state = ca
-        token = workdir / f"{sa}.token"
-        token.write_text(pymesh_cli("control", "token", "--namespace", "bench", "--service-account", sa,
-                                    "--state-dir", str(state)).strip())
-        anchors = workdir / "anchors.pem"
-        anchors.write_text(pymesh_cli("control", "ca-bundle", "--state-dir", str(state)))
-        return {"trustAnchorsFile": str(anchors), "caAddresses": [address], "tokenFile": str(token),
-                "namespace": "bench", "serviceAccount": sa}
-
+    identities = ca.identities("client", "server") if ca else {}
     server_config: dict = {
         "admin": {"address": "127.0.0.1:0"},
         "listeners": [{"name": "inbound", "address": "127.0.0.1:0", "direction": "INBOUND",
@@ -181,14 +136,14 @@ def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: tuple[str, Pat
         "services": [{"name": "app", "endpoints": [{"address": upstream}]}],
     }
     if ca:
-        server_config["identity"] = identity("server")
+        server_config["identity"] = identities["server"]
     server, server_addresses = start_sidecar(server_config, workdir, cpu)
     endpoint = {"address": server_addresses["inbound"]}
     client_config: dict = proxy_config(upstream)
     client_config["services"][0]["endpoints"] = [endpoint]
     if ca:
-        endpoint["identity"] = "spiffe://cluster.local/ns/bench/sa/server"
-        client_config["identity"] = identity("client")
+        endpoint["identity"] = spiffe_id("server")
+        client_config["identity"] = identities["client"]
     client, client_addresses = start_sidecar(client_config, workdir, cpu)
     try:
         for admin in (server_addresses["admin"], client_addresses["admin"]):
@@ -362,7 +317,9 @@ def main() -> int:
             ("direct", upstream, None), ("native", native_address, native_pid),
             ("embedded", embedded_address, embedded_pid)]
         if not args.no_pairs:
-            ca = stack.enter_context(control_plane(Path(tmp)))
+            ca_dir = Path(tmp) / "ca"
+            ca_dir.mkdir()
+            ca = stack.enter_context(mesh_ca(ca_dir))
             systems.append(("pair", *stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, None))))
             systems.append(("mtls-pair", *stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, ca))))
         if args.baseline_proxy:

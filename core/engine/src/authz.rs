@@ -35,10 +35,16 @@ pub fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decisi
             .filter(|p| p.listeners.is_empty() || p.listeners.iter().any(|l| l == subject.listener))
     };
     // Paths are matched as an application would read them, not as sent: `/a/../admin`,
-    // `//admin` and `/%61dmin` are all `/admin`.
-    let normalised = subject
-        .request
-        .map(|(method, path)| (method, normalise_path(path)));
+    // `//admin` and `/%61dmin` are all `/admin`. Only worked out when a policy looks at paths.
+    let by_path = applicable().any(|p| !p.paths.is_empty());
+    let normalised = subject.request.map(|(method, path)| {
+        let path = if by_path {
+            normalise_path(path)
+        } else {
+            String::new()
+        };
+        (method, path)
+    });
     let request = normalised.as_ref().map(|(m, p)| (*m, p.as_str()));
     if let Some(p) = applicable().find(|p| p.deny && matches(p, subject.client, request, true)) {
         return Decision {

@@ -1,82 +1,68 @@
-//! The client side of an accepted connection: bytes read during protocol detection are
-//! replayed first, and every byte in either direction is counted for the TCP metrics.
-//! Also the other stream shapes the proxy handles: a decrypted stream with detection
-//! bytes put back ([`Prefixed`]) and a plain-or-TLS endpoint connection ([`UpstreamIo`]).
+//! The stream shapes a connection takes: an accepted socket whose bytes are counted for
+//! the TCP metrics ([`CountedIo`]), any stream with bytes read during detection put back
+//! in front ([`Prefixed`]; an accepted connection is a [`ClientIo`]), and a plain-or-TLS
+//! endpoint connection ([`UpstreamIo`]).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
-pub struct ClientIo {
-    prefix: Bytes,
-    stream: TcpStream,
-    read_bytes: Counter,
-    write_bytes: Counter,
-}
+/// An accepted connection: detection's bytes first, every byte counted.
+pub type ClientIo = Prefixed<CountedIo>;
 
 impl ClientIo {
-    pub fn new(
+    /// `prefix` is what detection already read from `stream` (counted here).
+    pub fn accepted(
         prefix: Bytes,
         stream: TcpStream,
         read_bytes: Counter,
         write_bytes: Counter,
     ) -> Self {
-        // Bytes consumed by detection were already read from the socket.
         read_bytes.inc_by(prefix.len() as u64);
-        Self {
+        Prefixed::new(
             prefix,
-            stream,
-            read_bytes,
-            write_bytes,
-        }
+            CountedIo {
+                stream,
+                read_bytes,
+                write_bytes,
+            },
+        )
     }
 }
 
-impl ClientIo {
-    /// Puts bytes read through this stream (during detection) back in front of any
-    /// not yet read.
-    pub fn unread(&mut self, bytes: Bytes) {
-        if bytes.is_empty() {
-            return;
-        }
-        self.prefix = if self.prefix.is_empty() {
-            bytes
-        } else {
-            let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.prefix.len());
-            joined.extend_from_slice(&bytes);
-            joined.extend_from_slice(&self.prefix);
-            joined.freeze()
-        };
-    }
+/// A connection to an endpoint: plain TCP, or mutual TLS to a meshed proxy.
+pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// A client socket whose bytes in either direction are counted.
+pub struct CountedIo {
+    stream: TcpStream,
+    read_bytes: Counter,
+    write_bytes: Counter,
 }
 
-impl AsyncRead for ClientIo {
+impl AsyncRead for CountedIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.prefix.is_empty() {
-            replay(&mut this.prefix, buf);
-            return Poll::Ready(Ok(()));
-        }
         let before = buf.filled().len();
-        let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.read_bytes.inc_by(n as u64);
+            self.read_bytes.inc_by(n as u64);
         }
         poll
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl AsyncWrite for CountedIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -114,17 +100,6 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// Copies what fits of `prefix` into `buf`; once all of it is replayed its buffer is
-/// released, so an idle keep-alive connection doesn't hold its detection buffer.
-fn replay(prefix: &mut Bytes, buf: &mut ReadBuf<'_>) {
-    let n = prefix.len().min(buf.remaining());
-    buf.put_slice(&prefix[..n]);
-    prefix.advance(n);
-    if prefix.is_empty() {
-        *prefix = Bytes::new();
-    }
-}
-
 /// A stream with bytes already read from it (during detection) put back in front.
 pub struct Prefixed<S> {
     prefix: Bytes,
@@ -135,6 +110,21 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
     }
+
+    /// Puts bytes read through this stream back in front of any not yet read.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.prefix = if self.prefix.is_empty() {
+            bytes
+        } else {
+            let mut joined = BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&self.prefix);
+            joined.freeze()
+        };
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -144,11 +134,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.prefix.is_empty() {
-            replay(&mut this.prefix, buf);
-            return Poll::Ready(Ok(()));
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
+        if this.prefix.is_empty() {
+            // Release the buffer: an idle keep-alive connection shouldn't hold it.
+            this.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -179,69 +175,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A connection to an endpoint: plain TCP, or mutual TLS to a meshed proxy.
-pub enum UpstreamIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, data),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
     }
 }

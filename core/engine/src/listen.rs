@@ -155,7 +155,7 @@ async fn serve_connection(
         detect_timeout: detect_timeout.saturating_sub(started.elapsed()),
     };
     let mut client_id = None;
-    let io = ClientIo::new(buf.split().freeze(), stream, read_bytes, write_bytes);
+    let io = ClientIo::accepted(buf.split().freeze(), stream, read_bytes, write_bytes);
     let protocol = match mesh {
         Some(mesh) if meshed => match mesh.accept(io, HANDSHAKE_TIMEOUT).await {
             Ok((mut tls, client)) => {

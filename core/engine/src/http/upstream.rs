@@ -25,6 +25,7 @@ use super::replay::RequestBody;
 use crate::config::Timeouts;
 use crate::io::UpstreamIo;
 use crate::tls::{MeshTls, TlsError};
+use tokio_util::either::Either;
 
 pub type Http1Client = Client<LimitedConnector, RequestBody>;
 
@@ -96,14 +97,14 @@ pub async fn secure(
         (Some(identity), Some(mesh)) => mesh
             .connect(stream, identity, timeout)
             .await
-            .map(|tls| UpstreamIo::Tls(Box::new(tls)))
+            .map(|tls| Either::Right(Box::new(tls)))
             .map_err(|source| ConnectError::Tls { addr, source }),
         // A meshed endpoint is never reached in plaintext.
         (Some(_), None) => Err(ConnectError::Tls {
             addr,
             source: TlsError::NoLocalIdentity,
         }),
-        (None, _) => Ok(UpstreamIo::Plain(stream)),
+        (None, _) => Ok(Either::Left(stream)),
     }
 }
 
@@ -158,7 +159,7 @@ impl tower_service::Service<Uri> for LimitedConnector {
                 Some((addr, id)) => {
                     secure(stream, addr, Some(&id), mesh.as_deref(), connect_timeout).await?
                 }
-                None => UpstreamIo::Plain(stream),
+                None => Either::Left(stream),
             };
             Ok(LimitedIo {
                 io: TokioIo::new(io),
