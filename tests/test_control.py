@@ -19,7 +19,7 @@ from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 from pymesh.control.metrics import ControlMetrics
 from pymesh.control.state import Delta, MeshState, Snapshot
 
-from .control_plane import Etcd, StartControl, wait_for, write_services
+from .control_plane import Etcd, StartControl, free_port, wait_for, write_services
 
 #: a change in a source must reach watchers within this (the file source polls every 200 ms)
 PUSH_TIMEOUT = 1.5
@@ -267,16 +267,16 @@ def test_etcd_watch_register_deregister_ttl(start_control: StartControl, etcd: E
 
     control.register("web", "127.0.0.1:8081")
     assert addresses(web.next(timeout=PUSH_TIMEOUT)) == {"127.0.0.1:8081": 0}
-    assert etcd.get("/pymesh/endpoints/web/127.0.0.1:8081") == {"value": '{"address":"127.0.0.1:8081"}',
+    assert etcd.get("/pymesh/registrations/web/127.0.0.1:8081") == {"value": '{"address":"127.0.0.1:8081"}',
                                                                  "lease": 0}
     control.deregister("web", "127.0.0.1:8081")
     assert list(web.next(timeout=PUSH_TIMEOUT).removed) == ["127.0.0.1:8081"]
-    assert etcd.get("/pymesh/endpoints/web/127.0.0.1:8081") is None
+    assert etcd.get("/pymesh/registrations/web/127.0.0.1:8081") is None
 
     # A ttl is an etcd lease: etcd expires the key (its minimum lease is about 2 s).
     control.register("web", "127.0.0.1:8082", ttl=1)
     assert addresses(web.next(timeout=PUSH_TIMEOUT)) == {"127.0.0.1:8082": 0}
-    assert etcd.get("/pymesh/endpoints/web/127.0.0.1:8082")["lease"] != 0
+    assert etcd.get("/pymesh/registrations/web/127.0.0.1:8082")["lease"] != 0
     assert list(web.next(timeout=6).removed) == ["127.0.0.1:8082"]
 
     # Written straight to etcd, by any tool: pushed.
@@ -348,12 +348,29 @@ def test_etcd_outage_serves_the_last_state_and_resumes(start_control: StartContr
     assert addresses(control.watch_endpoints("web", proxy_id="late").next()) == {"127.0.0.1:8080": 0}
     assert web.error is None
 
-    # A change made before the control plane is back reaches it through the resumed watch.
+    # Changes made while the control plane cannot reach etcd: etcd runs for a while on a
+    # port the control plane does not know, then comes back on its own port.
+    client_port = etcd.client_port
+    etcd.client_port = free_port()
     etcd.start()
     etcd.put("/pymesh/endpoints/web/127.0.0.1:8081", {})
-    assert addresses(web.next(timeout=10)) == {"127.0.0.1:8081": 0}
+    etcd.delete("/pymesh/endpoints/web/127.0.0.1:8081")
+    etcd.put("/pymesh/endpoints/web/127.0.0.1:8082", {})
+    etcd.kill()
+    etcd.client_port = client_port
+    etcd.start()
+
+    # A resumed watch replays each change, in order, once; a re-read of the prefix would
+    # show only the end result (one update adding 8082).
+    first = web.next(timeout=20)
+    assert addresses(first) == {"127.0.0.1:8081": 0} and not first.full, first
+    second = web.next(timeout=5)
+    assert list(second.removed) == ["127.0.0.1:8081"] and not second.added, second
+    third = web.next(timeout=5)
+    assert addresses(third) == {"127.0.0.1:8082": 0} and not third.removed, third
+    web.nothing_within(1.0)
     assert wait_for(lambda: control.status().source_healthy, timeout=10), control.status().source_error
-    assert "resuming from revision" in control.logs or "connected to etcd" in control.logs
+    assert control.logs.count("loaded 1 services") == 1, "the prefix was read again"
 
 
 # -- the state, on its own ----------------------------------------------------------------
@@ -391,7 +408,8 @@ def test_register_and_deregister_from_the_cli(start_control: StartControl, servi
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", "control", *args,
-                               "--control-plane", control.address], capture_output=True, text=True, timeout=30)
+                               "--control-plane", control.address, "--plaintext"],
+                              capture_output=True, text=True, timeout=30)
 
     assert cli("register", "web", "127.0.0.1:9999", "--weight", "3").returncode == 0
     assert addresses(web.next(timeout=PUSH_TIMEOUT)) == {"127.0.0.1:9999": 3}
