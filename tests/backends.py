@@ -38,11 +38,22 @@ class LoopThread:
             self.loop.close()
 
 
+#: how long a gated response waits for the test before it sends the rest anyway
+GATE_TIMEOUT = 10.0
+#: what a gated response sends last when nobody opened its gate in time
+GATE_TIMED_OUT = b"gate timed out"
+
+
 @dataclass
 class EchoBackend:
     address: str
     peers: set[tuple[str, int]] = field(default_factory=set)
     stop: Callable[[], None] = lambda: None
+    #: `/gated?key=K` sends its first chunk, then waits for ``gates[K]`` before the last
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+
+    def gate(self, key: str) -> threading.Event:
+        return self.gates.setdefault(key, threading.Event())
 
     @property
     def connections(self) -> int:
@@ -91,6 +102,21 @@ def start_echo_backend() -> EchoBackend:
         await response.write_eof()
         return response
 
+    async def gated(request: web.Request) -> web.StreamResponse:
+        """One chunk, then the last only once the test has seen the first (or after
+        GATE_TIMEOUT, marked): a proxy that buffers the body cannot pass this."""
+        gate = backend.gate(request.query["key"])
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"first chunk;")
+        deadline = asyncio.get_running_loop().time() + GATE_TIMEOUT
+        while not gate.is_set() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await response.write(b"last chunk" if gate.is_set() else GATE_TIMED_OUT)
+        await response.write_eof()
+        return response
+
     async def sized(request: web.Request) -> web.Response:
         size = int(request.query.get("size", "1024"))
         return web.Response(body=b"x" * size, content_type="application/octet-stream")
@@ -113,6 +139,7 @@ def start_echo_backend() -> EchoBackend:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/stream", stream)
+    app.router.add_get("/gated", gated)
     app.router.add_get("/bytes", sized)
     app.router.add_get("/slow", slow)
     app.router.add_get("/ws", websocket)

@@ -13,7 +13,7 @@ import websockets
 
 from pymesh.metrics import total
 
-from .backends import EchoBackend
+from .backends import GATE_TIMED_OUT, GATE_TIMEOUT, EchoBackend
 from .conftest import ProxyFactory, make_config
 
 
@@ -73,14 +73,18 @@ def test_chunked_request_and_response_stream(start_proxy: ProxyFactory, echo_bac
         assert echoed["body_size"] == 200_000
         assert echoed["body_sha256"] == hashlib.sha256(b"".join(chunks)).hexdigest()
 
-        # A slow chunked response arrives chunk by chunk, not buffered whole.
-        with client.stream("GET", "/stream?chunks=5&size=100&delay_ms=200") as streamed:
+        # A chunked response is streamed, not buffered whole: the first chunk arrives while
+        # the backend still holds back the last (it sends it once this test has the first).
+        with client.stream("GET", "/stream?chunks=5&size=100") as streamed:
             assert streamed.headers["transfer-encoding"] == "chunked"
+            assert len(streamed.read()) == 500
+        with client.stream("GET", "/gated?key=http1", timeout=GATE_TIMEOUT + 5) as streamed:
             raw = streamed.iter_raw()
             first = next(raw)
-            assert first.startswith(b"A")
-            rest = b"".join(raw)
-        assert len(first) + len(rest) == 500
+            assert first.startswith(b"first chunk;") and GATE_TIMED_OUT not in first, first
+            echo_backend.gate("http1").set()
+            body = first + b"".join(raw)
+        assert body == b"first chunk;last chunk", body
 
 
 def test_large_bodies(start_proxy: ProxyFactory, echo_backend: EchoBackend) -> None:

@@ -30,7 +30,7 @@ from hypercorn.config import Config
 
 from pymesh.metrics import total
 
-from .backends import LoopThread
+from .backends import GATE_TIMED_OUT, GATE_TIMEOUT, LoopThread
 from .conftest import ProxyFactory, RunningProxy, make_config
 
 SERVICE = "svc"
@@ -70,6 +70,13 @@ class H2Backend:
     peers: set[tuple[str, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: Callable[[], None] = lambda: None
+    #: set by the backend when a request's first body chunk arrives (``?key=K``), or by the
+    #: test to release the rest of a `/gated` response
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+
+    def gate(self, key: str) -> threading.Event:
+        with self.lock:
+            return self.gates.setdefault(key, threading.Event())
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -108,6 +115,8 @@ class H2Backend:
                 digest.update(body)
                 size += len(body)
                 chunks += 1
+                if chunks == 1 and "key" in query:
+                    self.gate(query["key"]).set()  # the client may now send the rest
             if not message.get("more_body", False):
                 break
 
@@ -126,6 +135,17 @@ class H2Backend:
                 "trailers_supported": "http.response.trailers" in scope.get("extensions", {}),
             }
             await self.respond(send, 200, json.dumps(info).encode(), b"application/json")
+        elif path == "/gated":
+            # The last piece only once the test has the first (or, marked, after GATE_TIMEOUT).
+            gate = self.gate(query["key"])
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream")]})
+            await send({"type": "http.response.body", "body": b"first chunk;", "more_body": True})
+            deadline = asyncio.get_running_loop().time() + GATE_TIMEOUT
+            while not gate.is_set() and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            await send({"type": "http.response.body", "body": b"last chunk" if gate.is_set() else GATE_TIMED_OUT,
+                        "more_body": False})
         elif path == "/download":
             length = int(query["size"])
             await send({"type": "http.response.start", "status": 200,
@@ -279,14 +299,24 @@ def test_authority_is_preserved(start_proxy: ProxyFactory, h2_backend: H2Backend
 def test_streamed_request_body(start_proxy: ProxyFactory, h2_backend: H2Backend) -> None:
     proxy = start_proxy(make_config({SERVICE: [h2_backend.address]}))
     size = 5 * MIB
+    arrived = h2_backend.gate("upload")
+    early: list[bool] = []
+
+    def body() -> Iterator[bytes]:
+        # The last piece goes only once the backend has the first: a proxy that buffered
+        # the request body whole would leave the backend waiting, and ``early`` False.
+        pieces = list(pattern(size, seed=7))
+        yield from pieces[:-1]
+        early.append(arrived.wait(GATE_TIMEOUT))
+        yield pieces[-1]
+
     with h2_client(proxy) as client:
-        response = client.post("/info", content=pattern(size, seed=7))
+        response = client.post("/info", params={"key": "upload"}, content=body())
     assert response.status_code == 200
     seen = response.json()
     assert seen["body_size"] == size
     assert seen["body_sha256"] == pattern_sha256(size, seed=7)
-    # It arrived as a stream of DATA frames, not one buffered piece.
-    assert seen["body_chunks"] > 1
+    assert early == [True], "the backend saw no body before the client sent its last piece"
 
 
 def test_streamed_response_body(start_proxy: ProxyFactory, h2_backend: H2Backend) -> None:
@@ -294,7 +324,6 @@ def test_streamed_response_body(start_proxy: ProxyFactory, h2_backend: H2Backend
     size = 5 * MIB + 123
     digest = hashlib.sha256()
     received = 0
-    pieces = 0
     with h2_client(proxy) as client:
         with client.stream("GET", "/download", params={"size": str(size), "seed": "11"}) as response:
             assert response.status_code == 200
@@ -302,10 +331,18 @@ def test_streamed_response_body(start_proxy: ProxyFactory, h2_backend: H2Backend
             for piece in response.iter_bytes():
                 digest.update(piece)
                 received += len(piece)
-                pieces += 1
-    assert received == size
-    assert digest.hexdigest() == pattern_sha256(size, seed=11)
-    assert pieces > 1
+        assert received == size
+        assert digest.hexdigest() == pattern_sha256(size, seed=11)
+
+        # Streamed, not buffered whole: the first piece arrives while the backend still
+        # holds back the last (it sends it once this test has the first).
+        with client.stream("GET", "/gated", params={"key": "download"}) as response:
+            pieces = response.iter_raw()
+            first = next(pieces)
+            assert first.startswith(b"first chunk;") and GATE_TIMED_OUT not in first, first
+            h2_backend.gate("download").set()
+            whole = first + b"".join(pieces)
+    assert whole == b"first chunk;last chunk", whole
 
 
 @dataclass

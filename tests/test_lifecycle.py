@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
-from .backends import EchoBackend
+from .backends import GATE_TIMED_OUT, GATE_TIMEOUT, EchoBackend
 from .conftest import NativeProxy, ProxyFactory, make_config, wait_until
 
 
@@ -39,29 +38,32 @@ def test_admin_endpoint(start_proxy: ProxyFactory, echo_backend: EchoBackend) ->
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(native_proxy, echo_backend: EchoBackend) -> None:  # noqa: ANN001
-    proxy: NativeProxy = native_proxy(make_config({"web": [echo_backend.address]}))
+    # A grace period far longer than the test waits: exiting proves it drained, not timed out.
+    proxy: NativeProxy = native_proxy(make_config({"web": [echo_backend.address]}), "--shutdown-grace", "120s")
     results: list[httpx.Response | Exception] = []
 
-    def slow_request() -> None:
+    def held_request() -> None:
+        # In flight until the test opens its gate (the backend holds back the last chunk).
         try:
-            results.append(httpx.get(f"http://{proxy.address()}/slow?ms=1000", headers={"host": "web"},
-                                     timeout=10))
+            results.append(httpx.get(f"http://{proxy.address()}/gated?key=drain", headers={"host": "web"},
+                                     timeout=GATE_TIMEOUT + 10))
         except httpx.HTTPError as e:
             results.append(e)
 
-    thread = threading.Thread(target=slow_request)
+    thread = threading.Thread(target=held_request)
     thread.start()
-    assert wait_until(lambda: echo_backend.connections == 1)
-    started = time.monotonic()
+    assert wait_until(lambda: "drain" in echo_backend.gates, timeout=10)
     proxy.process.send_signal(signal.SIGTERM)
-    # While draining, new connections are refused and /ready says so.
-    assert wait_until(lambda: _refused(proxy.address()), timeout=2)
-    code = proxy.process.wait(timeout=10)
+    # While draining, new connections are refused. (/ready cannot be asked yet: a new admin
+    # connection is closed unanswered once the drain starts.)
+    assert wait_until(lambda: _refused(proxy.address()), timeout=10)
+    assert proxy.process.poll() is None, "exited with a request in flight"
+    echo_backend.gate("drain").set()
+    code = proxy.process.wait(timeout=30)
     thread.join(timeout=10)
     assert code == 0
     assert len(results) == 1 and isinstance(results[0], httpx.Response), results
-    assert results[0].status_code == 200 and results[0].text == "slow done"
-    assert time.monotonic() - started < 5  # it exits when drained, not at the end of the grace period
+    assert results[0].status_code == 200 and results[0].content == b"first chunk;last chunk"
     assert "draining" in proxy.logs and "proxy stopped" in proxy.logs
 
 
@@ -77,15 +79,25 @@ def _refused(address: str) -> bool:
 
 def test_grace_period_bounds_the_drain(native_proxy, echo_backend: EchoBackend) -> None:  # noqa: ANN001
     proxy: NativeProxy = native_proxy(make_config({"web": [echo_backend.address]}), "--shutdown-grace", "300ms")
-    thread = threading.Thread(
-        target=lambda: _ignore(lambda: httpx.get(f"http://{proxy.address()}/slow?ms=5000",
-                                                 headers={"host": "web"}, timeout=10)))
+    results: list[httpx.Response | Exception] = []
+
+    def held_request() -> None:
+        # Never released: only the backend's own timeout (GATE_TIMEOUT) would finish it.
+        try:
+            results.append(httpx.get(f"http://{proxy.address()}/gated?key=grace", headers={"host": "web"},
+                                     timeout=GATE_TIMEOUT + 10))
+        except httpx.HTTPError as e:
+            results.append(e)
+
+    thread = threading.Thread(target=held_request)
     thread.start()
-    assert wait_until(lambda: echo_backend.connections == 1)
-    started = time.monotonic()
-    assert proxy.terminate() == 0
-    assert time.monotonic() - started < 3
-    thread.join(timeout=10)
+    assert wait_until(lambda: "grace" in echo_backend.gates, timeout=10)
+    assert proxy.terminate(timeout=30) == 0
+    thread.join(timeout=GATE_TIMEOUT + 15)
+    # The proxy closed the request at the end of its grace period instead of waiting for it.
+    assert len(results) == 1
+    assert isinstance(results[0], httpx.HTTPError) or GATE_TIMED_OUT not in results[0].content, results
+    assert not echo_backend.gate("grace").is_set()
 
 
 def _ignore(call) -> None:  # noqa: ANN001
