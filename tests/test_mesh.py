@@ -94,11 +94,10 @@ def test_endpoints_change_under_traffic_without_failures(
                 wait_for(lambda p=proxy, w=wanted: running_endpoints(p) == w, 5)
             time.sleep(0.5)  # let traffic flow on this set
         reports = [json.loads(load.communicate(timeout=30)[0]) for load in loads]
+        # Counts, not rates: the rate a shared machine reaches is perf/'s business.
         for report in reports:
             assert report["errors"] == 0, report
-            assert report["status_counts"] == {"200": report["requests"]}, report
-            assert report["achieved_rps"] >= 240, report
-        assert sum(r["requests"] for r in reports) >= 500 * 7
+            assert report["requests"] > 0 and report["status_counts"] == {"200": report["requests"]}, report
         assert all(backend.connections > 0 for backend in echo_backends)
     finally:
         control.stop()
@@ -117,21 +116,35 @@ def test_control_plane_away_for_a_minute_then_resync(
     try:
         for proxy in proxies:
             wait_for(lambda p=proxy: running_endpoints(p) == {a.address}, 10)
-        with Traffic(proxies[0].address(), "web", clients=2, max_seconds=120) as first, \
-                Traffic(proxies[1].address(), "web", clients=2, max_seconds=120) as second:
-            first.wait_for(200)
+        # Bounded well past the outage and resync; a client stopping on its bounds fails the test.
+        bounds = {"clients": 2, "max_requests": 2_000_000, "max_seconds": 180}
+        with Traffic(proxies[0].address(), "web", **bounds) as first, \
+                Traffic(proxies[1].address(), "web", **bounds) as second:
+            loads = (first, second)
+            for load in loads:
+                load.wait_for(200)
             control.kill()
-            # Fail static: a minute without the control plane, requests keep flowing.
-            time.sleep(60)
+            # Fail static: a minute without the control plane, and requests keep succeeding
+            # through all of it (checked every few seconds, not only at the end).
+            back = time.monotonic() + 60
+            while (left := back - time.monotonic()) > 0:
+                marks = [load.sent for load in loads]
+                time.sleep(min(5, left))
+                for load, mark in zip(loads, marks, strict=True):
+                    load.wait_for(mark + 20)
+                assert first.errors == [] and second.errors == [], (first.errors[:3], second.errors[:3])
             set_web(source, [b])  # changed while the control plane was away
             assert all(running_endpoints(p) == {a.address} for p in proxies)
             control = ControlPlane(f"file:{source}", tmp_path / "control2.log", "--listen", f"127.0.0.1:{port}")
-            took = max(wait_for(lambda p=proxy: running_endpoints(p) == {b.address}, 5) for proxy in proxies)
-            second.wait_for(second.sent + 100)
+            for proxy in proxies:
+                wait_for(lambda p=proxy: running_endpoints(p) == {b.address}, 30)
+            # And on through the resync: the new endpoint serves both proxies' traffic.
+            for load in loads:
+                load.wait_for(load.sent + 200)
+            assert b.connections > 0
+            assert first.exhausted == 0 and second.exhausted == 0, "traffic stopped before the resync ended"
         assert first.errors == [] and second.errors == [], (first.errors[:3], second.errors[:3])
-        assert set(first.statuses) | set(second.statuses) == {200}
-        assert first.sent + second.sent > 1000
-        assert took < 5
+        assert set(first.statuses) | set(second.statuses) == {200}, (first.statuses, second.statuses)
     finally:
         control.stop()
 

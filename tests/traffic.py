@@ -23,6 +23,8 @@ class Traffic:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     bodies: Counter[str] = field(default_factory=Counter)
+    #: clients that stopped on their own bounds, not because the test stopped them
+    exhausted: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -45,9 +47,14 @@ class Traffic:
         with self._lock:
             return sum(self.statuses.values()) + len(self.errors)
 
-    def wait_for(self, requests: int, timeout: float = 20) -> None:
+    def wait_for(self, requests: int, timeout: float = 30) -> None:
+        """Waits until ``requests`` were sent in all; fails the test if they were not in time
+        (a silent return would let a test pass with no traffic behind its claim)."""
         deadline = time.monotonic() + timeout
-        while self.sent < requests and time.monotonic() < deadline:
+        while self.sent < requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {self.sent} of {requests} requests sent within {timeout} s "
+                                     f"({self.exhausted} clients stopped on their bounds)")
             time.sleep(0.02)
 
     def _run(self, keep_alive: bool) -> None:
@@ -56,8 +63,10 @@ class Traffic:
         with httpx.Client(base_url=f"http://{self.address}", headers={"host": self.host},
                           limits=limits, timeout=10) as client:
             for _ in range(self.max_requests // self.clients):
-                if self._stop.is_set() or time.monotonic() > deadline:
+                if self._stop.is_set():
                     return
+                if time.monotonic() > deadline:
+                    break
                 try:
                     response = client.get(self.path)
                     with self._lock:
@@ -66,3 +75,6 @@ class Traffic:
                 except httpx.HTTPError as e:
                     with self._lock:
                         self.errors.append(f"{type(e).__name__}: {e}")
+        if not self._stop.is_set():
+            with self._lock:
+                self.exhausted += 1
