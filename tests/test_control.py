@@ -19,6 +19,7 @@ from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 from pymesh.control.metrics import ControlMetrics
 from pymesh.control.state import Delta, MeshState, Snapshot
 
+from .console import plain_env
 from .control_plane import Etcd, StartControl, free_port, wait_for, write_services
 
 #: a change in a source must reach watchers within this (the file source polls every 200 ms)
@@ -222,35 +223,45 @@ def test_check_command(start_control: StartControl, services_dir: Path) -> None:
 
     def check(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", "check", *args],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, env=plain_env())
 
-    result = check("--control-plane", control.address)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "✔ control plane is reachable" in result.stdout and "✖" not in result.stdout
-    assert "proxy-1" in result.stdout
+    def verdicts(result: subprocess.CompletedProcess[str]) -> dict[str, bool]:
+        return {c["name"]: c["ok"] for c in json.loads(result.stdout)["checks"]}
 
     result = check("--control-plane", control.address, "--json")
-    assert result.returncode == 0
+    assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
-    assert report["ok"] is True and [p["proxy_id"] for p in report["proxies"]] == ["proxy-1"]
+    assert report["ok"] is True and all(verdicts(result).values()), report
+    assert verdicts(result)["control plane is reachable"] is True
+    assert [p["proxy_id"] for p in report["proxies"]] == ["proxy-1"]
     assert report["proxies"][0]["config_version"] == control.status().config_version
+    # The same verdicts for a person: one mark per check, the proxy listed.
+    text = check("--control-plane", control.address)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "✔ control plane is reachable" in text.stdout and "✖" not in text.stdout
+    assert "proxy-1" in text.stdout
 
     # A broken source fails the check.
     write_services(services_dir / "a.yaml", "services: [")
-    wait_for(lambda: not control.status().source_healthy, timeout=PUSH_TIMEOUT)
-    result = check("--control-plane", control.address)
-    assert result.returncode == 1 and "✖ source is healthy" in result.stdout
+    assert wait_for(lambda: not control.status().source_healthy, timeout=10)
+    result = check("--control-plane", control.address, "--json")
+    assert result.returncode == 1 and verdicts(result)["source is healthy"] is False, result.stdout
+    assert "✖ source is healthy" in check("--control-plane", control.address).stdout
 
     control.stop()
-    result = check("--control-plane", control.address, "--timeout", "1")
+    result = check("--control-plane", control.address, "--timeout", "1", "--json")
     assert result.returncode == 1
-    assert "✖ control plane is reachable" in result.stdout
+    assert verdicts(result)["control plane is reachable"] is False, result.stdout
 
 
 def test_run_refuses_a_bad_source(tmp_path: Path) -> None:
+    # A long path, as temporary directories can be: the message must not depend on wrapping.
+    missing = tmp_path / ("deep" * 30) / "missing"
     result = subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run",
-                             "--source", f"file:{tmp_path / 'missing'}"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "not a directory" in result.stderr
+                             "--source", f"file:{missing}"], capture_output=True, text=True, timeout=60,
+                            env=plain_env())
+    assert result.returncode == 2, result.stderr
+    assert f"{missing}' is not a directory" in result.stderr, result.stderr
 
 
 # -- etcd ---------------------------------------------------------------------------------
@@ -409,7 +420,7 @@ def test_register_and_deregister_from_the_cli(start_control: StartControl, servi
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-c", "from pymesh.cli import main; main()", "control", *args,
                                "--control-plane", control.address, "--plaintext"],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, env=plain_env())
 
     assert cli("register", "web", "127.0.0.1:9999", "--weight", "3").returncode == 0
     assert addresses(web.next(timeout=PUSH_TIMEOUT)) == {"127.0.0.1:9999": 3}
