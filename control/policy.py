@@ -19,7 +19,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 import pymesh
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
-from .identity.spiffe import check_identity_pattern
+from .identity.spiffe import check_identity_pattern, pattern_matches
 
 #: an HTTP method is a token (RFC 9110 §5.6.2)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -43,6 +43,15 @@ def check_authorization(document: Any, path: str = "authorization") -> proxy_pb2
             named = f" (policy {policy.name.strip()!r})" if policy.name.strip() and e.path != "name" else ""
             raise pymesh.ConfigError(_join(at, e.path), e.message + named) from None
     return authorization
+
+
+def applicable_policies(authorization: proxy_pb2.Authorization, identity: str) -> proxy_pb2.Authorization:
+    """The policies a proxy of ``identity`` applies (no ``servers``, or one naming it), as the
+    proxy itself would pick them: the rest are none of its business."""
+    kept = proxy_pb2.Authorization(default_policy=authorization.default_policy)
+    kept.policies.extend(p for p in authorization.policies
+                         if not p.servers or any(pattern_matches(s, identity) for s in p.servers))
+    return kept
 
 
 def describe(authorization: proxy_pb2.Authorization | None) -> str:

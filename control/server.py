@@ -5,8 +5,16 @@
 - ``WatchEndpoints``: one service's endpoints, the full set first (``full``), then changes
   (``added`` are new or changed endpoints, ``removed`` addresses). Every new stream, so every
   reconnecting watcher, starts with the full set.
-- ``Register``/``Deregister``: write through the source (shared by replicas with etcd).
-- ``Status``: the control plane, its source's health and the connected proxies.
+- ``Register``/``Deregister``: write through the source (shared by replicas with etcd); off
+  unless ``allowRegister``. A caller registers only endpoints of its own identity (its client
+  certificate's), never one the source defines, and deregisters only its own.
+- ``Status``: the control plane, its source's health, and (to the control plane's own
+  identity only) the connected proxies.
+
+Over TLS (the default) every call needs a client certificate of the mesh (see
+:mod:`pymesh.control.tls`); the caller's identity replaces what it claims in
+``ProxyIdentity``, and its config carries only the policies that apply to it. In plaintext
+(development only) nobody has an identity and everything is served as it is.
 
 Updates are pushed: each stream waits on its own event, set by the state when something it
 watches changes. Each update is serialized once and the same bytes are written to every
@@ -27,9 +35,11 @@ from google.protobuf import json_format
 import pymesh
 from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 
+from .identity.spiffe import SpiffeId
 from .metrics import ControlMetrics
 from .sources import RegistrationError, Source, validate_endpoint
 from .state import MeshState
+from .tls import PeerVerifier
 
 log = logging.getLogger("pymesh.control.server")
 
@@ -73,10 +83,14 @@ class ConnectedProxy:
 class DiscoveryServer:
     """Serves the mesh state to proxies."""
 
-    def __init__(self, state: MeshState, source: Source, metrics: ControlMetrics) -> None:
+    def __init__(self, state: MeshState, source: Source, metrics: ControlMetrics, peers: PeerVerifier, *,
+                 allow_register: bool = False, control_identity: str = "") -> None:
         self.state = state
         self.source = source
         self.metrics = metrics
+        self.peers = peers
+        self.allow_register = allow_register
+        self.control_identity = control_identity
         self.proxies: dict[str, ConnectedProxy] = {}
         self._server: grpc.aio.Server | None = None
 
@@ -104,8 +118,9 @@ class DiscoveryServer:
         })
 
     async def start(self, address: str, *others: grpc.GenericRpcHandler) -> str:
-        """Binds ``address`` (``IP:port``, port 0 for a free one); returns the bound ``IP:port``.
-        ``others`` are services served on the same server (Identity)."""
+        """Binds ``address`` (``IP:port``, port 0 for a free one; plaintext: TLS is the front's,
+        see :mod:`pymesh.control.tls`); returns the bound ``IP:port``. ``others`` are services
+        served on the same server (Identity)."""
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"{address!r} is not IP:PORT")
@@ -129,15 +144,27 @@ class DiscoveryServer:
 
     # -- proxies --------------------------------------------------------------------------
 
+    async def _caller(self, context: grpc.aio.ServicerContext) -> SpiffeId | None:
+        """The caller's verified identity over TLS (the call is aborted without one); None in
+        plaintext."""
+        if self.peers.front is None:
+            return None
+        return await self.peers.require(context)
+
     def _attach(self, identity: discovery_pb2.ProxyIdentity, context: grpc.aio.ServicerContext,
-                kind: str) -> tuple[str, ConnectedProxy]:
+                kind: str, caller: SpiffeId | None) -> tuple[str, ConnectedProxy]:
         key = identity.proxy_id or f"peer:{context.peer()}"
+        if caller is not None:  # one identity cannot pose as (or merge into) another's proxy
+            key = f"{caller}|{key}"
         proxy = self.proxies.get(key)
         if proxy is None:
             proxy = self.proxies[key] = ConnectedProxy(discovery_pb2.ProxyIdentity())
             proxy.identity.CopyFrom(identity)
             if not identity.proxy_id:
                 proxy.identity.proxy_id = key
+            if caller is not None:  # what the certificate says, not what the proxy claims
+                proxy.identity.namespace = caller.namespace
+                proxy.identity.service_account = caller.service_account
             log.info("proxy connected: %s", _describe(proxy.identity))
         if kind == "config":
             proxy.config_watches += 1
@@ -160,7 +187,9 @@ class DiscoveryServer:
 
     async def watch_config(self, request: discovery_pb2.WatchConfigRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        key, proxy = self._attach(request.identity, context, "config")
+        caller = await self._caller(context)
+        key, proxy = self._attach(request.identity, context, "config", caller)
+        own = None if caller is None else str(caller)
         watch = self.state.subscribe_config()
         latency = self.metrics.push_latency.labels("config")
         pushes = self.metrics.pushes.labels("config", "true")
@@ -169,7 +198,7 @@ class DiscoveryServer:
             while True:
                 await watch.event.wait()
                 watch.event.clear()
-                update = self.state.take_config(watch)
+                update = self.state.take_config(watch, own)
                 if update is None:
                     continue
                 payload, since = update
@@ -185,7 +214,8 @@ class DiscoveryServer:
                               context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         if not request.service:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "service: required; name the service to watch")
-        key, proxy = self._attach(request.identity, context, "endpoints")
+        caller = await self._caller(context)
+        key, proxy = self._attach(request.identity, context, "endpoints", caller)
         watch = self.state.subscribe_endpoints(request.service)
         latency = self.metrics.push_latency.labels("endpoints")
         full_pushes = self.metrics.pushes.labels("endpoints", "true")
@@ -204,11 +234,29 @@ class DiscoveryServer:
             self.state.unsubscribe_endpoints(watch)
             self._detach(key, proxy, "endpoints")
 
+    async def _registrant(self, context: grpc.aio.ServicerContext, operation: str) -> str:
+        """The identity a registration is made by: the caller's certificate's, or "" (nobody)
+        on a plaintext development server. Refuses when registration is off."""
+        if not self.allow_register:
+            await self._refuse(context, operation, "FAILED_PRECONDITION",
+                               "registration is off on this control plane (start it with --allow-register, "
+                               "or define endpoints in its source)")
+        caller = await self._caller(context)
+        return "" if caller is None else str(caller)
+
     async def register(self, request: discovery_pb2.RegisterRequest,
                        context: grpc.aio.ServicerContext) -> discovery_pb2.RegisterResponse:
+        owner = await self._registrant(context, "register")
         service = request.service
         if not service:
             await self._refuse(context, "register", "INVALID_ARGUMENT", "service: required")
+        if not request.endpoint.identity:
+            request.endpoint.identity = owner  # a registered endpoint is reached as its registrant
+        if request.endpoint.identity != owner:
+            await self._refuse(context, "register", "PERMISSION_DENIED",
+                               f"endpoint.identity: {request.endpoint.identity[:300]} is not the caller's "
+                               f"identity ({owner or 'none: this control plane runs in plaintext'}); a caller "
+                               "registers only endpoints of its own identity")
         try:
             endpoint = validate_endpoint(service, json_format.MessageToDict(request.endpoint))
         except pymesh.ConfigError as e:
@@ -223,15 +271,17 @@ class DiscoveryServer:
         except RegistrationError as e:
             await self._refuse(context, "register", e.code, e.message)
         self.metrics.registrations.labels("register", "ok").inc()
-        log.info("registered %s for %s%s", endpoint.address, service, f" (ttl {ttl:g}s)" if ttl else "")
+        log.info("registered %s for %s by %s%s", endpoint.address, service, owner or "a plaintext caller",
+                 f" (ttl {ttl:g}s)" if ttl else "")
         return discovery_pb2.RegisterResponse()
 
     async def deregister(self, request: discovery_pb2.DeregisterRequest,
                          context: grpc.aio.ServicerContext) -> discovery_pb2.DeregisterResponse:
+        owner = await self._registrant(context, "deregister")
         if not request.service or not request.address:
             await self._refuse(context, "deregister", "INVALID_ARGUMENT", "service and address are required")
         try:
-            await self.source.deregister(request.service, request.address)
+            await self.source.deregister(request.service, request.address, owner)
         except RegistrationError as e:
             await self._refuse(context, "deregister", e.code, e.message)
         self.metrics.registrations.labels("deregister", "ok").inc()
@@ -240,6 +290,7 @@ class DiscoveryServer:
 
     async def status(self, request: discovery_pb2.StatusRequest,
                      context: grpc.aio.ServicerContext) -> discovery_pb2.StatusResponse:
+        caller = await self._caller(context)
         state = self.state
         response = discovery_pb2.StatusResponse(
             version=pymesh.__version__, source=self.source.name,
@@ -247,6 +298,8 @@ class DiscoveryServer:
             source_error=state.source_error if state.loaded.is_set() or state.source_errors
             else "the source has not loaded yet",
             config_version=state.config_version)
+        if caller is not None and str(caller) != self.control_identity:
+            return response  # which workloads run where is the operator's business only
         for _, proxy in sorted(self.proxies.items()):
             response.proxies.add(identity=proxy.identity, config_version=proxy.config_version,
                                  endpoint_watches=proxy.endpoint_watches)

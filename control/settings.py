@@ -18,6 +18,11 @@ issuerCertFile: /etc/pymesh/issuer.pem           # PEM, the issuer first (then a
 issuerKeyFile: /etc/pymesh/issuer.key            # PEM, unencrypted
 certLifetime: 24h                      # of a workload's leaf certificate
 tokenSecretFile: /etc/pymesh/token-secret        # default: stateDir/token-secret, generated
+# The control plane's own transport and identity (see pymesh.control.tls).
+identity: spiffe://cluster.local/ns/pymesh-system/sa/pymesh-control  # default: in trustDomain
+plaintext: false                       # true: no TLS, for local development only (logged as a warning)
+allowRegister: false                   # true: Register/Deregister are served (mutual TLS only)
+tokenAudience: pymesh-control          # what tokens (and Kubernetes ServiceAccount tokens) must name
 ```
 """
 
@@ -36,6 +41,11 @@ DEFAULT_LISTEN = "127.0.0.1:4200"
 DEFAULT_ADMIN = "127.0.0.1:4290"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_CERT_LIFETIME = 24 * 3600.0
+#: the control plane's own identity is this service account in this namespace of its trust domain
+CONTROL_NAMESPACE = "pymesh-system"
+CONTROL_SERVICE_ACCOUNT = "pymesh-control"
+#: the audience tokens must name: ``pymesh control token``'s, and a projected ServiceAccount token's
+DEFAULT_TOKEN_AUDIENCE = "pymesh-control"
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,10 @@ class ControlSettings:
     issuer_key_file: str = ""
     cert_lifetime: float = DEFAULT_CERT_LIFETIME
     token_secret_file: str = ""
+    identity: str = ""
+    plaintext: bool = False
+    allow_register: bool = False
+    token_audience: str = DEFAULT_TOKEN_AUDIENCE
 
     def merged(self, **overrides: Any) -> ControlSettings:
         """These settings with every override that is not None."""
@@ -71,15 +85,23 @@ class ControlSettings:
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(base) / "pymesh" / "control"
 
+    @property
+    def control_identity(self) -> str:
+        """The control plane's SPIFFE id: ``identity``, else
+        ``spiffe://<trustDomain>/ns/pymesh-system/sa/pymesh-control``."""
+        return self.identity or (f"spiffe://{self.trust_domain}/ns/{CONTROL_NAMESPACE}/sa/"
+                                 f"{CONTROL_SERVICE_ACCOUNT}")
+
 
 _KEYS = {"".join(w.capitalize() if i else w for i, w in enumerate(f.name.split("_"))): f.name
          for f in fields(ControlSettings)}
 _DURATIONS = {"poll_interval", "shutdown_grace", "cert_lifetime"}
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_BOOLEANS = {"plaintext", "allow_register"}
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: Any, key: str) -> float:
-    """``0.2``, ``"200ms"``, ``"1.5s"``, ``"10m"`` or ``"24h"`` → seconds."""
+    """``0.2``, ``"200ms"``, ``"1.5s"``, ``"10m"``, ``"24h"`` or ``"30d"`` → seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (unit := next((u for u in _UNITS if value.endswith(u)), None)):
@@ -118,6 +140,9 @@ def load_settings(path: Path | None) -> ControlSettings:
         elif name == "max_pending_updates":
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
                 raise pymesh.ConfigError(str(key), "expected a whole number from 1 to 1000000")
+        elif name in _BOOLEANS:
+            if not isinstance(value, bool):
+                raise pymesh.ConfigError(str(key), f"expected true or false, found {value!r}")
         elif not isinstance(value, str):
             raise pymesh.ConfigError(str(key), f"expected a string, found {type(value).__name__}")
         values[name] = value

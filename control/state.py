@@ -30,7 +30,7 @@ from pymesh._proto.pymesh.config.v1 import proxy_pb2
 from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
 
 from .metrics import ControlMetrics
-from .policy import describe
+from .policy import applicable_policies, describe
 
 log = logging.getLogger("pymesh.control")
 
@@ -49,6 +49,8 @@ KEEP = Keep.KEEP
 
 #: Updates a watcher may have queued before it is resynchronised with a full state.
 DEFAULT_MAX_PENDING = 64
+#: per-identity configs kept (all dropped beyond, and rebuilt as asked)
+MAX_IDENTITY_PAYLOADS = 10_000
 
 
 def _digest(data: bytes) -> int:
@@ -166,6 +168,8 @@ class MeshState:
         self._config_digest = 0
         self._endpoint_digests: dict[str, int] = {}
         self._config_payload: bytes | None = None
+        #: per proxy identity, the config with only the policies that apply to it
+        self._identity_payloads: dict[str, bytes] = {}
         self._full_payloads: dict[str, bytes] = {}
         self._config_watches: set[ConfigWatch] = set()
         self._endpoint_watches: dict[str, set[EndpointsWatch]] = {}
@@ -201,6 +205,24 @@ class MeshState:
             self._config_payload = update.SerializeToString()
         return self._config_payload
 
+    def config_payload_for(self, identity: str | None) -> bytes:
+        """The config for a proxy of ``identity`` (None: one that has none, in plaintext
+        development mode: everything): the mesh-wide policies whose ``servers`` name it, not
+        the others (nobody learns another workload's rules). Built once per change and
+        identity; the version is the same for every proxy."""
+        if identity is None or self.authorization is None:
+            return self.config_payload()
+        payload = self._identity_payloads.get(identity)
+        if payload is None:
+            if len(self._identity_payloads) >= MAX_IDENTITY_PAYLOADS:
+                self._identity_payloads.clear()
+            config = proxy_pb2.ProxyConfig()
+            config.services.extend(self.services[name] for name in sorted(self.services))
+            config.authorization.CopyFrom(applicable_policies(self.authorization, identity))
+            update = discovery_pb2.ConfigUpdate(config=config, version=self.config_version)
+            payload = self._identity_payloads[identity] = update.SerializeToString()
+        return payload
+
     def full_endpoints_payload(self, service: str) -> bytes:
         """The serialized full ``EndpointsUpdate`` of a service (built once per change)."""
         payload = self._full_payloads.get(service)
@@ -232,13 +254,14 @@ class MeshState:
             self._config_watches.discard(watch)
             self.metrics.watches.labels("config").dec()
 
-    def take_config(self, watch: ConfigWatch) -> tuple[bytes, float] | None:
-        """The config to send to ``watch`` if it has not got the current one yet."""
+    def take_config(self, watch: ConfigWatch, identity: str | None = None) -> tuple[bytes, float] | None:
+        """The config to send to ``watch`` (a proxy of ``identity``) if it has not got the
+        current one yet."""
         since, watch.since = watch.since, None
         if watch.sent_version == self.config_version:
             return None
         watch.sent_version = self.config_version
-        return self.config_payload(), since if since is not None else time.monotonic()
+        return self.config_payload_for(identity), since if since is not None else time.monotonic()
 
     def subscribe_endpoints(self, service: str) -> EndpointsWatch:
         watch = EndpointsWatch(service, self.max_pending)
@@ -306,6 +329,7 @@ class MeshState:
                 endpoints_changed = True
         if config_changed:
             self._config_payload = None
+            self._identity_payloads.clear()
             for watch in self._config_watches:
                 watch.notify(now)
         if config_changed or endpoints_changed:

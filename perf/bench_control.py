@@ -276,7 +276,7 @@ def measure(kind: str, count: int, expected: int, change: Any, clients: list[Cli
 
 def start_control(directory: Path, poll_interval: float, log_path: Path) -> tuple[subprocess.Popen[str], str, str]:
     settings = directory.parent / "control.yaml"
-    settings.write_text(yaml.safe_dump({"pollInterval": poll_interval, "logLevel": "warning"}))
+    settings.write_text(yaml.safe_dump({"pollInterval": poll_interval, "logLevel": "warning", "plaintext": True}))
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run", "--source",

@@ -223,8 +223,8 @@ def start_control(tmp_path: Path) -> Iterator[StartControl]:
     """Starts `pymesh control run` processes; all are stopped after the test."""
     started: list[ControlPlane] = []
 
-    def start(source: str, *args: str) -> ControlPlane:
-        control = ControlPlane(source, tmp_path / f"control{len(started)}.log", *args)
+    def start(source: str, *args: str, plaintext: bool = True) -> ControlPlane:
+        control = ControlPlane(source, tmp_path / f"control{len(started)}.log", *args, plaintext=plaintext)
         started.append(control)
         control.wait_ready()
         return control

@@ -46,9 +46,13 @@ def write_services(path: Path, services: list[dict[str, Any]] | str) -> None:
 
 
 class ControlPlane:
-    """`pymesh control run` in a subprocess; it prints its bound addresses on stdout."""
+    """`pymesh control run` in a subprocess; it prints its bound addresses on stdout.
 
-    def __init__(self, source: str, log_path: Path, *args: str) -> None:
+    ``plaintext`` (the default until proxies speak TLS to the control plane) starts it with
+    ``--plaintext --allow-register``, so the plaintext client here and proxies reach it; with
+    ``plaintext=False`` it serves TLS and tests bring their own TLS clients."""
+
+    def __init__(self, source: str, log_path: Path, *args: str, plaintext: bool = True) -> None:
         self.source = source
         self.log_path = log_path
         # The CA's generated files go beside the log, never to the user's state directory
@@ -57,7 +61,8 @@ class ControlPlane:
         with log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run",
-                 "--source", source, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", *args],
+                 "--source", source, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                 *(["--plaintext", "--allow-register"] if plaintext else []), *args],
                 stdout=subprocess.PIPE, stderr=log, text=True, env=env,
             )
         self.address = ""

@@ -51,7 +51,7 @@ def by_name(update: Any) -> dict[str, Any]:
 
 def test_services_and_endpoint_slices_are_streamed(kube: KubeApiServer, control: ControlPlane) -> None:
     created = kube.apply(service("web", annotations={
-        "config.pymesh.io/service": json.dumps({"timeouts": {"connect": "0.5s"}, "authorities": ["web.example"]})}))
+        "config.pymesh.io/service": json.dumps({"timeouts": {"connect": "0.5s"}, "authorities": ["www.default.svc"]})}))
     kube.apply(endpoint_slice("web-1", "web", {"10.1.0.1": True, "10.1.0.2": True, "10.1.0.3": False}))
     name = "web.default.svc.cluster.local"
 
@@ -60,7 +60,8 @@ def test_services_and_endpoint_slices_are_streamed(kube: KubeApiServer, control:
     while name not in by_name(first):
         first = config_watch.next(timeout=PUSH_TIMEOUT)
     web = by_name(first)[name]
-    assert list(web.authorities) == ["web.default.svc", "web.default", created["spec"]["clusterIP"], "web.example"]
+    assert list(web.authorities) == ["web.default.svc", "web.default", created["spec"]["clusterIP"],
+                                     "www.default.svc"]
     assert web.timeouts.connect.ToMilliseconds() == 500 and not web.endpoints
 
     endpoints = control.watch_endpoints(name)

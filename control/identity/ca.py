@@ -78,6 +78,8 @@ class CAFiles:
     issuer_key_setting: str
     #: in the state directory: generated on first start, the issuer renewed from the anchor key
     generated: bool
+    #: no trustAnchorFile: the anchor is the self-signed certificate that ends the issuer's chain
+    anchor_in_chain: bool = False
 
     @classmethod
     def from_settings(cls, settings: ControlSettings) -> CAFiles:
@@ -86,14 +88,15 @@ class CAFiles:
             state = settings.state_path
             return cls(state / ANCHOR_CERT, state / ISSUER_CERT, state / ISSUER_KEY,
                        "stateDir", "stateDir", "stateDir", generated=True)
-        if not anchor:
-            raise pymesh.ConfigError("trustAnchorFile", "required with issuerCertFile and issuerKeyFile: "
-                                                        "the trust anchor(s) the issuer chains to")
         for value, name in ((cert, "issuerCertFile"), (key, "issuerKeyFile")):
             if not value:
                 raise pymesh.ConfigError(name, "required with trustAnchorFile: the control plane signs with an "
                                                "issuer (certificate and key), never with the trust anchor; or set "
                                                "none of the three to generate them in stateDir")
+        if not anchor:
+            # an offline anchor: its key is nowhere near here; its certificate ends the issuer's chain
+            return cls(Path(cert).expanduser(), Path(cert).expanduser(), Path(key).expanduser(),
+                       "issuerCertFile", "issuerCertFile", "issuerKeyFile", generated=False, anchor_in_chain=True)
         return cls(Path(anchor).expanduser(), Path(cert).expanduser(), Path(key).expanduser(),
                    "trustAnchorFile", "issuerCertFile", "issuerKeyFile", generated=False)
 
@@ -168,14 +171,28 @@ def _name(certificate: x509.Certificate) -> str:
     return certificate.subject.rfc4514_string() or "(empty subject)"
 
 
+def _split_anchor(chain: list[x509.Certificate], files: CAFiles
+                  ) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """The issuer's chain and, apart, the self-signed anchor that ends it (issuer-only settings)."""
+    top = chain[-1]
+    if len(chain) < 2 or top.issuer != top.subject or not _signed_by(top, top):
+        raise pymesh.ConfigError(files.issuer_cert_setting, f"{files.issuer_cert}: without trustAnchorFile, the "
+                                                            "file must end with the trust anchor (the self-signed "
+                                                            "root the issuer chains to; its key stays offline)")
+    return chain[:-1], [top]
+
+
 def load_issuer(files: CAFiles, now: datetime | None = None) -> Issuer:
     """Reads and checks the anchor(s) and the issuer. Raises :class:`pymesh.ConfigError` naming
     the setting at fault and what is wrong."""
     now = now or datetime.now(UTC)
-    anchors = _certificates(read_setting_file(files.anchor, files.anchor_setting), files.anchor,
-                            files.anchor_setting)
     chain = _certificates(read_setting_file(files.issuer_cert, files.issuer_cert_setting), files.issuer_cert,
                           files.issuer_cert_setting)
+    if files.anchor_in_chain:
+        chain, anchors = _split_anchor(chain, files)
+    else:
+        anchors = _certificates(read_setting_file(files.anchor, files.anchor_setting), files.anchor,
+                                files.anchor_setting)
     key = _private_key(read_setting_file(files.issuer_key, files.issuer_key_setting), files.issuer_key,
                        files.issuer_key_setting)
     certificate = chain[0]
@@ -323,6 +340,11 @@ def trust_anchor_bundle(settings: ControlSettings) -> tuple[Path, bytes]:
     ``trustAnchorFile``, else the state directory's (generated first if need be)."""
     if settings.trust_anchor_file:
         path, setting = Path(settings.trust_anchor_file).expanduser(), "trustAnchorFile"
+    elif settings.issuer_cert_file:
+        files = CAFiles.from_settings(settings)
+        chain = _certificates(read_setting_file(files.issuer_cert, files.issuer_cert_setting), files.issuer_cert,
+                              files.issuer_cert_setting)
+        return files.issuer_cert, b"".join(_pem(a) for a in _split_anchor(chain, files)[1])
     else:
         files = CAFiles.from_settings(settings)
         prepare_state_dir(files)
@@ -405,8 +427,12 @@ class CertificateAuthority:
         """A leaf certificate for ``identity`` (already proven) from a DER PKCS#10 request.
         Raises :class:`CSRError` saying what is wrong with the request, or
         :class:`IssuerError`."""
+        return self.sign_key(check_csr(csr_der, identity), identity)
+
+    def sign_key(self, public_key: CsrKey, identity: str, dns_names: tuple[str, ...] = ()) -> Issued:
+        """A leaf for ``identity`` (its one URI SAN, plus ``dns_names``: the control plane's own
+        certificate is also a DNS server certificate). Raises :class:`IssuerError`."""
         self.refresh()
-        public_key = check_csr(csr_der, identity)
         issuer = self.issuer
         now = datetime.now(UTC)
         not_after = min(now + self.lifetime, issuer.not_after)
@@ -415,6 +441,8 @@ class CertificateAuthority:
         not_before = max(now - CLOCK_SKEW, issuer.certificate.not_valid_before_utc)
         serial = x509.random_serial_number()
         rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
+        names += [x509.DNSName(n) for n in dns_names]
         leaf = (x509.CertificateBuilder()
                 .subject_name(x509.Name([]))
                 .issuer_name(issuer.certificate.subject)
@@ -422,7 +450,7 @@ class CertificateAuthority:
                 .serial_number(serial)
                 .not_valid_before(not_before)
                 .not_valid_after(not_after)
-                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]), critical=True)
+                .add_extension(x509.SubjectAlternativeName(names), critical=True)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                              key_encipherment=rsa_key, data_encipherment=False, key_agreement=False,

@@ -2,10 +2,16 @@
 
 A ``Certify`` call is judged in this order, each refusal saying what was wrong: the identity is
 a workload SPIFFE id of this control plane's trust domain (INVALID_ARGUMENT, else
-PERMISSION_DENIED); the token proves it (PERMISSION_DENIED; UNAVAILABLE when the TokenReview API
-is away); the identity and the control plane are under their rate limits (RESOURCE_EXHAUSTED);
-the CSR is acceptable (INVALID_ARGUMENT). The proof comes before the rate limit, so nobody can
-spend another workload's allowance.
+PERMISSION_DENIED); the peer has not been refused too often lately (RESOURCE_EXHAUSTED); the
+identity is proven (PERMISSION_DENIED; UNAVAILABLE when the TokenReview API is away); the CSR is
+acceptable (INVALID_ARGUMENT); the identity, its namespace and the control plane are under
+their rate limits (RESOURCE_EXHAUSTED). Proof and CSR come before the rate limits, so nobody
+can spend another workload's allowance, nor any with requests that are refused anyway.
+
+The proof is either the token (a first certificate), or, for a renewal, the caller's current
+client certificate (mutual TLS) naming the same identity: then no token is needed, nor
+looked at, so it is never sent again. Renewals may use a share of the control plane's budget
+that first certificates may not.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from pymesh._proto.pymesh.mesh.v1 import identity_pb2
 from ..metrics import ControlMetrics
 from ..settings import ControlSettings
 from ..sources import Source
-from .ca import RELOAD_INTERVAL, CertificateAuthority, CSRError, Issuer, IssuerError
+from ..tls import PeerVerifier
+from .ca import RELOAD_INTERVAL, CertificateAuthority, CSRError, Issuer, IssuerError, check_csr
 from .limits import RateLimiter
 from .proof import ProofError, ProofUnavailable, Verifier, make_verifier
 from .spiffe import check_trust_domain, parse_spiffe_id
@@ -35,12 +42,14 @@ class IdentityService:
     """Exchanges a proof of identity and a CSR for a short-lived leaf certificate."""
 
     def __init__(self, ca: CertificateAuthority, verifier: Verifier, trust_domain: str, metrics: ControlMetrics,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, peers: PeerVerifier | None = None) -> None:
         self.ca = ca
         self.verifier = verifier
         self.trust_domain = trust_domain
         self.metrics = metrics
         self.limiter = limiter or RateLimiter()
+        #: who calls (in plaintext, nobody has an identity: no renewal by certificate)
+        self.peers = peers or PeerVerifier(None, trust_domain)
 
     def handler(self) -> grpc.GenericRpcHandler:
         pb = identity_pb2
@@ -62,41 +71,52 @@ class IdentityService:
 
     async def certify(self, request: identity_pb2.CertifyRequest,
                       context: grpc.aio.ServicerContext) -> identity_pb2.CertifyResponse:
+        peer = self.peers.peer(context)
         try:
             identity = parse_spiffe_id(request.identity)
         except ValueError as e:
             await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT,
-                               f"identity: {e}" if request.identity else "identity: required")
+                               f"identity: {e}" if request.identity else "identity: required", peer)
         if identity.trust_domain != self.trust_domain:
             await self._refuse(context, "denied", grpc.StatusCode.PERMISSION_DENIED,
                                f"identity: {identity} is in the trust domain {identity.trust_domain!r}; this "
-                               f"control plane certifies {self.trust_domain!r} only")
-        try:
-            await self.verifier.verify(identity, request.token)
-        except ProofError as e:
-            await self._refuse(context, "denied", grpc.StatusCode.PERMISSION_DENIED, str(e))
-        except ProofUnavailable as e:
-            await self._refuse(context, "error", grpc.StatusCode.UNAVAILABLE, str(e))
-        if (why := self.limiter.admit(str(identity))) is not None:
+                               f"control plane certifies {self.trust_domain!r} only", peer)
+        if (why := self.limiter.admit_peer(peer)) is not None:
             await self._refuse(context, "rate_limited", grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        current = self.peers.identity(context)[0]
+        renewal = current == identity
+        if not renewal:
+            try:
+                await self.verifier.verify(identity, request.token)
+            except ProofError as e:
+                await self._refuse(context, "denied", grpc.StatusCode.PERMISSION_DENIED, str(e), peer)
+            except ProofUnavailable as e:
+                await self._refuse(context, "error", grpc.StatusCode.UNAVAILABLE, str(e))
         try:
-            issued = self.ca.sign(request.certificate_signing_request, str(identity))
+            public_key = check_csr(request.certificate_signing_request, str(identity))
         except CSRError as e:
             await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT,
-                               f"certificate_signing_request: {e}")
+                               f"certificate_signing_request: {e}", peer)
+        if (why := self.limiter.admit(str(identity), identity.namespace, renewal=renewal)) is not None:
+            await self._refuse(context, "rate_limited", grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        try:
+            issued = self.ca.sign_key(public_key, str(identity))
         except IssuerError as e:
             log.error("cannot issue for %s: %s", identity, e)
             await self._refuse(context, "error", grpc.StatusCode.UNAVAILABLE, str(e))
         self.metrics.certify.labels("issued").inc()
-        log.info("issued a certificate for %s: serial %x, valid until %s", identity, issued.serial,
-                 issued.not_after.isoformat())
+        log.info("issued a certificate for %s%s: serial %x, valid until %s", identity,
+                 " (a renewal)" if renewal else "", issued.serial, issued.not_after.isoformat())
         response = identity_pb2.CertifyResponse(leaf_certificate=issued.leaf,
                                                 intermediate_certificates=list(issued.chain))
         response.valid_until.FromSeconds(int(issued.not_after.timestamp()))
         return response
 
     async def _refuse(self, context: grpc.aio.ServicerContext, result: str, code: grpc.StatusCode,
-                      message: str) -> None:
+                      message: str, peer: str = "") -> None:
+        """Answers ``code``; with ``peer``, the refusal counts against that peer's allowance."""
+        if peer:
+            self.limiter.refused(peer)
         self.metrics.certify.labels(result).inc()
         log.debug("Certify refused (%s): %s", code.name, message)
         await context.abort(code, message)
@@ -118,4 +138,4 @@ def identity_service(settings: ControlSettings, source: Source, metrics: Control
     verifier = make_verifier(settings, source)
     log.info("CA for trust domain %s, proofs by %s, leaf lifetime %gs", trust_domain, verifier.kind,
              settings.cert_lifetime)
-    return IdentityService(ca, verifier, trust_domain, metrics)
+    return IdentityService(ca, verifier, trust_domain, metrics, peers=PeerVerifier(ca, trust_domain))

@@ -92,3 +92,13 @@ def check_identity_pattern(text: str) -> str:
         raise ValueError(f"{text!r}: the namespace {parts[2]!r} is not a valid path segment "
                          "(letters, digits, '.', '-' and '_')")
     return text
+
+
+def pattern_matches(pattern: str, identity: str) -> bool:
+    """Whether an identity pattern (checked by :func:`check_identity_pattern`) names
+    ``identity``, as the proxy decides it: exact, ``…/*`` a prefix, ``*`` everyone."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("/*"):
+        return identity.startswith(pattern[:-1])
+    return pattern == identity

@@ -73,12 +73,15 @@ class Source(ABC):
 
     @abstractmethod
     async def register(self, service: str, endpoint: proxy_pb2.Endpoint, ttl: float | None) -> None:
-        """Adds (or refreshes) an endpoint; with a ``ttl`` in seconds it expires unless
-        registered again. Raises :class:`RegistrationError`."""
+        """Adds (or refreshes) an endpoint registered by ``endpoint.identity`` (its owner); with
+        a ``ttl`` in seconds it expires unless registered again. Never overrides an endpoint the
+        source itself defines, nor another owner's registration. Raises
+        :class:`RegistrationError`."""
 
     @abstractmethod
-    async def deregister(self, service: str, address: str) -> None:
-        """Removes a registered endpoint. Raises :class:`RegistrationError`."""
+    async def deregister(self, service: str, address: str, owner: str) -> None:
+        """Removes an endpoint ``owner`` registered (never one the source defines). Raises
+        :class:`RegistrationError`."""
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Releases connections; the default has none."""
@@ -121,6 +124,17 @@ def strip_path(path: str, prefix: str) -> str:
     if path.startswith(prefix + "."):
         return path[len(prefix) + 1:]
     return path
+
+
+def defined_by_source(service: str, address: str) -> RegistrationError:
+    return RegistrationError("FAILED_PRECONDITION", f"{address} of service {service!r} is defined by the "
+                                                    "source; a registration never replaces or removes it")
+
+
+def not_the_owner(service: str, address: str, owner: str, registrant: str) -> RegistrationError:
+    return RegistrationError("PERMISSION_DENIED", f"{address} of service {service!r} is registered by "
+                                                  f"{owner or 'a plaintext caller'}, not by "
+                                                  f"{registrant or 'a plaintext caller'}")
 
 
 def endpoint_json(endpoint: proxy_pb2.Endpoint) -> str:

@@ -5,8 +5,11 @@ Keys, under a prefix (``/pymesh/`` by default):
 - ``/pymesh/services/<name>``: a ``pymesh.config.v1.Service`` in the protobuf JSON mapping,
   without endpoints;
 - ``/pymesh/endpoints/<service>/<address>``: a ``pymesh.config.v1.Endpoint`` (``{}`` is
-  enough: the address comes from the key). Registrations with a ttl are attached to an
-  etcd lease, so etcd expires them, whichever replica wrote them;
+  enough: the address comes from the key), defined by the operator;
+- ``/pymesh/registrations/<service>/<address>``: an endpoint written by ``Register`` (its
+  ``identity`` is its registrant's). One with a ttl is attached to an etcd lease, so etcd
+  expires it, whichever replica wrote it. An operator's endpoint of the same address always
+  wins, and ``Deregister`` deletes registrations only, never an operator's key;
 - ``/pymesh/authorization``: the mesh-wide ``pymesh.config.v1.Authorization`` (optional).
 
 Several control-plane replicas on one etcd share this state; each watches the prefix and
@@ -38,8 +41,10 @@ from .base import (
     Source,
     SourceError,
     check_services,
+    defined_by_source,
     endpoint_json,
     error_reason,
+    not_the_owner,
     service_index,
     strip_path,
     validate_endpoint,
@@ -80,6 +85,7 @@ class EtcdSource(Source):
         self._services: dict[str, proxy_pb2.Service] = {}
         self._settings: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
+        self._registrations: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
         self._authorization: proxy_pb2.Authorization | None = None
         self._errors: dict[str, str] = {}
 
@@ -95,8 +101,10 @@ class EtcdSource(Source):
         self._errors.pop(_CONNECTION, None)
         self._load([(kv.key.decode(), kv.value) for kv in result])
         await self._advance(result.header.revision)
-        sink.replace(Snapshot(dict(self._services), {s: dict(e) for s, e in self._endpoints.items()},
-                              self._authorization))
+        endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
+        for service in self._endpoints.keys() | self._registrations.keys():
+            endpoints[service] = {**self._registrations.get(service, {}), **self._endpoints.get(service, {})}
+        sink.replace(Snapshot(dict(self._services), endpoints, self._authorization))
         sink.report_errors(self._errors)
         log.info("loaded %d services and %d endpoints from %s at revision %d", len(self._services),
                  sum(len(e) for e in self._endpoints.values()), self.name, self._revision)
@@ -129,7 +137,12 @@ class EtcdSource(Source):
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def register(self, service: str, endpoint: proxy_pb2.Endpoint, ttl: float | None) -> None:
-        key = self._endpoint_key(service, endpoint.address).encode()
+        if endpoint.address in self._endpoints.get(service, {}):
+            raise defined_by_source(service, endpoint.address)
+        current = self._registrations.get(service, {}).get(endpoint.address)
+        if current is not None and current.identity != endpoint.identity:
+            raise not_the_owner(service, endpoint.address, current.identity, endpoint.identity)
+        key = self._registration_key(service, endpoint.address).encode()
         try:
             client = await self._connected()
             lease = await client.lease(max(1, math.ceil(ttl))) if ttl else None
@@ -141,8 +154,15 @@ class EtcdSource(Source):
             raise RegistrationError("UNAVAILABLE", f"etcd refused the registration: {error_reason(e)}") from None
         await self._wait_applied(result.header.revision)
 
-    async def deregister(self, service: str, address: str) -> None:
-        key = self._endpoint_key(service, address).encode()
+    async def deregister(self, service: str, address: str, owner: str) -> None:
+        current = self._registrations.get(service, {}).get(address)
+        if current is None:
+            if address in self._endpoints.get(service, {}):
+                raise defined_by_source(service, address)
+            raise RegistrationError("NOT_FOUND", f"no endpoint {address} is registered for service {service!r}")
+        if current.identity != owner:
+            raise not_the_owner(service, address, current.identity, owner)
+        key = self._registration_key(service, address).encode()
         try:
             client = await self._connected()
             result = await client.delete(key)
@@ -207,8 +227,13 @@ class EtcdSource(Source):
 
     # -- keys and values ------------------------------------------------------------------
 
-    def _endpoint_key(self, service: str, address: str) -> str:
-        return f"{self.prefix}endpoints/{service}/{address}"
+    def _registration_key(self, service: str, address: str) -> str:
+        return f"{self.prefix}registrations/{service}/{address}"
+
+    def _served(self, service: str, address: str) -> proxy_pb2.Endpoint | None:
+        """What (service, address) is: the operator's endpoint, else a registration."""
+        endpoint = self._endpoints.get(service, {}).get(address)
+        return endpoint if endpoint is not None else self._registrations.get(service, {}).get(address)
 
     def _parse_key(self, key: str) -> tuple[str, str, str] | None:
         """``/pymesh/services/web`` → ("services", "web", ""); ``/pymesh/endpoints/web/1.2.3.4:80``
@@ -222,7 +247,7 @@ class EtcdSource(Source):
         kind, _, tail = rest.partition("/")
         if kind == "services" and tail and "/" not in tail:
             return kind, tail, ""
-        if kind == "endpoints":
+        if kind in ("endpoints", "registrations"):
             service, _, address = tail.partition("/")
             if service and address:
                 return kind, service, address
@@ -232,9 +257,10 @@ class EtcdSource(Source):
         """The whole prefix: services validated one by one, then merged (a conflicting one
         is left out and reported); endpoints validated per service."""
         self._services, self._settings, self._endpoints, self._authorization = {}, {}, {}, None
+        self._registrations = {}
         self._errors = {k: v for k, v in self._errors.items() if k == _CONNECTION}
         candidates: dict[str, tuple[str, proxy_pb2.Service, dict[str, Any]]] = {}
-        endpoint_values: dict[str, dict[str, tuple[str, Any]]] = {}
+        endpoint_values: dict[str, dict[str, dict[str, tuple[str, Any]]]] = {"endpoints": {}, "registrations": {}}
         for key, value in items:
             parsed = self._parse_key(key)
             if parsed is None:
@@ -248,7 +274,8 @@ class EtcdSource(Source):
                 elif kind == "authorization":
                     self._authorization = check_authorization(document, "")
                 else:
-                    endpoint_values.setdefault(service, {})[address] = (key, self._check_address(address, document))
+                    endpoint_values[kind].setdefault(service, {})[address] = (key,
+                                                                              self._check_address(address, document))
             except pymesh.ConfigError as e:
                 self._errors[key] = str(e)
         for _ in range(len(candidates) + 1):
@@ -265,12 +292,13 @@ class EtcdSource(Source):
         for name, (_, service, settings) in candidates.items():
             self._services[name] = service
             self._settings[name] = settings
-        for service, values in endpoint_values.items():
-            for address, (key, document) in values.items():
-                try:
-                    self._endpoints.setdefault(service, {})[address] = validate_endpoint(service, document)
-                except pymesh.ConfigError as e:
-                    self._errors[key] = str(e)
+        for kind, table in (("endpoints", self._endpoints), ("registrations", self._registrations)):
+            for service, values in endpoint_values[kind].items():
+                for address, (key, document) in values.items():
+                    try:
+                        table.setdefault(service, {})[address] = validate_endpoint(service, document)
+                    except pymesh.ConfigError as e:
+                        self._errors[key] = str(e)
 
     def _on_event(self, event: aetcd.rtypes.Event, sink: Sink) -> None:
         key = event.kv.key.decode()
@@ -280,6 +308,8 @@ class EtcdSource(Source):
         kind, service, address = parsed
         had_error = self._errors.pop(key, None) is not None
         delta = Delta()
+        table = self._endpoints if kind == "endpoints" else self._registrations
+        before = self._served(service, address) if kind in ("endpoints", "registrations") else None
         if event.kind == "DELETE":
             if kind == "services":
                 if self._services.pop(service, None) is not None:
@@ -288,8 +318,8 @@ class EtcdSource(Source):
             elif kind == "authorization":
                 if self._authorization is not None:
                     self._authorization = delta.authorization = None
-            elif self._endpoints.get(service, {}).pop(address, None) is not None:
-                delta.endpoints[service] = {address: None}
+            else:
+                table.get(service, {}).pop(address, None)
         else:
             try:
                 document = _json(event.kv.value)
@@ -303,11 +333,12 @@ class EtcdSource(Source):
                     self._authorization = delta.authorization = check_authorization(document, "")
                 else:
                     endpoint = validate_endpoint(service, self._check_address(address, document))
-                    self._endpoints.setdefault(service, {})[address] = endpoint
-                    delta.endpoints[service] = {address: endpoint}
+                    table.setdefault(service, {})[address] = endpoint
             except pymesh.ConfigError as e:
                 self._errors[key] = str(e)
                 had_error = True
+        if kind in ("endpoints", "registrations") and (after := self._served(service, address)) != before:
+            delta.endpoints[service] = {address: after}
         if delta:
             sink.apply(delta)
         if had_error:

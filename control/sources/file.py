@@ -12,7 +12,8 @@ two services (the engine catches that once the files are merged) or a second
 kept.
 
 Endpoints registered through the Discovery API live in this process only (they are not
-written to the files) and are lost on restart; use the etcd source to share them.
+written to the files) and are lost on restart; use the etcd source to share them. A file's
+endpoint always wins over a registration of the same address, and cannot be deregistered.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
 from ..policy import check_authorization
 from ..state import Delta, Snapshot, split_endpoints
-from .base import RegistrationError, Sink, Source, SourceError, check_services, validate_merged
+from .base import (
+    RegistrationError,
+    Sink,
+    Source,
+    SourceError,
+    check_services,
+    defined_by_source,
+    not_the_owner,
+    validate_merged,
+)
 
 log = logging.getLogger("pymesh.control.file")
 
@@ -101,6 +111,11 @@ class FileSource(Source):
             self._sink = None
 
     async def register(self, service: str, endpoint: proxy_pb2.Endpoint, ttl: float | None) -> None:
+        if endpoint.address in self._file_snapshot.endpoints.get(service, {}):
+            raise defined_by_source(service, endpoint.address)
+        current = self._registered.get(service, {}).get(endpoint.address)
+        if current is not None and current.identity != endpoint.identity:
+            raise not_the_owner(service, endpoint.address, current.identity, endpoint.identity)
         self._registered.setdefault(service, {})[endpoint.address] = endpoint
         key = (service, endpoint.address)
         old = self._expiry.pop(key, None)
@@ -111,13 +126,14 @@ class FileSource(Source):
             self._expiry[key] = loop.call_later(ttl, self._expire, service, endpoint.address)
         self._publish_endpoint(service, endpoint.address)
 
-    async def deregister(self, service: str, address: str) -> None:
-        if address not in self._registered.get(service, {}):
-            defined = address in self._file_snapshot.endpoints.get(service, {})
-            raise RegistrationError(
-                "FAILED_PRECONDITION" if defined else "NOT_FOUND",
-                f"{address} of service {service!r} is defined in the source's files; edit them to remove it"
-                if defined else f"no endpoint {address} is registered for service {service!r}")
+    async def deregister(self, service: str, address: str, owner: str) -> None:
+        current = self._registered.get(service, {}).get(address)
+        if current is None:
+            if address in self._file_snapshot.endpoints.get(service, {}):
+                raise defined_by_source(service, address)
+            raise RegistrationError("NOT_FOUND", f"no endpoint {address} is registered for service {service!r}")
+        if current.identity != owner:
+            raise not_the_owner(service, address, current.identity, owner)
         self._unregister(service, address)
 
     async def close(self) -> None:
@@ -154,19 +170,19 @@ class FileSource(Source):
         """Tells the sink what (service, address) is now: registered, from a file, or gone."""
         if self._sink is None:
             return
-        endpoint = self._registered.get(service, {}).get(address)
-        if endpoint is None:
-            endpoint = self._file_snapshot.endpoints.get(service, {}).get(address)
+        endpoint = self._file_snapshot.endpoints.get(service, {}).get(address)
+        if endpoint is None:  # what the files define always wins
+            endpoint = self._registered.get(service, {}).get(address)
         self._sink.apply(Delta(endpoints={service: {address: endpoint}}))
 
     def _compose(self) -> Snapshot:
-        """The files' state with the registrations on top."""
+        """The files' state with the registrations beside it (a file's endpoint wins)."""
         files = self._file_snapshot
         if not self._registered:
             return files
         endpoints = dict(files.endpoints)
         for service, registered in self._registered.items():
-            endpoints[service] = {**files.endpoints.get(service, {}), **registered}
+            endpoints[service] = {**registered, **files.endpoints.get(service, {})}
         return Snapshot(files.services, endpoints, files.authorization)
 
     # -- reading files (on a worker thread) -----------------------------------------------

@@ -4,7 +4,11 @@
   with the authorities ``web.ns.svc``, ``web.ns`` and its cluster IPs. Its settings (timeouts,
   retries, balancer, …: the protobuf JSON mapping of ``pymesh.config.v1.Service``) come from
   the annotation ``config.pymesh.io/service`` (JSON or YAML); extra ``authorities`` there are
-  added. ExternalName Services are skipped.
+  added if they are names in the Service's own namespace (``<x>.<ns>.svc`` or
+  ``<x>.<ns>.svc.<cluster-domain>``) that no other Service has as its own name or cluster IP:
+  one namespace can never take another's names, and a canonical name always wins. An extra
+  authority that cannot be had is dropped and reported; the Service is served without it.
+  ExternalName Services are skipped.
 - Its endpoints are the ready addresses of its EndpointSlices, on the target port of one
   Service port: the annotation ``config.pymesh.io/port`` names it (name or number), else the
   first port.
@@ -163,6 +167,9 @@ class KubernetesSource(Source):
         self._settings: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
         self._errors: dict[str, str] = {}
+        #: every Service's own names and cluster IPs, and which Service each belongs to
+        self._canonical: dict[tuple[str, str], list[str]] = {}
+        self._claims: dict[str, tuple[str, str]] = {}
 
     # -- Source ---------------------------------------------------------------------------
 
@@ -175,6 +182,9 @@ class KubernetesSource(Source):
                                            f"{error_reason(e)}") from None
         self._versions = {SERVICES_PATH: services_version, SLICES_PATH: slices_version}
         self._k8s_services = {_key(s): s for s in services}
+        self._canonical, self._claims = {}, {}
+        for key, obj in self._k8s_services.items():
+            self._claim(key, obj)
         self._slices, self._slices_by_owner = {}, {}
         for slice_ in slices:
             self._put_slice(slice_)
@@ -203,7 +213,7 @@ class KubernetesSource(Source):
         raise RegistrationError("FAILED_PRECONDITION",
                                 "endpoints come from Kubernetes EndpointSlices; they cannot be registered here")
 
-    async def deregister(self, service: str, address: str) -> None:
+    async def deregister(self, service: str, address: str, owner: str) -> None:
         raise RegistrationError("FAILED_PRECONDITION",
                                 "endpoints come from Kubernetes EndpointSlices; they cannot be deregistered here")
 
@@ -299,8 +309,13 @@ class KubernetesSource(Source):
         key = _key(obj)
         if kind == "DELETED":
             self._k8s_services.pop(key, None)
+            self._claim(key, None)
         else:
             self._k8s_services[key] = obj
+            self._claim(key, obj)
+        # a Service whose extra authority is now another's own name is served without it first
+        for other in self._extras_claiming(key):
+            self._publish(other, sink)
         self._publish(key, sink)
 
     def _on_slice(self, kind: str, obj: dict[str, Any], sink: Sink) -> None:
@@ -348,6 +363,49 @@ class KubernetesSource(Source):
         if had_error or f"{key[0]}/{key[1]}" in self._errors:
             sink.report_errors(self._errors)
 
+    def _own_names(self, key: tuple[str, str], obj: dict[str, Any]) -> list[str]:
+        namespace, name = key
+        spec = obj.get("spec") or {}
+        names = [f"{name}.{namespace}.svc", f"{name}.{namespace}", self.service_name(namespace, name)]
+        return names + [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None"]
+
+    def _claim(self, key: tuple[str, str], obj: dict[str, Any] | None) -> None:
+        """Records (or with None forgets) a Service's own names."""
+        for old in self._canonical.pop(key, []):
+            if self._claims.get(old) == key:
+                del self._claims[old]
+        if obj is not None and (obj.get("spec") or {}).get("type") != "ExternalName":
+            self._canonical[key] = self._own_names(key, obj)
+            for own in self._canonical[key]:
+                self._claims.setdefault(own, key)
+
+    def _extras_claiming(self, key: tuple[str, str]) -> list[tuple[str, str]]:
+        """The other Services published with one of ``key``'s own names as an extra authority."""
+        own = set(self._canonical.get(key, []))
+        if not own:
+            return []
+        found = []
+        for other, names in self._canonical.items():
+            published = self._services.get(self.service_name(*other))
+            if other != key and published is not None and own & (set(published.authorities) - set(names)):
+                found.append(other)
+        return found
+
+    def _extra_problem(self, key: tuple[str, str], extra: Any) -> str:
+        """Why an extra authority of ``key`` cannot be had ("" if it can)."""
+        namespace = key[0]
+        if not isinstance(extra, str):
+            return ""  # the engine says what is wrong with it
+        host = extra.rsplit(":", 1)[0] if extra.count(":") == 1 else extra
+        suffixes = (f".{namespace}.svc", f".{namespace}.svc.{self.cluster_domain}")
+        if not host.lower().endswith(suffixes):
+            return (f"{extra!r} is not a name in namespace {namespace!r}; extra authorities must end with "
+                    f"{suffixes[0]} or {suffixes[1]}")
+        owner = self._claims.get(host.lower())
+        if owner is not None and owner != key:
+            return f"{extra!r} is the own name of Service {owner[0]}/{owner[1]}"
+        return ""
+
     def service_name(self, namespace: str, name: str) -> str:
         return f"{name}.{namespace}.svc.{self.cluster_domain}"
 
@@ -364,11 +422,22 @@ class KubernetesSource(Source):
             self._errors.pop(where, None)
             return
         self._errors.pop(where, None)
+        dropped: list[str] = []
         try:
-            service, settings = self._settings_of(namespace, name, obj)
-            self._check_merged(pymesh_name, settings)
+            service, settings = self._settings_of(namespace, name, obj, dropped)
+            try:
+                self._check_merged(pymesh_name, settings)
+            except pymesh.ConfigError as e:
+                if set(service.authorities) <= set(self._canonical.get(key, [])):
+                    raise  # its own names conflict: no extra to drop
+                # an extra authority another Service holds: served without its extras, never dropped
+                dropped.append(f"{e.message} (its extra authorities are left out)")
+                service, settings = self._settings_of(namespace, name, obj, dropped, extras=False)
+                self._check_merged(pymesh_name, settings)
             self._services[pymesh_name] = service
             self._settings[pymesh_name] = settings
+            if dropped:
+                self._errors[where] = f"metadata.annotations[{SETTINGS_ANNOTATION}].authorities: " + "; ".join(dropped)
         except pymesh.ConfigError as e:
             self._errors[where] = f"{e.path}: {e.message}" if e.path else e.message
         if pymesh_name not in self._services:
@@ -380,7 +449,10 @@ class KubernetesSource(Source):
         else:
             self._endpoints.pop(pymesh_name, None)
 
-    def _settings_of(self, namespace: str, name: str, obj: dict[str, Any]) -> tuple[proxy_pb2.Service, dict[str, Any]]:
+    def _settings_of(self, namespace: str, name: str, obj: dict[str, Any], dropped: list[str], *,
+                     extras: bool = True) -> tuple[proxy_pb2.Service, dict[str, Any]]:
+        """The Service's settings; extra authorities it may not have are left out, and said so
+        in ``dropped``."""
         field = f"metadata.annotations[{SETTINGS_ANNOTATION}]"
         annotations = (obj.get("metadata") or {}).get("annotations") or {}
         settings: Any = {}
@@ -397,8 +469,10 @@ class KubernetesSource(Source):
         spec = obj.get("spec") or {}
         authorities = [f"{name}.{namespace}.svc", f"{name}.{namespace}"]
         authorities += [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")] if ip and ip != "None"]
-        for extra in settings.get("authorities") or []:
-            if extra not in authorities:
+        for extra in (settings.get("authorities") or []) if extras else []:
+            if (problem := self._extra_problem((namespace, name), extra)):
+                dropped.append(problem)
+            elif extra not in authorities:
                 authorities.append(extra)
         document = {**settings, "name": self.service_name(namespace, name), "authorities": authorities}
         try:
