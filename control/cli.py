@@ -37,6 +37,10 @@ TrustAnchorOption = Annotated[str | None, typer.Option(
 TokenSecretOption = Annotated[str | None, typer.Option(
     help="The secret per-workload tokens are made with (default: generated, STATE_DIR/token-secret).",
     envvar="PYMESH_CONTROL_TOKEN_SECRET_FILE")]
+IssuerCertOption = Annotated[str | None, typer.Option(
+    help="PEM certificate of the issuer that signs workload certificates (then any intermediates; without "
+         "--trust-anchor-file, then the trust anchor, whose key stays offline); re-read when it changes.",
+    envvar="PYMESH_CONTROL_ISSUER_CERT_FILE")]
 IdentityOption = Annotated[str | None, typer.Option(
     "--identity", help="The control plane's SPIFFE id. Default spiffe://TRUST_DOMAIN/ns/pymesh-system/sa/pymesh-control.",
     envvar="PYMESH_CONTROL_IDENTITY")]
@@ -68,9 +72,7 @@ def control_run(
     trust_domain: TrustDomainOption = None,
     state_dir: StateDirOption = None,
     trust_anchor_file: TrustAnchorOption = None,
-    issuer_cert_file: Annotated[str | None, typer.Option(
-        help="PEM certificate of the issuer that signs workload certificates (then any intermediates); "
-             "re-read when it changes.", envvar="PYMESH_CONTROL_ISSUER_CERT_FILE")] = None,
+    issuer_cert_file: IssuerCertOption = None,
     issuer_key_file: Annotated[str | None, typer.Option(
         help="PEM private key of the issuer; re-read when it changes.",
         envvar="PYMESH_CONTROL_ISSUER_KEY_FILE")] = None,
@@ -187,6 +189,9 @@ def control_token(
 def control_ca_bundle(
     state_dir: StateDirOption = None,
     trust_anchor_file: TrustAnchorOption = None,
+    issuer_cert_file: IssuerCertOption = None,
+    issuer_key_file: Annotated[str | None, typer.Option(
+        help="PEM private key of the issuer.", envvar="PYMESH_CONTROL_ISSUER_KEY_FILE")] = None,
     config: SettingsOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -197,7 +202,8 @@ def control_ca_bundle(
 
     from .identity.ca import trust_anchor_bundle
 
-    settings = _load_settings(config, state_dir=state_dir, trust_anchor_file=trust_anchor_file)
+    settings = _load_settings(config, state_dir=state_dir, trust_anchor_file=trust_anchor_file,
+                              issuer_cert_file=issuer_cert_file, issuer_key_file=issuer_key_file)
     try:
         path, pem = trust_anchor_bundle(settings)
     except pymesh.ConfigError as e:

@@ -360,3 +360,73 @@ def test_issuance_cannot_be_starved(start_tls: StartTls, services_dir: Path) -> 
     refusals = flood(mesh, "127.0.0.3", requests)
     assert any("too many certificate requests for namespace 'evil'" in r for r in refusals)
     everyone_else_is_served(2)
+
+
+# -- 10. The CA's files, the limiter's tables ---------------------------------------------------
+
+
+def test_the_state_directory_is_private_and_never_written_through_a_link(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o777)  # as an operator's `mkdir` under a permissive umask might leave it
+    stolen = tmp_path / "stolen"
+    stolen.mkdir()
+    # Temporary files had predictable names (.<name>.<pid>.tmp) and were opened through links:
+    # plant links for the next process ids, where the keys would be written.
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    for pid in range(last + 1, last + 400):
+        for name in ("trust-anchor.key", "issuer.key", "token-secret"):
+            (state / f".{name}.{pid}.tmp").symlink_to(stolen / f"{name}.{pid}")
+    cli("control", "token", "-n", "shop", "--service-account", "web", "--state-dir", str(state))
+    cli("control", "ca-bundle", "--state-dir", str(state))
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert list(stolen.iterdir()) == []
+    for name in ("trust-anchor.key", "issuer.key", "token-secret"):
+        path = state / name
+        assert path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    # The lock is never opened through a link either.
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    (other / ".lock").symlink_to(stolen / "lock")
+    bad = cli("control", "ca-bundle", "--state-dir", str(other), expect=2)
+    assert "stateDir: cannot use" in bad.stderr and not (stolen / "lock").exists()
+
+
+def test_the_trust_anchor_key_can_stay_offline(start_control: StartControl, services_dir: Path,
+                                               tmp_path: Path) -> None:
+    # An operator's PKI: the anchor and an issuer made once (here by a first control plane's
+    # state directory); the anchor's key then goes offline, the issuer alone is supplied.
+    made = tmp_path / "made"
+    cli("control", "ca-bundle", "--state-dir", str(made))
+    proof = token(made, "shop", "web")  # and the token secret
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    (made / "trust-anchor.key").rename(offline / "trust-anchor.key")
+    chain = tmp_path / "issuer-chain.pem"
+    chain.write_bytes((made / "issuer.pem").read_bytes() + (made / "trust-anchor.pem").read_bytes())
+    supplied = ("--issuer-cert-file", str(chain), "--issuer-key-file", str(made / "issuer.key"),
+                "--token-secret-file", str(made / "token-secret"))
+    shown = json.loads(cli("control", "ca-bundle", *supplied[:4], "--json").stdout)
+    assert shown["trust_anchors"] == (made / "trust-anchor.pem").read_text()
+    control = start_control(f"file:{services_dir}", *supplied, plaintext=False)
+    state = control.log_path.with_suffix(".state")
+    assert not list(state.glob("trust-anchor*")), "nothing of the anchor is generated or kept online"
+    client = MeshClient(control, (made / "trust-anchor.pem").read_bytes())
+    web = client.certify(WEB, proof)
+    leaf, issuer, *_ = x509.load_pem_x509_certificates(web.chain)
+    leaf.verify_directly_issued_by(issuer)
+    issuer.verify_directly_issued_by(x509.load_pem_x509_certificate((made / "trust-anchor.pem").read_bytes()))
+    client.close()
+    bad = cli("control", "ca-bundle", "--issuer-cert-file", str(made / "issuer.pem"), "--issuer-key-file",
+              str(made / "issuer.key"), expect=2)
+    assert "must end with the trust anchor" in bad.stderr
+
+
+def test_the_limiters_tables_are_bounded() -> None:
+    from pymesh.control.identity.limits import RateLimiter
+
+    limiter = RateLimiter(limit=100)
+    for i in range(10_000):  # a stream of new identities and peers costs one bucket each, kept bounded
+        assert limiter.admit(spiffe(f"ns{i}", "sa"), f"ns{i}") is None or i >= 300
+        limiter.refused(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter.identities) == len(limiter.namespaces) == len(limiter.peers) == 100
