@@ -1,21 +1,27 @@
 //! `pymesh-proxy`: the native sidecar. Reads a config file, runs the engine, reloads
 //! on SIGHUP or when the file changes, and drains on SIGTERM/SIGINT before exiting 0.
+//! `pymesh-proxy init` installs the redirect rules of a transparent sidecar instead (see init.rs).
+
+mod init;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use pymesh_engine::{config, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
 #[command(name = "pymesh-proxy", version, about = "The pymesh sidecar proxy")]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// The proxy configuration (YAML or JSON, the protobuf JSON mapping of ProxyConfig).
-    #[arg(long, short, env = "PYMESH_CONFIG")]
-    config: PathBuf,
+    #[arg(long, short, env = "PYMESH_CONFIG", required = true)]
+    config: Option<PathBuf>,
     /// Log filter, e.g. `info` or `pymesh_engine=debug`.
     #[arg(long, env = "PYMESH_LOG", default_value = "info")]
     log: String,
@@ -31,6 +37,12 @@ struct Args {
     /// How often to check the config file for changes; 0s turns watching off.
     #[arg(long, env = "PYMESH_WATCH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     watch_interval: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Install the transparent-proxy redirect rules in this network namespace (an init step).
+    Init(init::InitArgs),
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -53,6 +65,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Cmd::Init(init_args)) = args.command {
+        return init::main(init_args);
+    }
     let result = init_logging(&args.log, &args.log_format).and_then(|()| {
         // One thread (the default) runs everything on this one: no work-stealing
         // machinery, fewer wake-ups, the least CPU per request.
@@ -97,8 +112,9 @@ fn init_logging(filter: &str, format: &str) -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let path = args.config.display();
-    let initial = config::load_file(&args.config)
+    let config_path = args.config.clone().context("--config is required")?;
+    let path = config_path.display();
+    let initial = config::load_file(&config_path)
         .map_err(|e| anyhow::anyhow!("invalid config {path}: {e}"))?;
     let proxy = Proxy::start(initial)
         .await
@@ -112,7 +128,7 @@ async fn run(args: Args) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut last_modified = modified(&args.config);
+    let mut last_modified = modified(&config_path);
     let mut watch = tokio::time::interval(if args.watch_interval.is_zero() {
         Duration::from_secs(3600 * 24 * 365)
     } else {
@@ -120,12 +136,12 @@ async fn run(args: Args) -> Result<()> {
     });
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&proxy, &args.config).await,
+            _ = hangup.recv() => reload(&proxy, &config_path).await,
             _ = watch.tick(), if !args.watch_interval.is_zero() => {
-                let now = modified(&args.config);
+                let now = modified(&config_path);
                 if now != last_modified {
                     last_modified = now;
-                    reload(&proxy, &args.config).await;
+                    reload(&proxy, &config_path).await;
                 }
             }
             _ = terminate.recv() => break,
