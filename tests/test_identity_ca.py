@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pymesh._proto.pymesh.mesh.v1 import identity_pb2, identity_pb2_grpc
 
+from .console import plain_env
 from .control_plane import ControlPlane, KubeApiServer, wait_for
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
@@ -41,14 +42,9 @@ Key = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 
 def cli(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*PYMESH, *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*PYMESH, *args], capture_output=True, text=True, timeout=60, env=plain_env())
     assert result.returncode == expect, f"exit {result.returncode}: {result.stdout}{result.stderr}"
     return result
-
-
-def one_line(text: str) -> str:
-    """Rich wraps long messages at 80 columns when not on a terminal."""
-    return " ".join(text.split())
 
 
 def token(state_dir: Path, namespace: str = "default", service_account: str = "web", *args: str) -> str:
@@ -453,9 +449,9 @@ def test_bad_ca_settings_are_refused_at_startup(tmp_path: Path) -> None:
     def run(*args: str) -> str:
         result = subprocess.run([*PYMESH, "control", "run", "--source", f"file:{services}", "--listen", "127.0.0.1:0",
                                  "--admin", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"), *args],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, env=plain_env())
         assert result.returncode == 2, result.stdout + result.stderr
-        return one_line(result.stderr)
+        return result.stderr
 
     def supplied(anchor_file: str = "anchor.pem", cert: str = "issuer.pem", key: str = "issuer.key") -> list[str]:
         return ["--trust-anchor-file", str(tmp_path / anchor_file), "--issuer-cert-file", str(tmp_path / cert),
@@ -486,14 +482,14 @@ def test_the_token_command(start_control: StartControl, state_dir: Path, tmp_pat
                 "--json").stdout
     assert '"identity": "spiffe://cluster.local/ns/default/sa/web"' in shown and '"token": "v2.' in shown
     bad = cli("control", "token", "-n", "a/b", "--service-account", "web", "--state-dir", str(state_dir), expect=2)
-    assert "is not a workload identity" in one_line(bad.stderr)
+    assert "is not a workload identity" in bad.stderr
 
     # A secret supplied by the operator: tokens minted with it are what the control plane accepts.
     secret = tmp_path / "secret"
     secret.write_text("short\n")
     bad = cli("control", "token", "-n", "default", "--service-account", "web", "--token-secret-file", str(secret),
               expect=2)
-    assert f"tokenSecretFile: {secret}: the token secret is 5 bytes; at least 16 are needed" in one_line(bad.stderr)
+    assert f"tokenSecretFile: {secret}: the token secret is 5 bytes; at least 16 are needed" in bad.stderr
     secret.write_text("an operator's secret of some length\n")
     supplied = token(state_dir, "default", "web", "--token-secret-file", str(secret))
     assert supplied != web
