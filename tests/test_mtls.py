@@ -6,6 +6,7 @@ answers 403; certificates rotate under load without a failed request."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -30,6 +31,7 @@ from .backends import EchoBackend, TcpEchoServer, start_echo_backend
 from .conftest import NativeProxy
 from .control_plane import ControlPlane, write_services
 from .test_mesh import loadgen, wait_for
+from .traffic import Traffic
 
 TRUST_DOMAIN = "cluster.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/client"
@@ -248,9 +250,12 @@ def read_all(sock: socket.socket) -> bytes:
 
 def refused(attempt: Callable[[], bytes]) -> bool:
     """In TLS 1.3 the server judges the client's certificate after the client's handshake
-    ends, so a refusal shows as an alert or a closed connection at the first read."""
+    ends, so a refusal shows as an alert or a closed connection at the first read. A read
+    that times out is a hang, not a refusal."""
     try:
         return attempt() == b""
+    except TimeoutError:
+        return False
     except (ssl.SSLError, ConnectionError, OSError):
         return True
 
@@ -396,6 +401,7 @@ def test_trust_anchor_rotation_with_a_bundle(tmp_path: Path, native: ProxyStarte
     write_services(services / "services.yaml", [])
     control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
                            "--cert-lifetime", "10s")
+    stack = contextlib.ExitStack()
     try:
         anchors = tmp_path / "anchors.pem"
         old_pem = pymesh("control", "ca-bundle", "--state-dir", str(state_dir))
@@ -403,6 +409,10 @@ def test_trust_anchor_rotation_with_a_bundle(tmp_path: Path, native: ProxyStarte
         mesh = Mesh(control, state_dir, anchors, tmp_path)
         client_proxy, server_proxy = pair(mesh, native, backend)
         url = f"http://{client_proxy.address()}/echo"
+        # Requests without a pause from here to the end, counted (not bursts between steps).
+        traffic = Traffic(client_proxy.address(), "web", clients=2, max_requests=1_000_000, max_seconds=150)
+        stack.enter_context(traffic)
+        traffic.wait_for(50)
 
         def works() -> None:
             with httpx.Client(timeout=10) as http:
@@ -451,7 +461,10 @@ def test_trust_anchor_rotation_with_a_bundle(tmp_path: Path, native: ProxyStarte
             return der is not None and x509.load_der_x509_certificate(der).issuer == issuer.subject
 
         wait_for(serves_new_issuer, 30)
-        time.sleep(10)  # one more renewal: the client proxy holds a new-issuer certificate too
+        # Two more renewals of the client proxy (the first may have been asked of the old
+        # issuer): it then holds a new-issuer certificate too.
+        renewed = refreshes(client_proxy, "ok")
+        wait_for(lambda: refreshes(client_proxy, "ok") >= renewed + 2, 40)
 
         (tmp_path / "new.pem").write_text(new_pem)
         for proxy in (client_proxy, server_proxy):
@@ -466,8 +479,18 @@ def test_trust_anchor_rotation_with_a_bundle(tmp_path: Path, native: ProxyStarte
         with mesh_tls_client(mesh, key, chain, server_proxy) as tls:
             tls.sendall(b"GET /echo HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
             assert read_all(tls).startswith(b"HTTP/1.1 200")
+        traffic.wait_for(traffic.sent + 50)
+        stack.close()
+        assert traffic.exhausted == 0, "traffic stopped before the rotation ended"
+        assert traffic.errors == [] and set(traffic.statuses) == {200}, (traffic.errors[:3], traffic.statuses)
     finally:
+        stack.close()
         control.stop()
+
+
+def refreshes(proxy: NativeProxy, result: str) -> float:
+    return sum(float(line.split()[-1]) for line in metric_lines(proxy, "identity_cert_refresh_total")
+               if f'result="{result}"' in line)
 
 
 def proxy_config(proxy: NativeProxy) -> dict[str, Any]:
@@ -628,22 +651,30 @@ def test_the_control_plane_marks_endpoints_as_meshed_and_streams_policy(
 
 def test_rate_limits_per_client_identity(mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
     """A per-client rate limit on the server: one client identity over its bucket gets 429,
-    another identity is still served."""
+    on every connection it opens, while another identity is still served."""
     config = server_config(mesh, backend.address)
     config["services"][0]["rateLimit"] = {"requestsPerSecond": 0.01, "burst": 3, "perClient": True}
     server_proxy = native("server", config)
     client_proxy = native("client", client_config(mesh, server_proxy.address("inbound")))
     ready(server_proxy)
     ready(client_proxy)
-    with httpx.Client(timeout=10) as http:
-        statuses = [http.get(f"http://{client_proxy.address()}/echo", headers={"host": "web"}).status_code
-                    for _ in range(6)]
-    assert statuses == [200, 200, 200, 429, 429, 429], statuses
     key = ec.generate_private_key(ec.SECP256R1())
     chain = mesh.certify(f"spiffe://{TRUST_DOMAIN}/ns/tools/sa/probe", key)
-    with mesh_tls_client(mesh, key, chain, server_proxy) as tls:
-        tls.sendall(b"GET /echo HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-        assert read_all(tls).startswith(b"HTTP/1.1 200")
+
+    def probe() -> bytes:
+        # A new connection each time: the bucket is the identity's, not the connection's.
+        with mesh_tls_client(mesh, key, chain, server_proxy) as tls:
+            tls.sendall(b"GET /echo HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            return read_all(tls).split(b" ", 2)[1]
+
+    assert [probe() for _ in range(4)] == [b"200", b"200", b"200", b"429"]
+    # Another identity has its own bucket, through the client proxy's pooled connection.
+    with httpx.Client(timeout=10) as http:
+        statuses = [http.get(f"http://{client_proxy.address()}/echo", headers={"host": "web"}).status_code
+                    for _ in range(4)]
+    assert statuses == [200, 200, 200, 429], statuses
+    limited = [line for line in metric_lines(server_proxy, "rate_limited_total") if 'dst_service="app"' in line]
+    assert limited and float(limited[0].split()[-1]) == 2, limited
 
 
 def test_path_policies_cannot_be_sidestepped(mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
@@ -666,3 +697,78 @@ def test_path_policies_cannot_be_sidestepped(mesh: Mesh, native: ProxyStarter, b
         time.sleep(1.5)  # past the detect timeout: the proxy now sees opaque TCP
         sock.sendall(b"GET /admin HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
         assert refused(lambda: read_all(sock))
+
+
+def test_a_meshed_endpoint_is_never_reached_in_plaintext(mesh: Mesh, native: ProxyStarter,
+                                                          backend: EchoBackend) -> None:
+    """A proxy without an identity cannot reach an endpoint that has one, even when the
+    server would take plaintext (PERMISSIVE): it fails to connect instead of downgrading."""
+    server_proxy = native("server", server_config(mesh, backend.address, tls="PERMISSIVE"))
+    ready(server_proxy)
+    inbound = server_proxy.address("inbound")
+    plain = native("plain", {
+        "admin": {"address": "127.0.0.1:0"},
+        "listeners": [{"name": "main", "address": "127.0.0.1:0", "defaultService": "web"}],
+        "services": [{"name": "web", "endpoints": [{"address": inbound, "identity": SERVER_ID}]}],
+    })
+    with httpx.Client(timeout=10) as http:
+        # The server does take plaintext from a client that asks for it directly...
+        assert http.get(f"http://{inbound}/echo", headers={"host": "app"}).status_code == 200
+        # ...but a proxy told the endpoint is meshed refuses to send it plaintext.
+        for _ in range(3):
+            r = http.get(f"http://{plain.address()}/echo", headers={"host": "web"})
+            assert r.status_code == 502 and r.headers["pymesh-reason"] == "connect-failed", (r.status_code, r.text)
+    # Only the direct request reached the server proxy.
+    served = sum(float(line.split()[-1]) for line in metric_lines(server_proxy, "response_total")
+                 if 'direction="inbound"' in line)
+    assert served == 1, metric_lines(server_proxy, "response_total")
+
+
+def test_identity_waits_for_its_first_certificate_and_keeps_it_while_renewal_fails(
+        tmp_path: Path, native: ProxyStarter, backend: EchoBackend) -> None:
+    """/ready waits for the first certificate; the token file is read again at every attempt
+    (a fixed file is used, a broken one fails the renewal); while renewal fails the proxy
+    keeps its certificate and keeps serving."""
+    state_dir = tmp_path / "ca"
+    services = tmp_path / "services"
+    services.mkdir()
+    write_services(services / "services.yaml", [])
+    control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
+                           "--cert-lifetime", "20s")
+    try:
+        anchors = tmp_path / "anchors.pem"
+        anchors.write_text(pymesh("control", "ca-bundle", "--state-dir", str(state_dir)))
+        mesh = Mesh(control, state_dir, anchors, tmp_path)
+        server_proxy = native("server", server_config(mesh, backend.address))
+        ready(server_proxy)
+        config = client_config(mesh, server_proxy.address("inbound"))
+        token_file = Path(config["identity"]["tokenFile"])
+        good_token = token_file.read_text()
+        token_file.write_text("v2.not-a-token.at-all\n")
+        client_proxy = native("client", config)
+
+        def ready_status() -> int:
+            return httpx.get(f"http://{client_proxy.admin}/ready", timeout=5).status_code
+
+        # Refused by the CA, twice: no certificate, so not ready.
+        wait_for(lambda: refreshes(client_proxy, "failed") >= 2, 30)
+        assert ready_status() == 503 and refreshes(client_proxy, "ok") == 0
+        # The file fixed: read again at the next attempt, certified, ready.
+        token_file.write_text(good_token)
+        wait_for(lambda: ready_status() == 200, 30)
+        assert refreshes(client_proxy, "ok") == 1
+        expiry = metric_lines(client_proxy, "identity_cert_expiration_timestamp_seconds")
+        url = f"http://{client_proxy.address()}/echo"
+        assert httpx.get(url, headers={"host": "web"}, timeout=10).status_code == 200
+
+        # Broken again: the next renewal reads it and fails, and the proxy keeps its certificate.
+        token_file.write_text("v2.not-a-token.at-all\n")
+        failed = refreshes(client_proxy, "failed")
+        wait_for(lambda: refreshes(client_proxy, "failed") > failed, 30)
+        assert refreshes(client_proxy, "ok") == 1
+        assert metric_lines(client_proxy, "identity_cert_expiration_timestamp_seconds") == expiry
+        assert float(expiry[0].split()[-1]) > time.time(), "the certificate expired before the check"
+        assert ready_status() == 200
+        assert httpx.get(url, headers={"host": "web"}, timeout=10).status_code == 200
+    finally:
+        control.stop()
