@@ -145,11 +145,15 @@ class Connection:
 
 class TlsFront:
     """Terminates TLS on the public address and relays each connection to the gRPC server's
-    private loopback address, remembering the connection by the relay's own local port."""
+    private loopback address, remembering the connection by the relay's own local address. A
+    local process that connects to the private port directly has no such entry, so it has no
+    identity; and it cannot take a relayed connection's address while that one is open (the
+    address pair is in use), which is forgotten before it closes."""
 
     def __init__(self, certificate: ServerCertificate) -> None:
         self.certificate = certificate
-        self.connections: dict[int, Connection] = {}
+        #: by the relay's local address as the gRPC server sees it: ``ipv4:127.0.0.1:PORT``
+        self.connections: dict[str, Connection] = {}
         self._server: asyncio.Server | None = None
         self._backend = ""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,9 +181,7 @@ class TlsFront:
 
     def of(self, context: grpc.aio.ServicerContext) -> Connection | None:
         """The relayed connection a call came on (None: not through this front)."""
-        kind, _, rest = context.peer().partition(":")
-        port = rest.rpartition(":")[2]
-        return self.connections.get(int(port)) if kind == "ipv4" and port.isdigit() else None
+        return self.connections.get(context.peer())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -187,20 +189,21 @@ class TlsFront:
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         upstream: asyncio.StreamWriter | None = None
-        port = 0
+        local = ""
         try:
             tls = writer.get_extra_info("ssl_object")
             host, _, backend_port = self._backend.rpartition(":")
             up_reader, upstream = await asyncio.open_connection(host, int(backend_port), limit=RELAY_CHUNK)
-            port = upstream.get_extra_info("sockname")[1]
-            self.connections[port] = Connection(f"{peer[0]}" if peer else "", tls.getpeercert(binary_form=True))
+            host, port = upstream.get_extra_info("sockname")[:2]
+            local = f"ipv4:{host}:{port}"
+            self.connections[local] = Connection(str(peer[0]) if peer else "", tls.getpeercert(binary_form=True))
             await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
         except OSError as e:
             log.debug("relaying %s: %s", peer, e)
         except asyncio.CancelledError:
             pass  # stopping: this task is the connection's own, nobody waits for it
         finally:
-            self.connections.pop(port, None)  # forgotten before the port can be reused
+            self.connections.pop(local, None)  # forgotten before the address can be reused
             for w in (upstream, writer):
                 if w is not None:
                     w.close()

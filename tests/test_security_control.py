@@ -148,6 +148,25 @@ def test_registration_cannot_take_a_services_traffic(start_tls: StartTls, servic
     assert endpoints_of(honest, "web") == {MESHED: (WEB, 0)}
 
 
+def test_registering_from_the_cli_needs_a_certificate(start_tls: StartTls, services_dir: Path,
+                                                      tmp_path: Path) -> None:
+    mesh = start_tls(f"file:{services_dir}", "--allow-register")
+    evil = mesh.workload(EVIL)
+    (tmp_path / "evil.pem").write_bytes(evil.chain)
+    (tmp_path / "evil.key").write_bytes(evil.key)
+    (tmp_path / "anchors.pem").write_bytes(mesh.anchors)
+    common = ("--control-plane", mesh.control.address, "--trust-anchors", str(tmp_path / "anchors.pem"))
+    assert cli("control", "register", "web", "127.0.0.1:7777", *common, expect=2).returncode == 2  # no --cert
+    assert cli("control", "register", "web", "127.0.0.1:7777", "--control-plane", mesh.control.address,
+               "--plaintext", expect=1).returncode == 1  # a plaintext client gets nowhere
+    cli("control", "register", "web", "127.0.0.1:7777", *common, "--cert", str(tmp_path / "evil.pem"),
+        "--key", str(tmp_path / "evil.key"))
+    assert endpoints_of(mesh.client.discovery(evil), "web")["127.0.0.1:7777"] == (EVIL, 0)
+    cli("control", "deregister", "web", "127.0.0.1:7777", *common, "--cert", str(tmp_path / "evil.pem"),
+        "--key", str(tmp_path / "evil.key"))
+    assert "127.0.0.1:7777" not in endpoints_of(mesh.client.discovery(evil), "web")
+
+
 def test_registration_is_off_unless_allowed(start_tls: StartTls, start_control: StartControl,
                                             services_dir: Path) -> None:
     mesh = start_tls(f"file:{services_dir}")
@@ -215,6 +234,26 @@ def test_the_control_plane_serves_tls_with_its_own_certificate(start_tls: StartT
         error = rpc_error(lambda: discovery_pb2_grpc.DiscoveryStub(channel).Status(discovery_pb2.StatusRequest(),
                                                                                   timeout=5))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def served_certificate(mesh: TlsMesh) -> x509.Certificate:
+    host, _, port = mesh.control.address.rpartition(":")
+    context = ssl.create_default_context(cadata=mesh.anchors.decode())
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=CONTROL_SNI) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+def test_the_server_certificate_is_renewed_in_process(start_tls: StartTls, services_dir: Path) -> None:
+    mesh = start_tls(f"file:{services_dir}", "--cert-lifetime", "5s")
+    first = served_certificate(mesh)
+    deadline = time.monotonic() + 30
+    while (current := served_certificate(mesh)).serial_number == first.serial_number and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert current.serial_number != first.serial_number, "not renewed"
+    assert current.not_valid_after_utc > first.not_valid_after_utc
+    assert mesh.control.process.poll() is None  # the same process: no restart
+    mesh.workload(WEB)  # and it still serves
 
 
 def test_a_relay_on_the_path_reads_no_token(start_tls: StartTls, services_dir: Path) -> None:
