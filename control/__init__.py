@@ -8,6 +8,10 @@ One concern per module:
 - :mod:`pymesh.control.sources` — where the state comes from (``file``, ``etcd``);
 - :mod:`pymesh.control.policy` — the mesh-wide authorization a source holds, checked;
 - :mod:`pymesh.control.server` — the gRPC Discovery service;
+- :mod:`pymesh.control.tls` — TLS on the one port: the control plane's own certificate, the TLS
+  front, and who a caller is (its mesh certificate);
+- :mod:`pymesh.control.client` — talking to a control plane as a mesh client (``pymesh check``,
+  ``register``);
 - :mod:`pymesh.control.identity` — the mesh's CA, the gRPC Identity service on the same server;
 - :mod:`pymesh.control.metrics` and :mod:`pymesh.control.http` — Prometheus metrics, ``/live``
   and ``/ready`` on the admin port;
