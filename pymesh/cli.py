@@ -13,9 +13,26 @@ from rich.console import Console
 
 from . import __version__
 from .bench import bench_app
-from .control.cli import check_command, control_app
 from .errors import MeshError
 from .proxy import Proxy, validate
+
+try:
+    from .control.cli import check_command, control_app
+except ModuleNotFoundError as missing:  # installed without the control plane (pymesh-control)
+    _missing = f"the control plane is not installed ({missing}): pip install pymesh-control"
+
+    control_app = typer.Typer(help=f"Unavailable: {_missing}.")
+
+    @control_app.callback(invoke_without_command=True,
+                          context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def _control_unavailable() -> None:
+        Console(stderr=True).print(f"[red]pymesh control:[/red] {_missing}")
+        raise typer.Exit(2)
+
+    def check_command() -> None:
+        """Unavailable: the control plane (pymesh-control) is not installed."""
+        Console(stderr=True).print(f"[red]pymesh check:[/red] {_missing}")
+        raise typer.Exit(2)
 
 app = typer.Typer(help="pymesh: a service mesh with a Rust data plane, driven from Python.",
                   no_args_is_help=True)
