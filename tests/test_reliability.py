@@ -22,7 +22,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -60,7 +59,9 @@ TIMEOUT = "timeout"
 CONNECT_FAILED = "connect-failed"
 
 SERVICE = "web"
-MiB = 1024 * 1024
+#: seconds a slow backend holds a request: far longer than the proxy's timeouts under test,
+#: so "answered before the backend would have" is ordering, not a latency bound
+SLOW = 5
 
 
 def service_config(addresses: list[str], **service: Any) -> dict[str, Any]:
@@ -80,11 +81,6 @@ def with_endpoints(config: dict[str, Any], addresses: list[str]) -> dict[str, An
 
 def retries(text: str, result: str) -> float:
     return total(text, RETRIES, dst_service=SERVICE, **{RETRY_RESULT: result})
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 # ---- load ---------------------------------------------------------------------------------
@@ -319,23 +315,17 @@ def test_failing_endpoint_is_ejected(start_proxy: ProxyFactory, backends3: Contr
 
 def test_peak_ewma_steers_away_from_a_slow_endpoint(native_proxy: Callable[..., NativeProxy],
                                                     backends3: ControlBackends) -> None:
-    """One endpoint 50 ms slower, default balancer: the client's p99 stays within 2× of a
-    healthy endpoint's own p99, and most traffic goes to the fast endpoints."""
-    slow, healthy = backends3[0], backends3[1]
+    """One endpoint 50 ms slower, default balancer: nearly all traffic goes to the fast
+    endpoints (counted; what that does to the client's latency is perf/'s to measure)."""
+    slow = backends3[0]
     slow.set_latency(0.050)
     proxy = native_proxy(service_config(backends3.addresses))  # PEAK_EWMA is the default
 
-    baseline = sequential(healthy.address, 2000)
     sequential(proxy.address(), 200)  # warm-up: the balancer learns the latencies
     measured = sequential(proxy.address(), 2000)
 
-    assert {o.status for o in baseline} == {200} and {o.status for o in measured} == {200}
-    healthy_p99 = percentile([o.latency for o in baseline], 0.99)
-    p99 = percentile([o.latency for o in measured], 0.99)
+    assert {o.status for o in measured} == {200}
     served = Counter(o.served_by for o in measured)
-    assert p99 <= 2 * healthy_p99, (
-        f"p99 through the proxy {p99 * 1000:.2f} ms vs healthy endpoint {healthy_p99 * 1000:.2f} ms; "
-        f"served by {dict(served)}")
     fast_share = (len(measured) - served[slow.name]) / len(measured)
     assert fast_share >= 0.95, dict(served)
     assert served[backends3[1].name] > 0 and served[backends3[2].name] > 0, dict(served)
@@ -358,12 +348,12 @@ def test_least_request_prefers_the_idle_endpoint(native_proxy: Callable[..., Nat
         busy, idle = backends[0], backends[1]
         busy.set_latency(0.3)
         proxy = native_proxy(service_config(backends.addresses, balancer={"kind": "LEAST_REQUEST"}))
-        with Load(proxy.address(), clients=8, max_requests=4000, max_seconds=3) as load:
+        with Load(proxy.address(), clients=8, max_requests=400, max_seconds=120) as load:
             load.join()
+        assert load.sent == 400, f"only {load.sent} of 400 requests were sent"
         assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
         served = load.served_by
         assert served[idle.name] / load.sent >= 0.9, dict(served)
-        assert load.sent >= 200, f"only {load.sent} requests in 3 s"
 
 
 def test_ring_hash_is_sticky_and_reloads_fail_nothing(start_proxy: ProxyFactory) -> None:
@@ -433,22 +423,19 @@ def test_rolling_restart_loses_no_get(native_proxy: Callable[..., NativeProxy],
         service["retries"] = {"retryOn": ["connect-failure", "reset", "gateway-error"]}
     proxy = native_proxy(service_config(backends3.addresses, **service))
     rate = 500
-    served_after_restart = {}
-    with Load(proxy.address(), clients=12, rate=rate, max_requests=rate * 12, max_seconds=12) as load:
+    with Load(proxy.address(), clients=12, rate=rate, max_requests=rate * 120, max_seconds=120) as load:
         load.wait_for(rate // 2)
         for backend in backends3:
             backend.stop(graceful=graceful)
-            time.sleep(0.5)
+            load.wait_for(load.sent + 100, timeout=30)  # requests go on while it is down
             backend.start()
             came_back = backend.traffic
-            time.sleep(2.5)
-            served_after_restart[backend.name] = backend.traffic - came_back
+            # Taken back into rotation after its restart, before the next one goes down.
+            assert wait_until(lambda b=backend, n=came_back: b.traffic > n, timeout=30), backend
+            load.wait_for(load.sent + 100, timeout=30)
         load.stop()
     assert load.errors == [], (len(load.errors), load.errors[:5])
     assert set(load.statuses) == {200}, (load.statuses, Counter(o.reason for o in load.outcomes if o.status != 200))
-    assert load.sent >= 0.6 * rate * load.elapsed, f"only {load.sent} requests in {load.elapsed:.1f} s"
-    # Each endpoint was taken back into rotation after its restart.
-    assert all(n > 0 for n in served_after_restart.values()), served_after_restart
 
 
 def test_retry_budget_caps_extra_load(native_proxy: Callable[..., NativeProxy],
@@ -503,11 +490,8 @@ def test_connect_failures_are_retried_even_for_post(start_proxy: ProxyFactory) -
         assert retries(proxy.metrics(), RETRY_ATTEMPTED) >= 4  # round-robin: every other first try failed
 
         nowhere = start_proxy(service_config([closed_port_address(), closed_port_address()]))
-        started = time.monotonic()
         response = httpx.get(f"http://{nowhere.address()}/work", headers={"host": SERVICE}, timeout=10)
-        elapsed = time.monotonic() - started
         assert response.status_code == 502 and response.headers.get(REASON) == CONNECT_FAILED, response.headers
-        assert elapsed < 1.0, f"took {elapsed:.2f} s to give up"
 
 
 def _chunks(body: bytes, size: int = 1000) -> Iterator[bytes]:
@@ -580,32 +564,35 @@ def test_grpc_unavailable_is_retried(start_proxy: ProxyFactory) -> None:
 # ---- deadlines ----------------------------------------------------------------------------
 
 
-def test_service_request_timeout_answers_504_quickly(start_proxy: ProxyFactory) -> None:
+def test_service_request_timeout_answers_504(start_proxy: ProxyFactory) -> None:
     with ControlBackend() as slow:
-        slow.set_latency(2.0)
+        slow.set_latency(SLOW)
         proxy = start_proxy(service_config([slow.address], timeouts={"request": "0.3s"}))
         started = time.monotonic()
-        response = httpx.get(f"http://{proxy.address()}/work", headers={"host": SERVICE}, timeout=10)
+        response = httpx.get(f"http://{proxy.address()}/work", headers={"host": SERVICE}, timeout=SLOW + 10)
         elapsed = time.monotonic() - started
     assert response.status_code == 504, response.text
     assert response.headers.get(REASON) == TIMEOUT
-    assert 0.25 <= elapsed < 1.0, f"answered after {elapsed:.2f} s"
+    # Not before the timeout (timers never fire early), and before the backend would answer.
+    assert 0.3 <= elapsed < SLOW, f"answered after {elapsed:.2f} s"
 
 
 def test_per_try_timeout_retries_on_the_fast_endpoint(start_proxy: ProxyFactory) -> None:
     with ControlBackends(2) as backends:
         slow, fast = backends[0], backends[1]
-        slow.set_latency(2.0)
+        slow.set_latency(SLOW)
         proxy = start_proxy(service_config(backends.addresses, balancer={"kind": "ROUND_ROBIN"},
-                                           timeouts={"perTry": "0.1s", "request": "5s"}))
-        with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": SERVICE}, timeout=10) as client:
+                                           timeouts={"perTry": "0.1s", "request": f"{SLOW * 2}s"}))
+        with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": SERVICE},
+                          timeout=SLOW * 2) as client:
             for i in range(10):
                 started = time.monotonic()
                 response = client.get(f"/work/{i}")
                 elapsed = time.monotonic() - started
                 assert response.status_code == 200, (i, response.status_code, response.headers.get(REASON))
                 assert response.headers[SERVED_BY] == fast.name, f"request {i}: {response.headers}"
-                assert elapsed < 0.5, f"request {i} took {elapsed:.2f} s"
+                # Answered before the slow endpoint could have: its try was cut short.
+                assert elapsed < SLOW, f"request {i} took {elapsed:.2f} s"
         assert slow.traffic >= 1, "the slow endpoint was never tried"
         assert retries(proxy.metrics(), RETRY_ATTEMPTED) >= 1
 
@@ -619,10 +606,11 @@ def grpc_channel(proxy: RunningProxy, authority: str = SERVICE) -> grpc.Channel:
 
 
 def test_grpc_client_deadline_is_propagated(start_proxy: ProxyFactory) -> None:
-    """A client deadline of 0.3 s against a 2 s handler: DEADLINE_EXCEEDED at the deadline,
-    the server saw the deadline (not none), and its handler was cancelled, not left running."""
+    """A client deadline of 0.3 s against a slow handler: DEADLINE_EXCEEDED before the handler
+    could answer, the server saw the deadline (not none), and its handler was cancelled, not
+    left running."""
     with ControlGrpcBackend("g") as backend:
-        backend.set_latency(2.0)
+        backend.set_latency(SLOW)
         proxy = start_proxy(service_config([backend.address]))
         with grpc_channel(proxy) as channel:
             started = time.monotonic()
@@ -630,12 +618,12 @@ def test_grpc_client_deadline_is_propagated(start_proxy: ProxyFactory) -> None:
                 channel.unary_unary("/test.Echo/Slow")(b"x", timeout=0.3)
             elapsed = time.monotonic() - started
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
-        assert elapsed < 0.5, f"DEADLINE_EXCEEDED after {elapsed:.2f} s"
-        assert wait_until(lambda: backend.total == 1, timeout=2)
+        assert elapsed < SLOW, f"DEADLINE_EXCEEDED after {elapsed:.2f} s"
+        assert wait_until(lambda: backend.total == 1, timeout=10)
         [call] = backend.calls
         assert call.deadline is not None, "the server saw no deadline: grpc-timeout was not propagated"
         assert 0 < call.deadline <= 0.31, call  # grpcio rounds 0.3 s up to "301m" on the wire
-        assert call.cancelled_after is not None and call.cancelled_after < 0.6, call
+        assert call.cancelled_after is not None and call.cancelled_after < SLOW, call
 
 
 def test_grpc_timeout_header_shrinks_through_the_proxy(start_proxy: ProxyFactory) -> None:
@@ -651,18 +639,18 @@ def test_grpc_timeout_header_shrinks_through_the_proxy(start_proxy: ProxyFactory
         [seen] = recorder.headers
         assert "grpc-timeout" in seen, f"grpc-timeout was dropped: {seen}"
         forwarded = grpc_timeout_seconds(seen["grpc-timeout"])
-        assert 0.2 < forwarded < 0.3, f"the server got grpc-timeout {seen['grpc-timeout']} for a client's 300m"
+        assert 0 < forwarded < 0.3, f"the server got grpc-timeout {seen['grpc-timeout']} for a client's 300m"
 
 
 # ---- limits -------------------------------------------------------------------------------
 
 
-def test_max_concurrent_sheds_the_excess_fast(start_proxy: ProxyFactory) -> None:
+def test_max_concurrent_sheds_the_excess_at_once(start_proxy: ProxyFactory) -> None:
     with ControlBackend() as backend:
         proxy = start_proxy(with_warm_service(
             service_config([backend.address], limits={"maxConcurrent": 5}), backend.address))
         burst = Burst(proxy, clients=50).open()
-        backend.set_latency(1.0)
+        backend.set_latency(SLOW)
         backend.reset_counts()
         outcomes = burst.run()
         statuses = Counter(o.status for o in outcomes)
@@ -670,69 +658,47 @@ def test_max_concurrent_sheds_the_excess_fast(start_proxy: ProxyFactory) -> None
         assert statuses == {200: 5, 503: 45}, statuses
         shed = [o for o in outcomes if o.status == 503]
         assert {o.reason for o in shed} == {SHED}
-        # The backend holds each request 1 s: a queued request would wait that long. The
-        # bound leaves room for a busy machine, not for queueing.
-        slowest = max(o.latency for o in shed)
-        assert slowest < 0.5, f"a shed request waited {slowest * 1000:.0f} ms"
+        # Outcomes are in completion order: every shed answer came while the admitted five
+        # were still held by the backend, so none of them waited in a queue.
+        assert [o.status for o in outcomes] == [503] * 45 + [200] * 5, [o.status for o in outcomes]
         assert backend.max_in_flight <= 5 and backend.traffic == 5
 
 
 def test_rate_limit_answers_429(start_proxy: ProxyFactory) -> None:
     with ControlBackend() as backend:
         proxy = start_proxy(with_warm_service(
-            service_config([backend.address], rateLimit={"requestsPerSecond": 50, "burst": 10}),
+            # A refill too slow to matter within the test: exactly the burst is admitted,
+            # however long the clients take (the refill rate is the Rust unit tests' to time).
+            service_config([backend.address], rateLimit={"requestsPerSecond": 0.001, "burst": 10}),
             backend.address))
         burst = Burst(proxy, clients=20, per_client=5).open()
         backend.reset_counts()
         outcomes = burst.run()
-        assert burst.duration < 0.8, f"the clients took {burst.duration:.2f} s for a burst of 100"
         statuses = Counter(o.status for o in outcomes)
-        assert len(outcomes) == 100 and set(statuses) <= {200, 429}, statuses
-        assert 10 <= statuses[200] <= 60, statuses
+        assert statuses == {200: 10, 429: 90}, statuses
         assert {o.reason for o in outcomes if o.status == 429} == {RATE_LIMITED}
         assert backend.traffic == statuses[200]
+        assert total(proxy.metrics(), "rate_limited_total", dst_service=SERVICE) == 90
 
 
-def vm_rss(pid: int) -> int:
-    """Resident memory of a process in bytes, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
-
-
-def test_memory_stays_bounded_under_overload(native_proxy: Callable[..., NativeProxy]) -> None:
+def test_overload_is_shed_and_what_is_admitted_succeeds(native_proxy: Callable[..., NativeProxy]) -> None:
     """200 clients against max_concurrent 20 (10× overload): the excess is shed, what is
-    admitted succeeds, and the sidecar's resident memory stays under 64 MiB."""
+    admitted succeeds, the proxy survives. (Its memory under this load is measured by
+    perf/bench_overload.py, not asserted here.)"""
     with ControlBackend() as backend:
         backend.set_latency(0.1)
         proxy = native_proxy(service_config([backend.address], limits={"maxConcurrent": 20}))
-        pid = proxy.process.pid
-        rss_before = vm_rss(pid)
-        peak = [rss_before]
-        sampling = threading.Event()
-
-        def sample() -> None:
-            while not sampling.wait(0.02):
-                peak[0] = max(peak[0], vm_rss(pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            statuses, reasons, errors = asyncio.run(_overload(proxy.address(), clients=200, requests=50_000,
-                                                              max_seconds=10))
-        finally:
-            sampling.set()
-            sampler.join(timeout=5)
+        statuses, reasons, errors = asyncio.run(_overload(proxy.address(), clients=200, requests=10_000,
+                                                          max_seconds=120))
         assert proxy.process.poll() is None, "the proxy died under overload"
         assert errors == [], (len(errors), errors[:5])
-        assert sum(statuses.values()) >= 10_000, f"the clients offered too little load: {statuses}"
+        assert sum(statuses.values()) == 10_000, f"not every request was answered: {statuses}"
         assert set(statuses) <= {200, 503}, statuses
         assert statuses[503] >= sum(statuses.values()) / 2, statuses
         assert statuses[200] >= 20, statuses
         assert set(reasons) == {SHED}, reasons
         assert backend.max_in_flight <= 20
-        assert peak[0] < 64 * MiB, f"peak RSS {peak[0] / MiB:.1f} MiB (before the load {rss_before / MiB:.1f} MiB)"
+        assert total(proxy.metrics(), "requests_shed_total", dst_service=SERVICE) == statuses[503]
 
 
 async def _overload(address: str, *, clients: int, requests: int, max_seconds: float
@@ -801,28 +767,31 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 def test_active_health_check_takes_an_endpoint_out_and_back(native_proxy: Callable[..., NativeProxy],
                                                             backends3: ControlBackends) -> None:
     """An endpoint whose /healthz fails (while its real traffic still succeeds) stops
-    receiving traffic within ~1 s, and gets it again once /healthz passes."""
+    receiving traffic once its checks have failed, and gets it again once /healthz passes."""
     flaky = backends3[1]
     proxy = native_proxy(service_config(
         backends3.addresses, balancer={"kind": "ROUND_ROBIN"},
         healthCheck={"path": "/healthz", "interval": "0.2s", "unhealthyThreshold": 2},
     ))
-    with Load(proxy.address(), clients=2, rate=100, max_requests=2000, max_seconds=15) as load:
-        assert wait_until(lambda: all(b.health_checks >= 2 for b in backends3), timeout=2), \
+    with Load(proxy.address(), clients=2, rate=100, max_requests=6000, max_seconds=60) as load:
+        assert wait_until(lambda: all(b.health_checks >= 2 for b in backends3), timeout=10), \
             [b.health_checks for b in backends3]
         load.wait_for(50)
         assert flaky.traffic > 0
 
         flaky.set_health(500)
-        time.sleep(1.0)
-        out_at, checks_at, sent_at = flaky.traffic, flaky.health_checks, load.sent
-        time.sleep(1.0)
-        assert flaky.traffic == out_at, f"still got {flaky.traffic - out_at} requests 1-2 s after failing /healthz"
-        assert load.sent - sent_at >= 50, "traffic stalled while the endpoint was out"
-        assert flaky.health_checks > checks_at, "an endpoint out of rotation must still be checked"
+        # Two failed checks (the threshold), then one more: by then the verdict is applied and
+        # any request sent to it before has been answered.
+        failing_from = flaky.health_checks
+        assert wait_until(lambda: flaky.health_checks >= failing_from + 3, timeout=10)
+        out_at, checks_at = flaky.traffic, flaky.health_checks
+        load.wait_for(load.sent + 100)  # traffic goes on, to the others
+        assert flaky.traffic == out_at, f"still got {flaky.traffic - out_at} requests after failing /healthz"
+        assert wait_until(lambda: flaky.health_checks > checks_at, timeout=10), \
+            "an endpoint out of rotation must still be checked"
 
         flaky.set_health(200)
-        assert wait_until(lambda: flaky.traffic > out_at, timeout=1.5), "it did not come back after passing /healthz"
+        assert wait_until(lambda: flaky.traffic > out_at, timeout=10), "it did not come back after passing /healthz"
         load.stop()
     assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
     assert set(flaky.outcomes) == {200}
