@@ -256,6 +256,32 @@ def test_the_server_certificate_is_renewed_in_process(start_tls: StartTls, servi
     mesh.workload(WEB)  # and it still serves
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on (its sockets' inodes matched in /proc/net/tcp[6])."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = str(fd.readlink()) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for line in [x for t in ("tcp", "tcp6") for x in Path(f"/proc/net/{t}").read_text().splitlines()[1:]]:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            ports.add(int(fields[1].rpartition(":")[2], 16))
+    return ports
+
+
+def test_the_private_grpc_port_gives_no_identity(start_tls: StartTls, services_dir: Path) -> None:
+    mesh = start_tls(f"file:{services_dir}")
+    announced = {int(mesh.control.address.rpartition(":")[2]), int(mesh.control.admin.rpartition(":")[2])}
+    [private] = listening_ports(mesh.control.process.pid) - announced  # the gRPC server behind the TLS front
+    with grpc.insecure_channel(f"127.0.0.1:{private}") as channel:  # a local user skipping TLS
+        stub = discovery_pb2_grpc.DiscoveryStub(channel)
+        error = rpc_error(lambda: next(iter(stub.WatchConfig(discovery_pb2.WatchConfigRequest(), timeout=10))))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "did not come through the control plane's TLS port" in error.details()
+
+
 def test_a_relay_on_the_path_reads_no_token(start_tls: StartTls, services_dir: Path) -> None:
     mesh = start_tls(f"file:{services_dir}")
     relay = Relay(mesh.control.address)
