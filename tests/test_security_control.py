@@ -495,3 +495,15 @@ def test_the_limiters_tables_are_bounded() -> None:
         assert limiter.admit(spiffe(f"ns{i}", "sa"), f"ns{i}") is None or i >= 300
         limiter.refused(f"10.0.{i // 256}.{i % 256}")
     assert len(limiter.identities) == len(limiter.namespaces) == len(limiter.peers) == 100
+
+
+def test_plaintext_and_registration_from_the_settings_file(start_control: StartControl, services_dir: Path,
+                                                           tmp_path: Path) -> None:
+    settings = tmp_path / "control.yaml"
+    settings.write_text(yaml.safe_dump({"plaintext": True, "allowRegister": True}))
+    dev = start_control(f"file:{services_dir}", "--config", str(settings), plaintext=False)
+    register(dev.stub, "web", "127.0.0.1:6666")
+    assert "PLAINTEXT" in dev.logs
+    settings.write_text(yaml.safe_dump({"plaintext": "yes"}))
+    bad = cli("control", "run", "--source", f"file:{services_dir}", "--config", str(settings), expect=2)
+    assert "plaintext: expected true or false" in bad.stderr
