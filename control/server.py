@@ -9,7 +9,7 @@
   unless ``allowRegister``. A caller registers only endpoints of its own identity (its client
   certificate's), never one the source defines, and deregisters only its own.
 - ``Status``: the control plane, its source's health, and (to the control plane's own
-  identity only) the connected proxies.
+  identity only) the source's errors and the connected proxies.
 
 Over TLS (the default) every call needs a client certificate of the mesh (see
 :mod:`pymesh.control.tls`); the caller's identity replaces what it claims in
@@ -299,7 +299,10 @@ class DiscoveryServer:
             else "the source has not loaded yet",
             config_version=state.config_version)
         if caller is not None and str(caller) != self.control_identity:
-            return response  # which workloads run where is the operator's business only
+            # which workloads run where, and what is wrong with the source (names of other
+            # namespaces' Services, file paths), is the operator's business only
+            response.source_error = "" if response.source_healthy else "see the control plane's log"
+            return response
         for _, proxy in sorted(self.proxies.items()):
             response.proxies.add(identity=proxy.identity, config_version=proxy.config_version,
                                  endpoint_watches=proxy.endpoint_watches)

@@ -344,6 +344,7 @@ def test_discovery_needs_mutual_tls_and_hides_others_policies(start_tls: StartTl
         {"name": "ops-secret", "action": "DENY", "servers": ["spiffe://cluster.local/ns/ops/*"],
          "paths": ["/internal/secret"]},
         {"name": "everyone", "action": "DENY", "paths": ["/debug"]}]}}))
+    (services_dir / "broken.yaml").write_text("services: [")
     mesh = start_tls(f"file:{services_dir}")
 
     error = rpc_error(lambda: next(iter(mesh.client.discovery().WatchConfig(
@@ -360,9 +361,12 @@ def test_discovery_needs_mutual_tls_and_hides_others_policies(start_tls: StartTl
     assert [p.name for p in update.config.authorization.policies] == ["shop-admin", "everyone"]
     # Who is connected is for the control plane's own identity only; and it is who the
     # certificate says, whatever the proxy claimed.
-    assert list(web.Status(discovery_pb2.StatusRequest(), timeout=5).proxies) == []
+    seen = web.Status(discovery_pb2.StatusRequest(), timeout=5)
+    assert list(seen.proxies) == [] and seen.source_error == "see the control plane's log"
     operator = mesh.client.discovery(mesh.workload(CONTROL_ID))
-    [proxy] = operator.Status(discovery_pb2.StatusRequest(), timeout=5).proxies
+    status = operator.Status(discovery_pb2.StatusRequest(), timeout=5)
+    assert "broken.yaml" in status.source_error
+    [proxy] = status.proxies
     assert (proxy.identity.namespace, proxy.identity.service_account) == ("shop", "web")
     stream.cancel()
 

@@ -313,6 +313,11 @@ class KubernetesSource(Source):
         else:
             self._k8s_services[key] = obj
             self._claim(key, obj)
+        if kind == "DELETED":  # once it is gone, those of its namespace that lost an extra try again
+            self._publish(key, sink)
+            for other in [k for k in self._canonical if k[0] == key[0] and f"{k[0]}/{k[1]}" in self._errors]:
+                self._publish(other, sink)
+            return
         # a Service whose extra authority is now another's own name is served without it first
         for other in self._extras_claiming(key):
             self._publish(other, sink)
