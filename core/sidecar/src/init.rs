@@ -517,11 +517,17 @@ fn checked(
 ) -> Result<String, InitError> {
     let output = tool(name, package, args, stdin)?;
     if !output.status.success() {
+        let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        if stderr.contains("Permission denied") || stderr.contains("Operation not permitted") {
+            stderr.push_str(
+                " (run it as root or with CAP_NET_ADMIN; iptables-legacy also needs CAP_NET_RAW)",
+            );
+        }
         return Err(InitError::Failed {
             tool: name,
             args: args.join(" "),
             status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            stderr,
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
