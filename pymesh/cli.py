@@ -16,23 +16,23 @@ from .bench import bench_app
 from .errors import MeshError
 from .proxy import Proxy, validate
 
+_check_settings: dict[str, object] = {}
 try:
     from .control.cli import check_command, control_app
 except ModuleNotFoundError as missing:  # installed without the control plane (pymesh-control)
     _missing = f"the control plane is not installed ({missing}): pip install pymesh-control"
+    _anything = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+    def _unavailable(ctx: typer.Context) -> None:
+        Console(stderr=True).print(f"[red]pymesh {ctx.info_name}:[/red] {_missing}")
+        raise typer.Exit(2)
 
     control_app = typer.Typer(help=f"Unavailable: {_missing}.")
-
-    @control_app.callback(invoke_without_command=True,
-                          context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _control_unavailable() -> None:
-        Console(stderr=True).print(f"[red]pymesh control:[/red] {_missing}")
-        raise typer.Exit(2)
-
-    def check_command() -> None:
-        """Unavailable: the control plane (pymesh-control) is not installed."""
-        Console(stderr=True).print(f"[red]pymesh check:[/red] {_missing}")
-        raise typer.Exit(2)
+    control_app.callback(invoke_without_command=True)(_unavailable)
+    control_app.command("run", context_settings=_anything)(_unavailable)
+    control_app.command("token", context_settings=_anything)(_unavailable)
+    control_app.command("ca-bundle", context_settings=_anything)(_unavailable)
+    check_command, _check_settings = _unavailable, _anything
 
 app = typer.Typer(help="pymesh: a service mesh with a Rust data plane, driven from Python.",
                   no_args_is_help=True)
@@ -40,7 +40,7 @@ proxy_app = typer.Typer(help="Run or check a proxy in this process.", no_args_is
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(bench_app, name="bench")
 app.add_typer(control_app, name="control")
-app.command("check")(check_command)
+app.command("check", context_settings=_check_settings)(check_command)
 console = Console()
 err = Console(stderr=True)
 

@@ -55,6 +55,27 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     yield Installed(bin_dir, outside, env)
 
 
+def test_pymesh_alone_runs_without_the_control_plane(installed: Installed) -> None:
+    """A sidecar or an embedding application installs pymesh without pymesh-control."""
+    wheel = next((installed.cwd.parent / "dist").glob("pymesh-*.whl"))
+    alone = installed.cwd.parent / "alone"
+    venv.create(alone, with_pip=True)
+    pip = subprocess.run([str(alone / "bin" / "python"), "-m", "pip", "install", "-q",
+                          "--disable-pip-version-check", str(wheel)], capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    env = {**installed.env, "PATH": f"{alone / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    check = subprocess.run([str(alone / "bin" / "pymesh-proxy"), "--version"], capture_output=True, text=True,
+                           env=env, cwd=installed.cwd, timeout=60)
+    assert check.returncode == 0, check.stderr
+    embedded = subprocess.run([str(alone / "bin" / "python"), "-c", "import pymesh; print(pymesh.__version__)"],
+                              capture_output=True, text=True, env=env, cwd=installed.cwd, timeout=60)
+    assert embedded.returncode == 0, embedded.stderr
+    control = subprocess.run([str(alone / "bin" / "pymesh"), "control", "run"], capture_output=True, text=True,
+                             env=env, cwd=installed.cwd, timeout=60)
+    assert control.returncode == 2
+    assert "pymesh-control" in control.stderr
+
+
 def test_the_packages_come_from_the_environment_not_the_checkout(installed: Installed) -> None:
     probe = installed.run("python", "-c", "import json, pymesh, pymesh.control, pymesh._proto, pymesh.control.cli; "
                           "print(json.dumps([pymesh.__file__, pymesh.control.__file__, pymesh._proto.__file__]))")
