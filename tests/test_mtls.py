@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -772,3 +773,74 @@ def test_identity_waits_for_its_first_certificate_and_keeps_it_while_renewal_fai
         assert httpx.get(url, headers={"host": "web"}, timeout=10).status_code == 200
     finally:
         control.stop()
+
+
+class FirstBytes:
+    """An application that records the first bytes each connection sends it, then closes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.seen: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.seen.append(conn.recv(65536))
+                except OSError:
+                    self.seen.append(b"")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def client_hello(server_name: str, address: str) -> None:
+    """Starts a TLS handshake naming ``server_name`` and gives up on whatever comes back."""
+    context = ssl.create_default_context()
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw, contextlib.suppress(OSError):
+        context.wrap_socket(raw, server_hostname=server_name)
+
+
+def test_another_tls_client_passes_through_an_inbound_listener(mesh: Mesh, native: ProxyStarter) -> None:
+    """On an INBOUND listener, TLS that is not mesh TLS (another SNI) is not terminated: its
+    bytes reach the application as they were sent."""
+    app = FirstBytes()
+    try:
+        server_proxy = native("server", server_config(mesh, app.address, tls="PERMISSIVE"))
+        ready(server_proxy)
+        client_hello("shop.example.com", server_proxy.address("inbound"))
+        wait_for(lambda: len(app.seen) == 1, 10)
+        assert app.seen[0][:2] == b"\x16\x03" and b"shop.example.com" in app.seen[0], app.seen[0][:64]
+    finally:
+        app.close()
+
+
+def test_tls_disabled_never_terminates_mesh_tls(mesh: Mesh, native: ProxyStarter) -> None:
+    """`tls: DISABLED`: even a mesh ClientHello (the proxy's own identity as SNI) reaches the
+    application untouched; with PERMISSIVE the same hello is terminated by the proxy."""
+    app = FirstBytes()
+    try:
+        disabled = native("disabled", server_config(mesh, app.address, tls="DISABLED"))
+        permissive = native("permissive", server_config(mesh, app.address, tls="PERMISSIVE"))
+        ready(disabled)
+        ready(permissive)
+        client_hello(sni(SERVER_ID), disabled.address("inbound"))
+        wait_for(lambda: len(app.seen) == 1, 10)
+        assert app.seen[0][:2] == b"\x16\x03" and sni(SERVER_ID).encode() in app.seen[0], app.seen[0][:64]
+        # The control: PERMISSIVE takes that hello itself (refusing the certificate-less
+        # client), so nothing reaches the application.
+        client_hello(sni(SERVER_ID), permissive.address("inbound"))
+        wait_for(lambda: any('tls="true"' not in line and "inbound" in line
+                             for line in metric_lines(permissive, "tcp_close_total")), 10)
+        assert len(app.seen) == 1, app.seen
+    finally:
+        app.close()
