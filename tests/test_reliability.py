@@ -662,6 +662,55 @@ def test_max_concurrent_sheds_the_excess_at_once(start_proxy: ProxyFactory) -> N
         # were still held by the backend, so none of them waited in a queue.
         assert [o.status for o in outcomes] == [503] * 45 + [200] * 5, [o.status for o in outcomes]
         assert backend.max_in_flight <= 5 and backend.traffic == 5
+        assert total(proxy.metrics(), "requests_shed_total", dst_service=SERVICE, limit="max_concurrent") == 45
+
+
+def test_max_connections_sheds_what_would_need_another_connection(start_proxy: ProxyFactory) -> None:
+    """`limits.maxConnections: 1`: with that one connection busy, a request that would need a
+    second is shed at once, counted under its limit."""
+    with ControlBackend() as backend:
+        proxy = start_proxy(service_config([backend.address], limits={"maxConnections": 1}))
+        backend.set_latency(SLOW)
+        held: list[int] = []
+        thread = threading.Thread(target=lambda: held.append(httpx.get(
+            f"http://{proxy.address()}/work", headers={"host": SERVICE}, timeout=SLOW + 10).status_code))
+        thread.start()
+        assert wait_until(lambda: backend.in_flight == 1, timeout=10)
+        response = httpx.get(f"http://{proxy.address()}/work", headers={"host": SERVICE}, timeout=SLOW + 10)
+        assert backend.in_flight == 1, "the second request was answered only after the first"
+        assert response.status_code == 503 and response.headers.get(REASON) == SHED, response.headers
+        thread.join(timeout=SLOW + 15)
+        assert held == [200]
+        # At least once: each retry attempt of the one request counts (3 here, not 1).
+        assert total(proxy.metrics(), "requests_shed_total", dst_service=SERVICE, limit="max_connections") >= 1
+        assert backend.traffic == 1
+
+
+def test_accrual_by_success_rate(start_proxy: ProxyFactory, backends3: ControlBackends) -> None:
+    """An endpoint failing every other request never fails 5 in a row, but its success rate
+    (50%) is under `minSuccessRate`: it is ejected, and the balancer says so. Without the rate
+    setting the same endpoint stays in."""
+    flaky = backends3[1]
+    flaky.fail(0.5, 503)
+    accrual = {"consecutiveFailures": 5, "minSuccessRate": 0.9, "baseEjection": "60s"}
+    proxy = start_proxy(service_config(backends3.addresses, balancer={"kind": "ROUND_ROBIN"},
+                                       failureAccrual=accrual))
+    outcomes = sequential(proxy.address(), 300)
+    assert {o.status for o in outcomes} == {200}, Counter(o.status for o in outcomes)  # retried elsewhere
+    text = proxy.metrics()
+    assert total(text, EJECTIONS, dst_service=SERVICE) == 1, text
+    assert total(text, "balancer_endpoints", dst_service=SERVICE, state="ejected") == 1
+    assert total(text, "balancer_endpoints", dst_service=SERVICE, state="total") == 3
+    served = flaky.traffic
+    sequential(proxy.address(), 30)
+    assert flaky.traffic == served, "the ejected endpoint still got traffic"
+
+    control = start_proxy(service_config(backends3.addresses, balancer={"kind": "ROUND_ROBIN"},
+                                         failureAccrual={**accrual, "minSuccessRate": 0}))
+    sequential(control.address(), 300)
+    text = control.metrics()
+    assert total(text, EJECTIONS, dst_service=SERVICE) == 0, text
+    assert total(text, "balancer_endpoints", dst_service=SERVICE, state="ejected") == 0, text
 
 
 def test_rate_limit_answers_429(start_proxy: ProxyFactory) -> None:
