@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+
+from pymesh.metrics import total
 
 from .backends import GATE_TIMED_OUT, GATE_TIMEOUT, EchoBackend
-from .conftest import NativeProxy, ProxyFactory, make_config, wait_until
+from .conftest import NativeProxy, ProxyFactory, make_config, proxy_binary, wait_until
 
 
 def test_admin_endpoint(start_proxy: ProxyFactory, echo_backend: EchoBackend) -> None:
@@ -134,3 +140,67 @@ def test_admin_shutdown_and_json_logs(native_proxy, echo_backend: EchoBackend) -
     lines = [json.loads(line) for line in proxy.logs.splitlines() if line.strip()]
     assert lines and all("level" in line and "fields" in line for line in lines)
     assert any(line["fields"].get("message") == "proxy started" for line in lines)
+
+
+
+def test_the_sidecar_takes_every_flag_from_the_environment(tmp_path: Path, echo_backend: EchoBackend) -> None:
+    """No arguments at all, as in a container: PYMESH_CONFIG, PYMESH_LOG, PYMESH_LOG_FORMAT,
+    PYMESH_THREADS, PYMESH_WATCH_INTERVAL and PYMESH_SHUTDOWN_GRACE each take effect."""
+    config_path = tmp_path / "env.yaml"
+    config = make_config({"web": [echo_backend.address]})
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYMESH_CONFIG": str(config_path), "PYMESH_LOG": "debug", "PYMESH_LOG_FORMAT": "json",
+           "PYMESH_THREADS": "3", "PYMESH_WATCH_INTERVAL": "0s", "PYMESH_SHUTDOWN_GRACE": "300ms"}
+    log_path = tmp_path / "env.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([proxy_binary()], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    results: list[httpx.Response | Exception] = []
+    try:
+        assert process.stdout is not None
+        addresses: dict[str, str] = {}
+        for line in process.stdout:  # `listening NAME ADDRESS` lines, then `admin ADDRESS`
+            kind, *rest = line.split()
+            if kind == "listening":
+                addresses[rest[0]] = rest[1]
+            elif kind == "admin":
+                addresses["admin"] = rest[0]
+                break
+        assert set(addresses) == {"main", "admin"}, (addresses, log_path.read_text())
+        # PYMESH_CONFIG: it serves that file.
+        assert httpx.get(f"http://{addresses['main']}/echo", headers={"host": "web"}, timeout=5).status_code == 200
+        # PYMESH_THREADS: three engine workers.
+        workers = [t for t in Path(f"/proc/{process.pid}/task").iterdir() if (t / "comm").read_text().strip()
+                   == "pymesh-worker"]
+        assert len(workers) == 3, workers
+        # PYMESH_WATCH_INTERVAL=0s: a changed file is not picked up, for several default polls.
+        config["services"][0]["endpoints"] = [{"address": "127.0.0.1:1"}]
+        config_path.write_text(yaml.safe_dump(config))
+        assert not wait_until(lambda: total(httpx.get(f"http://{addresses['admin']}/metrics", timeout=5).text,
+                                            "config_reload_total") > 0, timeout=3)
+
+        # PYMESH_SHUTDOWN_GRACE=300ms: a request held past it is cut off (the default 30 s
+        # would let the backend's gate time out and the request finish).
+        def held_request() -> None:
+            try:
+                results.append(httpx.get(f"http://{addresses['main']}/gated?key=env", headers={"host": "web"},
+                                         timeout=GATE_TIMEOUT + 10))
+            except httpx.HTTPError as e:
+                results.append(e)
+
+        thread = threading.Thread(target=held_request)
+        thread.start()
+        assert wait_until(lambda: "env" in echo_backend.gates, timeout=10)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        thread.join(timeout=GATE_TIMEOUT + 15)
+        assert len(results) == 1
+        assert isinstance(results[0], httpx.HTTPError) or GATE_TIMED_OUT not in results[0].content, results
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    # PYMESH_LOG_FORMAT=json and PYMESH_LOG=debug: every line is JSON, and debug lines are there.
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    assert lines and {line["level"] for line in lines} >= {"DEBUG", "INFO"}, {line["level"] for line in lines}
