@@ -13,7 +13,7 @@ import pytest
 import pymesh
 from pymesh.metrics import total
 
-from .backends import start_echo_backend
+from .backends import GATE_TIMEOUT, start_echo_backend
 from .conftest import ProxyFactory, make_config, wait_until
 from .traffic import Traffic
 
@@ -155,6 +155,31 @@ def test_native_reloads_on_sighup_without_watching(native_proxy) -> None:  # noq
         assert wait_until(lambda: total(proxy.metrics(), "config_reload_total", result="ok") == 1, timeout=10)
         response = httpx.get(f"http://{proxy.address()}/echo", headers={"host": "web"})
         assert response.status_code == 200 and new.connections == 1
+    finally:
+        old.stop()
+        new.stop()
+
+
+def test_a_request_in_flight_finishes_on_the_old_config(start_proxy: ProxyFactory) -> None:
+    """A response still streaming when the config changes finishes from the endpoint the old
+    config chose, while new requests already go by the new config."""
+    old, new = start_echo_backend(), start_echo_backend()
+    try:
+        config = make_config({"web": [old.address]})
+        proxy = start_proxy(config)
+        with httpx.Client(base_url=f"http://{proxy.address()}", headers={"host": "web"},
+                          timeout=GATE_TIMEOUT + 10) as client, client.stream("GET", "/gated?key=reload") as held:
+            chunks = held.iter_raw()
+            first = next(chunks)  # in flight: the old endpoint holds back the rest
+            changed = copy.deepcopy(config)
+            changed["services"][0]["endpoints"] = [{"address": new.address}]
+            proxy.reload(changed)
+            assert httpx.get(f"http://{proxy.address()}/echo", headers={"host": "web"}, timeout=10).status_code == 200
+            assert new.connections == 1, "a new request did not use the new config"
+            old.gate("reload").set()
+            body = first + b"".join(chunks)
+        assert body == b"first chunk;last chunk", body
+        assert "reload" in old.gates and not new.gates
     finally:
         old.stop()
         new.stop()
