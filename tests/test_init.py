@@ -341,6 +341,11 @@ def test_dry_run_prints_the_rules_and_changes_nothing(netns: Netns, backend: str
     expected = "redirect to :4999" if backend == "nftables" else "-j REDIRECT --to-ports 4999"
     assert expected in out
     assert snapshot(netns, ns, exact=True) == before
+    # The same through PYMESH_* variables, as a container passes them.
+    env = netns.exec(ns, "env", f"PYMESH_INIT_BACKEND={backend}", "PYMESH_INIT_DRY_RUN=1",
+                     "PYMESH_OUTBOUND_PORT=4999", proxy_binary(), "init").stdout
+    assert env == out
+    assert snapshot(netns, ns, exact=True) == before
     # And a dry-run uninstall leaves installed rules in place.
     netns.init(ns, "--backend", backend)
     installed = snapshot(netns, ns, exact=True)

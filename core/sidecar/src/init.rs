@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 
@@ -60,10 +61,10 @@ pub struct InitArgs {
     #[arg(long, env = "PYMESH_SKIP_OUTBOUND_CIDRS", value_parser = cidr_list)]
     pub skip_outbound_cidrs: Vec<CidrList>,
     /// Print the rules (the input the backend's tool would get) and change nothing.
-    #[arg(long, env = "PYMESH_INIT_DRY_RUN")]
+    #[arg(long, env = "PYMESH_INIT_DRY_RUN", value_parser = BoolishValueParser::new())]
     pub dry_run: bool,
     /// Remove the rules an earlier run installed, and nothing else.
-    #[arg(long, env = "PYMESH_INIT_UNINSTALL")]
+    #[arg(long, env = "PYMESH_INIT_UNINSTALL", value_parser = BoolishValueParser::new())]
     pub uninstall: bool,
 }
 
