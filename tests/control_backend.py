@@ -26,14 +26,19 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
-import grpc
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-from aiohttp import web
+from .deps import missing
 
-from .backends import LoopThread
+try:
+    import grpc
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+    from aiohttp import web
+except ImportError as e:
+    missing(e)
+
+from .backends import LoopThread  # noqa: E402 (after the dependency check)
 
 SERVED_BY = "x-served-by"
 REQUEST_ID = "x-request-id"

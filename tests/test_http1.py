@@ -9,7 +9,13 @@ import os
 import socket
 
 import httpx
-import websockets
+
+from .deps import missing
+
+try:
+    import websockets
+except ImportError as e:
+    missing(e)
 
 from pymesh.metrics import total
 

@@ -20,13 +20,19 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
-import h2.config
-import h2.connection
-import h2.events
 import httpx
 import pytest
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
+
+from .deps import missing
+
+try:
+    import h2.config
+    import h2.connection
+    import h2.events
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+except ImportError as e:
+    missing(e)
 
 from pymesh.metrics import total
 

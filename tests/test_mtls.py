@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 from .backends import EchoBackend, TcpEchoServer, start_echo_backend
 from .conftest import NativeProxy
 from .control_plane import ControlPlane, write_services
+from .deps import missing
 from .test_mesh import loadgen, wait_for
 from .traffic import Traffic
 
@@ -537,16 +538,19 @@ def test_sslyze_finds_only_tls13_and_no_weak_settings(mesh: Mesh, native: ProxyS
                                                       backend: EchoBackend) -> None:
     """sslyze (a real TLS scanner) against a STRICT mesh port, presenting a mesh certificate.
     (Its SSL 2.0 probe does not run with the OpenSSL sslyze ships; SSL 3.0 up to TLS 1.3 do.)"""
-    from sslyze import (
-        ClientAuthenticationCredentials,
-        OpenSslFileTypeEnum,
-        ScanCommand,
-        Scanner,
-        ServerNetworkConfiguration,
-        ServerNetworkLocation,
-        ServerScanRequest,
-        ServerScanStatusEnum,
-    )
+    try:
+        from sslyze import (
+            ClientAuthenticationCredentials,
+            OpenSslFileTypeEnum,
+            ScanCommand,
+            Scanner,
+            ServerNetworkConfiguration,
+            ServerNetworkLocation,
+            ServerScanRequest,
+            ServerScanStatusEnum,
+        )
+    except ImportError as e:
+        missing(e)
 
     server_proxy = native("server", server_config(mesh, backend.address))
     ready(server_proxy)
