@@ -501,24 +501,24 @@ def proxy_config(proxy: NativeProxy) -> dict[str, Any]:
     return yaml.safe_load(proxy.config_path.read_text())
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)  # five minutes of load, beyond the suite's per-test default
 def test_certificates_rotate_under_load_without_a_failed_request(tmp_path: Path, native: ProxyStarter,
                                                                  backend: EchoBackend) -> None:
-    """20 s certificates, 500 rps offered for a minute through a meshed hop: every request
-    succeeds while each proxy renews several times. (PYMESH_ROTATION_SECONDS=300 for the
-    long soak; how much of the rate a machine achieves is not this test's business.)"""
+    """60 s certificates, 500 rps offered for five minutes through a meshed hop: every request
+    succeeds while each proxy renews several times (how much of the rate a machine achieves
+    is not this test's business)."""
     state_dir = tmp_path / "ca"
     services = tmp_path / "services"
     services.mkdir()
     write_services(services / "services.yaml", [])
     control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
-                           "--cert-lifetime", "20s")
+                           "--cert-lifetime", "60s")
     try:
         anchors = tmp_path / "anchors.pem"
         anchors.write_text(pymesh("control", "ca-bundle", "--state-dir", str(state_dir)))
         mesh = Mesh(control, state_dir, anchors, tmp_path)
         client_proxy, server_proxy = pair(mesh, native, backend)
-        duration = int(os.environ.get("PYMESH_ROTATION_SECONDS", "60"))
+        duration = int(os.environ.get("PYMESH_ROTATION_SECONDS", "300"))
         result = subprocess.run(
             [loadgen(), "--url", f"http://{client_proxy.address()}/echo", "--header", "host: web",
              "--rate", "500", "--duration", str(duration), "--warmup", "0", "--connections", "4", "--json"],
@@ -528,8 +528,8 @@ def test_certificates_rotate_under_load_without_a_failed_request(tmp_path: Path,
         assert report["errors"] == 0, report
         assert report["requests"] > 0 and report["status_counts"] == {"200": report["requests"]}, report
         for proxy in (client_proxy, server_proxy):
-            # Renewed at about 70% of each 20 s certificate: the first and at least three more.
-            assert refreshes(proxy, "ok") >= 1 + duration // 20, metric_lines(proxy, "identity_cert_refresh")
+            # Renewed at about 70% of each 60 s certificate: one a minute at least.
+            assert refreshes(proxy, "ok") >= duration // 60, metric_lines(proxy, "identity_cert_refresh")
     finally:
         control.stop()
 
