@@ -25,7 +25,8 @@ from .control_plane import ControlPlane, write_services
 
 TAG = "test"
 PROXY_IMAGE, INIT_IMAGE = f"localhost/pymesh-proxy:{TAG}", f"localhost/pymesh-init:{TAG}"
-MAX_IMAGE_BYTES = 15_000_000
+# The sidecar image's target; the init image also carries nft and iptables with their libraries.
+MAX_IMAGE_BYTES = {PROXY_IMAGE: 15_000_000, INIT_IMAGE: 20_000_000}
 PODMAN = ["podman", "--runtime", "runc"]
 
 
@@ -51,7 +52,7 @@ def images() -> dict[str, int]:
 
 def test_images_are_small_and_the_sidecar_is_not_root(images: dict[str, int]) -> None:
     for name, size in images.items():
-        assert size <= MAX_IMAGE_BYTES, (name, size)
+        assert size <= MAX_IMAGE_BYTES[name], (name, size)
     inspect = podman("image", "inspect", PROXY_IMAGE)
     assert inspect.returncode == 0, inspect.stderr
     config = json.loads(inspect.stdout)[0]["Config"]
