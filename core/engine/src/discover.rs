@@ -8,83 +8,51 @@
 //! config and the full endpoint set of every service in it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pymesh_api::config::v1::{Authorization, Endpoint, ProxyConfig, Service};
+use pymesh_api::config::v1::{Authorization, Endpoint, Service};
 use pymesh_api::mesh::v1::discovery_client::DiscoveryClient;
 use pymesh_api::mesh::v1::{ProxyIdentity, WatchConfigRequest, WatchEndpointsRequest};
+use tokio::sync::watch;
 use tokio_stream::{StreamExt, StreamMap};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint as ChannelEndpoint};
 
+use crate::backoff::Backoff;
 use crate::config::ControlPlaneSettings;
-use crate::proxy::WeakProxy;
 
-/// What the control plane last delivered, merged into the proxy's own file config.
-#[derive(Default)]
-pub(crate) struct Delivered {
-    /// The proxy's own config (listeners, admin, control plane), from its file.
-    bootstrap: Option<ProxyConfig>,
-    /// Services with their endpoints, from the last complete session state.
-    services: Option<Vec<Service>>,
-    /// Mesh-wide authorization policy, when the control plane sends one.
-    authorization: Option<Authorization>,
+/// A complete state from the control plane: every service with its endpoints, and
+/// mesh-wide authorization when it sends one. The proxy lays it over its own config.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Discovered {
+    pub(crate) services: Vec<Service>,
+    pub(crate) authorization: Option<Authorization>,
 }
 
-impl Delivered {
-    /// The config to run: the bootstrap with the control plane's services (and its
-    /// authorization policy, when it sends one), if any.
-    pub(crate) fn compose(&self) -> Option<ProxyConfig> {
-        let mut config = self.bootstrap.clone()?;
-        if let Some(services) = &self.services {
-            config.services = services.clone();
-        }
-        if let Some(authorization) = &self.authorization {
-            config.authorization = Some(authorization.clone());
-        }
-        Some(config)
-    }
-}
-
-pub(crate) type SharedDelivered = Arc<Mutex<Delivered>>;
-
-pub(crate) fn new_state(bootstrap: ProxyConfig) -> SharedDelivered {
-    Arc::new(Mutex::new(Delivered {
-        bootstrap: Some(bootstrap),
-        services: None,
-        authorization: None,
-    }))
-}
-
-/// Replaces the bootstrap (a reload of the proxy's own file) and gives the config to run.
-pub(crate) fn set_bootstrap(state: &SharedDelivered, bootstrap: ProxyConfig) -> ProxyConfig {
-    let mut delivered = state.lock().unwrap_or_else(|p| p.into_inner());
-    delivered.bootstrap = Some(bootstrap);
-    delivered.compose().unwrap_or_default()
-}
-
-/// Runs until the proxy is dropped or shut down.
-pub(crate) async fn run(proxy: WeakProxy, settings: ControlPlaneSettings, state: SharedDelivered) {
+/// Watches the control plane until `shutdown` (or until nobody listens to `publish`),
+/// publishing each complete state it delivers.
+pub(crate) async fn run(
+    settings: ControlPlaneSettings,
+    publish: watch::Sender<Option<Discovered>>,
+    shutdown: CancellationToken,
+) {
     let identity = ProxyIdentity {
         namespace: settings.namespace.clone(),
         service_account: settings.service_account.clone(),
         workload: settings.workload.clone(),
         proxy_id: format!("{}-{}", std::process::id(), fastrand::u32(..)),
     };
+    let backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
     let mut failures: u32 = 0;
     let mut next = 0usize;
     loop {
-        let Some(shutdown) = proxy.upgrade().map(|p| p.shared().shutdown.clone()) else {
-            return;
-        };
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || publish.is_closed() {
             return;
         }
         let address = &settings.addresses[next % settings.addresses.len()];
         let session = Session {
-            proxy: &proxy,
+            publish: &publish,
             identity: identity.clone(),
-            state: &state,
             established: false,
         };
         let outcome = tokio::select! {
@@ -98,19 +66,13 @@ pub(crate) async fn run(proxy: WeakProxy, settings: ControlPlaneSettings, state:
                 tracing::warn!(control_plane = %address, error = %e, "control plane stream ended; serving the last state");
             }
             (false, e) => {
-                failures = failures.saturating_add(1);
                 tracing::warn!(control_plane = %address, error = %e, "control plane unreachable; serving the last state");
             }
         }
+        failures = failures.saturating_add(1);
         next += 1;
-        let ceiling = settings
-            .backoff_base
-            .saturating_mul(1 << failures.min(16))
-            .min(settings.backoff_max);
-        // Jitter between half and the whole ceiling, so proxies don't reconnect in step.
-        let pause = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(backoff.pause(failures)) => {}
             () = shutdown.cancelled() => return,
         }
     }
@@ -129,9 +91,8 @@ enum SessionError {
 }
 
 struct Session<'a> {
-    proxy: &'a WeakProxy,
+    publish: &'a watch::Sender<Option<Discovered>>,
     identity: ProxyIdentity,
-    state: &'a SharedDelivered,
     established: bool,
 }
 
@@ -203,8 +164,7 @@ impl Session<'_> {
             }
             if let Some(services) = &services {
                 if services.iter().all(|s| complete.contains(&s.name)) {
-                    self.apply(services, authorization.as_ref(), &endpoints)
-                        .await?;
+                    self.apply(services, authorization.as_ref(), &endpoints)?;
                 }
             }
         }
@@ -241,7 +201,7 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn apply(
+    fn apply(
         &mut self,
         services: &[Service],
         authorization: Option<&Authorization>,
@@ -258,25 +218,21 @@ impl Session<'_> {
                 s
             })
             .collect();
-        let config = {
-            let mut delivered = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if delivered.services.as_ref() == Some(&merged)
-                && delivered.authorization.as_ref() == authorization
-                && self.established
-            {
-                return Ok(());
-            }
-            delivered.services = Some(merged);
-            delivered.authorization = authorization.cloned();
-            delivered.compose()
+        let discovered = Discovered {
+            services: merged,
+            authorization: authorization.cloned(),
         };
         self.established = true;
-        let proxy = self.proxy.upgrade().ok_or(SessionError::Stopped)?;
-        if let Some(config) = config {
-            // A bad state from the control plane is refused (and logged) by the
-            // engine; the running one stays.
-            let _ = proxy.apply_discovered(config).await;
+        if self.publish.is_closed() {
+            return Err(SessionError::Stopped);
         }
+        self.publish.send_if_modified(|last| {
+            let changed = last.as_ref() != Some(&discovered);
+            if changed {
+                *last = Some(discovered);
+            }
+            changed
+        });
         Ok(())
     }
 }

@@ -11,6 +11,8 @@ use pymesh_api::mesh::v1::identity_client::IdentityClient;
 use pymesh_api::mesh::v1::CertifyRequest;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
 use tonic::transport::Endpoint as ChannelEndpoint;
 
 use crate::config::IdentitySettings;
@@ -22,7 +24,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum CertifyError {
+pub(crate) enum CertifyError {
     #[error("cannot make a key or CSR: {0}")]
     Key(#[from] rcgen::Error),
     #[error("cannot read the token file {path}: {source}")]
@@ -45,13 +47,13 @@ pub enum CertifyError {
 }
 
 /// The key pair a proxy keeps for its lifetime; only CSRs leave the process.
-pub struct Keys {
+pub(crate) struct Keys {
     key_pair: rcgen::KeyPair,
     csr: Vec<u8>,
 }
 
 impl Keys {
-    pub fn generate(id: &str) -> Result<Self, CertifyError> {
+    pub(crate) fn generate(id: &str) -> Result<Self, CertifyError> {
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -68,7 +70,7 @@ impl Keys {
 }
 
 /// Keeps `tls` holding a valid certificate until `stop`.
-pub async fn run(
+pub(crate) async fn run(
     tls: Arc<MeshTls>,
     settings: IdentitySettings,
     metrics: IdentityMetrics,
@@ -82,7 +84,8 @@ pub async fn run(
         }
     };
     let mut replica = 0usize;
-    let mut delay = RETRY_BASE;
+    let backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+    let mut failures = 0u32;
     loop {
         let address = &settings.ca_addresses[replica % settings.ca_addresses.len()];
         let wait = match certify(&settings, &keys, address).await {
@@ -90,7 +93,7 @@ pub async fn run(
                 let expires = certified.expires_at;
                 match tls.set_certificate(certified) {
                     Ok(()) => {
-                        delay = RETRY_BASE;
+                        failures = 0;
                         count(&metrics, "ok");
                         metrics.expiry.set(expires as i64);
                         let wait = renew_after(expires);
@@ -100,14 +103,14 @@ pub async fn run(
                     Err(e) => {
                         tracing::warn!(error = %e, "the CA's certificate cannot be used");
                         count(&metrics, "failed");
-                        backoff(&mut delay, &mut replica)
+                        retry_later(&backoff, &mut failures, &mut replica)
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(ca = %address, error = %e, "certificate renewal failed; keeping the current one");
                 count(&metrics, "failed");
-                backoff(&mut delay, &mut replica)
+                retry_later(&backoff, &mut failures, &mut replica)
             }
         };
         tokio::select! {
@@ -124,11 +127,11 @@ fn count(metrics: &IdentityMetrics, result: &'static str) {
         .inc();
 }
 
-fn backoff(delay: &mut Duration, replica: &mut usize) -> Duration {
+/// The next try goes to the next CA replica, after a backoff.
+fn retry_later(backoff: &Backoff, failures: &mut u32, replica: &mut usize) -> Duration {
     *replica += 1;
-    let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
-    *delay = (*delay * 2).min(RETRY_MAX);
-    wait
+    *failures = failures.saturating_add(1);
+    backoff.pause(*failures)
 }
 
 /// 70% of the time left on a certificate just received, ±5% so proxies don't renew in

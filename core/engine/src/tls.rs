@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Why a mesh TLS connection could not be made or accepted.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("this proxy has no certificate yet (its identity is not certified)")]
     NotCertified,
     #[error(
@@ -43,11 +43,11 @@ pub enum TlsError {
 }
 
 /// The certificate a proxy holds: its chain (leaf first) and private key.
-pub struct Certified {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+pub(crate) struct Certified {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     /// Seconds since the Unix epoch when the leaf expires.
-    pub expires_at: u64,
+    pub(crate) expires_at: u64,
 }
 
 /// Rustls configs for one (certificate, trust anchors) pair.
@@ -57,10 +57,9 @@ struct Configs {
 }
 
 /// The proxy's mesh TLS state: its identity, the current certificate and anchors.
-pub struct MeshTls {
-    pub id: Arc<str>,
+pub(crate) struct MeshTls {
     /// The SNI name clients use to reach this proxy.
-    pub sni: String,
+    pub(crate) sni: String,
     anchors: ArcSwap<Vec<CertificateDer<'static>>>,
     certified: ArcSwapOption<Certified>,
     configs: ArcSwapOption<Configs>,
@@ -68,15 +67,14 @@ pub struct MeshTls {
     updating: Mutex<()>,
 }
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 impl MeshTls {
-    pub fn new(id: Arc<str>, anchors: Vec<CertificateDer<'static>>) -> Self {
+    pub(crate) fn new(id: Arc<str>, anchors: Vec<CertificateDer<'static>>) -> Self {
         Self {
             sni: sni_name(&id),
-            id,
             anchors: ArcSwap::from_pointee(anchors),
             certified: ArcSwapOption::empty(),
             configs: ArcSwapOption::empty(),
@@ -84,17 +82,12 @@ impl MeshTls {
         }
     }
 
-    pub fn is_certified(&self) -> bool {
+    pub(crate) fn is_certified(&self) -> bool {
         self.configs.load().is_some()
     }
 
-    /// When the current certificate expires (Unix seconds), if there is one.
-    pub fn expires_at(&self) -> Option<u64> {
-        self.certified.load().as_ref().map(|c| c.expires_at)
-    }
-
     /// Installs a new certificate; new handshakes use it at once.
-    pub fn set_certificate(&self, certified: Certified) -> Result<(), TlsError> {
+    pub(crate) fn set_certificate(&self, certified: Certified) -> Result<(), TlsError> {
         let _updating = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let configs = build(&self.anchors.load(), &certified)?;
         self.certified.store(Some(Arc::new(certified)));
@@ -103,7 +96,10 @@ impl MeshTls {
     }
 
     /// Replaces the trust anchors (a rotation adds the new anchor beside the old).
-    pub fn set_anchors(&self, anchors: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+    pub(crate) fn set_anchors(
+        &self,
+        anchors: Vec<CertificateDer<'static>>,
+    ) -> Result<(), TlsError> {
         let _updating = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         if **self.anchors.load() == anchors {
             return Ok(());
@@ -117,7 +113,7 @@ impl MeshTls {
     }
 
     /// Opens mutual TLS on `stream` to a proxy that must be `expected`, within `timeout`.
-    pub async fn connect<S>(
+    pub(crate) async fn connect<S>(
         &self,
         stream: S,
         expected: &str,
@@ -148,7 +144,7 @@ impl MeshTls {
 
     /// Completes the server side of a mesh handshake within `timeout` (a client that
     /// stalls mid-handshake must not hold a connection); returns the client's identity.
-    pub async fn accept<S>(
+    pub(crate) async fn accept<S>(
         &self,
         stream: S,
         timeout: Duration,
@@ -169,7 +165,7 @@ impl MeshTls {
 
 /// What the first bytes of a connection say about TLS.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Hello {
+pub(crate) enum Hello {
     /// Not a complete ClientHello yet.
     Partial,
     NotTls,
@@ -181,7 +177,7 @@ pub enum Hello {
 
 /// Reads a ClientHello out of `buf` without consuming the connection, so a hello
 /// meant for the application (its own TLS) can still be passed through untouched.
-pub fn peek_client_hello(buf: &[u8]) -> Hello {
+pub(crate) fn peek_client_hello(buf: &[u8]) -> Hello {
     // A TLS record: handshake (22), major version 3.
     if buf.is_empty() || buf[0] != 0x16 || (buf.len() > 1 && buf[1] != 0x03) {
         return Hello::NotTls;
@@ -206,7 +202,7 @@ pub fn peek_client_hello(buf: &[u8]) -> Hello {
 
 /// The DNS-like name standing for `id` in SNI:
 /// `spiffe://td/ns/NS/sa/SA` becomes `SA.NS.serviceaccount.identity.pymesh.td`.
-pub fn sni_name(id: &str) -> String {
+pub(crate) fn sni_name(id: &str) -> String {
     let rest = id.strip_prefix("spiffe://").unwrap_or(id);
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
@@ -218,7 +214,7 @@ pub fn sni_name(id: &str) -> String {
 }
 
 /// The SPIFFE id in the leaf's URI SAN.
-pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
+pub(crate) fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
     let leaf = certs?.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let san = cert.subject_alternative_name().ok()??;

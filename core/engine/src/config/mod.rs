@@ -1,4 +1,5 @@
-//! Turns a `ProxyConfig` (from a file or a control plane) into validated [`Settings`].
+//! Reading and checking proxy configuration: a `ProxyConfig` (from a file or a control
+//! plane) is parsed, and turned into validated settings with every default applied.
 //!
 //! Decoding follows the protobuf JSON mapping (pbjson) for both JSON and YAML text, and
 //! every error names the field path where it was found, for example
@@ -12,12 +13,12 @@ use std::time::Duration;
 
 use pymesh_api::config::v1 as api;
 
-pub mod policy;
-pub mod security;
+pub(crate) mod policy;
+pub(crate) mod security;
 
 pub use api::ProxyConfig;
-pub use policy::ServicePolicy;
-pub use security::{AuthorizationSettings, IdentitySettings, TlsMode};
+pub(crate) use policy::ServicePolicy;
+pub(crate) use security::{AuthorizationSettings, IdentitySettings, TlsMode};
 
 /// A configuration that was rejected, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,10 +26,12 @@ pub use security::{AuthorizationSettings, IdentitySettings, TlsMode};
 pub struct ConfigError {
     /// The field path, such as `services[2].endpoints[0].address`; empty for the document.
     pub path: String,
+    /// What is wrong there, and what would be valid.
     pub message: String,
 }
 
 impl ConfigError {
+    /// An error at `path` (empty for the whole document).
     pub fn new(path: impl Into<String>, message: impl fmt::Display) -> Self {
         Self {
             path: path.into(),
@@ -79,44 +82,49 @@ pub fn to_json(config: &ProxyConfig) -> String {
     serde_json::to_string_pretty(config).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
+/// Checks a config as a proxy would before running it, without running it.
+pub fn validate(config: &ProxyConfig) -> Result<(), ConfigError> {
+    Settings::from_config(config.clone()).map(|_| ())
+}
+
+pub(crate) const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
 const MIN_HEADER_BYTES: u32 = 8 * 1024;
 
 /// A validated configuration, with every default applied.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub source: ProxyConfig,
-    pub listeners: Vec<Arc<ListenerSettings>>,
-    pub services: Vec<Arc<ServiceSettings>>,
-    pub admin: SocketAddr,
-    pub limits: Limits,
+pub(crate) struct Settings {
+    pub(crate) source: ProxyConfig,
+    pub(crate) listeners: Vec<Arc<ListenerSettings>>,
+    pub(crate) services: Vec<Arc<ServiceSettings>>,
+    pub(crate) admin: SocketAddr,
+    pub(crate) limits: Limits,
     /// Proxy-wide timeouts (detection uses these; services start from them).
-    pub timeouts: Timeouts,
-    pub control_plane: Option<ControlPlaneSettings>,
-    pub identity: Option<IdentitySettings>,
-    pub authorization: Arc<AuthorizationSettings>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) control_plane: Option<ControlPlaneSettings>,
+    pub(crate) identity: Option<IdentitySettings>,
+    pub(crate) authorization: Arc<AuthorizationSettings>,
 }
 
 /// Where services and endpoints come from when a control plane is used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlPlaneSettings {
+pub(crate) struct ControlPlaneSettings {
     /// `http://host:port` of each replica.
-    pub addresses: Vec<String>,
-    pub namespace: String,
-    pub service_account: String,
-    pub workload: String,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
+    pub(crate) addresses: Vec<String>,
+    pub(crate) namespace: String,
+    pub(crate) service_account: String,
+    pub(crate) workload: String,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
+pub(crate) enum Direction {
     Inbound,
     Outbound,
 }
 
 impl Direction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
@@ -126,7 +134,7 @@ impl Direction {
 
 /// How a listener decides what a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerProtocol {
+pub(crate) enum ListenerProtocol {
     Detect,
     Http1,
     Http2,
@@ -134,43 +142,43 @@ pub enum ListenerProtocol {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerSettings {
+pub(crate) struct ListenerSettings {
     /// Unique; a reload keeps a listener running when its name and address stay.
-    pub name: String,
-    pub addr: SocketAddr,
-    pub direction: Direction,
-    pub default_service: Option<String>,
-    pub protocol: ListenerProtocol,
-    pub tls: TlsMode,
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) direction: Direction,
+    pub(crate) default_service: Option<String>,
+    pub(crate) protocol: ListenerProtocol,
+    pub(crate) tls: TlsMode,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ServiceSettings {
-    pub name: String,
+pub(crate) struct ServiceSettings {
+    pub(crate) name: String,
     /// Lower-cased `host` or `host:port` values, the name first.
-    pub authorities: Vec<String>,
-    pub endpoints: Vec<EndpointSettings>,
-    pub timeouts: Timeouts,
-    pub policy: ServicePolicy,
+    pub(crate) authorities: Vec<String>,
+    pub(crate) endpoints: Vec<EndpointSettings>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) policy: ServicePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointSettings {
-    pub addr: SocketAddr,
-    pub weight: u32,
+pub(crate) struct EndpointSettings {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
     /// The SPIFFE identity of a meshed endpoint: reached over mutual TLS.
-    pub identity: Option<Arc<str>>,
+    pub(crate) identity: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
     /// `None` when disabled.
-    pub request: Option<Duration>,
-    pub idle: Duration,
-    pub detect: Duration,
+    pub(crate) request: Option<Duration>,
+    pub(crate) idle: Duration,
+    pub(crate) detect: Duration,
     /// One try of a request, when set.
-    pub per_try: Option<Duration>,
+    pub(crate) per_try: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -186,10 +194,10 @@ impl Default for Timeouts {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub max_connections: usize,
+pub(crate) struct Limits {
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) max_connections: usize,
 }
 
 impl Default for Limits {
@@ -204,7 +212,7 @@ impl Default for Limits {
 
 impl Settings {
     /// Validates a config, returning the first problem found with its field path.
-    pub fn from_config(config: ProxyConfig) -> Result<Self, ConfigError> {
+    pub(crate) fn from_config(config: ProxyConfig) -> Result<Self, ConfigError> {
         let defaults = timeouts(Timeouts::default(), config.timeouts.as_ref(), "timeouts")?;
         let limits = limits(config.limits.as_ref())?;
         let admin = match config.admin.as_ref().map(|a| a.address.as_str()) {
