@@ -8,6 +8,7 @@
 //! config and the full endpoint set of every service in it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pymesh_api::config::v1::{Authorization, Endpoint, Service};
@@ -16,10 +17,12 @@ use pymesh_api::mesh::v1::{ProxyIdentity, WatchConfigRequest, WatchEndpointsRequ
 use tokio::sync::watch;
 use tokio_stream::{StreamExt, StreamMap};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint as ChannelEndpoint};
+use tonic::transport::Channel;
 
 use crate::backoff::Backoff;
-use crate::config::ControlPlaneSettings;
+use crate::config::{ControlPlaneSettings, Transport};
+use crate::control_channel::{self, ChannelError};
+use crate::tls::MeshTls;
 
 /// A complete state from the control plane: every service with its endpoints, and
 /// mesh-wide authorization when it sends one. The proxy lays it over its own config.
@@ -33,9 +36,11 @@ pub(crate) struct Discovered {
 /// publishing each complete state it delivers.
 pub(crate) async fn run(
     settings: ControlPlaneSettings,
+    mesh: Option<Arc<MeshTls>>,
     publish: watch::Sender<Option<Discovered>>,
     shutdown: CancellationToken,
 ) {
+    control_channel::warn_if_plaintext(&settings.transport, "the control plane");
     let identity = ProxyIdentity {
         namespace: settings.namespace.clone(),
         service_account: settings.service_account.clone(),
@@ -50,7 +55,18 @@ pub(crate) async fn run(
             return;
         }
         let address = &settings.addresses[next % settings.addresses.len()];
+        // Discovery needs this proxy's certificate: wait for the first one.
+        if let (Transport::Tls { .. }, Some(mesh)) = (&settings.transport, &mesh) {
+            while !mesh.is_certified() {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
         let session = Session {
+            transport: &settings.transport,
+            mesh: mesh.as_ref(),
             publish: &publish,
             identity: identity.clone(),
             established: false,
@@ -80,8 +96,8 @@ pub(crate) async fn run(
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Connect(#[from] ChannelError),
     #[error("{0}")]
     Status(#[from] tonic::Status),
     #[error("the {0} stream ended")]
@@ -91,6 +107,8 @@ enum SessionError {
 }
 
 struct Session<'a> {
+    transport: &'a Transport,
+    mesh: Option<&'a Arc<MeshTls>>,
     publish: &'a watch::Sender<Option<Discovered>>,
     identity: ProxyIdentity,
     established: bool,
@@ -107,16 +125,13 @@ impl Session<'_> {
     }
 
     async fn watch(&mut self, address: &str) -> Result<std::convert::Infallible, SessionError> {
-        let channel = ChannelEndpoint::from_shared(address.to_owned())
-            .map_err(SessionError::Connect)?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
+        let channel = control_channel::connect(address, self.transport, self.mesh, true, |e| {
             // Notice a vanished control plane within seconds, not at the next TCP timeout.
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
+            e.http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+        })
+        .await?;
         let mut client = DiscoveryClient::new(channel);
         let mut configs = client
             .watch_config(WatchConfigRequest {

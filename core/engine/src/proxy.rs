@@ -142,6 +142,7 @@ impl Proxy {
             let (publish, delivered) = watch::channel(None);
             tokio::spawn(crate::discover::run(
                 control_plane,
+                state.mesh.clone(),
                 publish,
                 state.shutdown.clone(),
             ));

@@ -38,6 +38,10 @@ pub(crate) enum TlsError {
     WrongIdentity { expected: String, found: String },
     #[error("the peer's certificate names no SPIFFE identity")]
     NoIdentity,
+    #[error("the peer's certificate is not a mesh identity of this trust domain: {0}")]
+    ForeignIdentity(String),
+    #[error("the certificate does not chain to the trust anchors: {0}")]
+    Untrusted(rustls::Error),
     #[error("cannot build a TLS config: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -60,6 +64,8 @@ struct Configs {
 pub(crate) struct MeshTls {
     /// The SNI name clients use to reach this proxy.
     pub(crate) sni: String,
+    /// Peers' identities must be in this trust domain (this proxy's own).
+    trust_domain: String,
     anchors: ArcSwap<Vec<CertificateDer<'static>>>,
     certified: ArcSwapOption<Certified>,
     configs: ArcSwapOption<Configs>,
@@ -75,6 +81,7 @@ impl MeshTls {
     pub(crate) fn new(id: Arc<str>, anchors: Vec<CertificateDer<'static>>) -> Self {
         Self {
             sni: sni_name(&id),
+            trust_domain: trust_domain_of(&id).to_owned(),
             anchors: ArcSwap::from_pointee(anchors),
             certified: ArcSwapOption::empty(),
             configs: ArcSwapOption::empty(),
@@ -131,8 +138,7 @@ impl MeshTls {
             .await
             .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
-        let found =
-            peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
+        let found = self.peer_identity(tls.get_ref().1.peer_certificates())?;
         if &*found != expected {
             return Err(TlsError::WrongIdentity {
                 expected: expected.to_owned(),
@@ -157,10 +163,107 @@ impl MeshTls {
             .await
             .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
-        let client =
-            peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
+        let client = self.peer_identity(tls.get_ref().1.peer_certificates())?;
         Ok((tls, client))
     }
+
+    /// Opens TLS 1.3 to the control plane (or CA) on `stream`: its chain must end at the
+    /// trust anchors and it must be `expected`. This proxy's certificate goes along when
+    /// it has one and `present` (Discovery requires it; the CA renews by it).
+    pub(crate) async fn connect_control_plane<S>(
+        &self,
+        stream: S,
+        expected: &str,
+        present: bool,
+        timeout: Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let provider = provider();
+        let roots = Arc::new(root_store(&self.anchors.load())?);
+        let verifier = Arc::new(MeshServerVerifier {
+            roots,
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match self.certified.load_full().filter(|_| present) {
+            Some(certified) => {
+                builder.with_client_auth_cert(certified.chain.clone(), certified.key.clone_key())?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = ServerName::try_from(sni_name(expected)).map_err(|e| TlsError::BadName {
+            expected: expected.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let connector = TlsConnector::from(Arc::new(config));
+        let tls = tokio::time::timeout(timeout, connector.connect(name, stream))
+            .await
+            .map_err(|_| TlsError::HandshakeTimeout(timeout))?
+            .map_err(TlsError::Handshake)?;
+        let found = self.peer_identity(tls.get_ref().1.peer_certificates())?;
+        if &*found != expected {
+            return Err(TlsError::WrongIdentity {
+                expected: expected.to_owned(),
+                found: found.to_string(),
+            });
+        }
+        Ok(tls)
+    }
+
+    /// Checks a chain the CA issued to this proxy: its leaf must chain to the trust
+    /// anchors (and be valid now) before it is installed.
+    pub(crate) fn check_issued(&self, chain: &[CertificateDer<'static>]) -> Result<(), TlsError> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(TlsError::NoIdentity);
+        };
+        let roots = root_store(&self.anchors.load())?;
+        let cert =
+            rustls::server::ParsedCertificate::try_from(leaf).map_err(TlsError::Untrusted)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots,
+            intermediates,
+            UnixTime::now(),
+            provider().signature_verification_algorithms.all,
+        )
+        .map_err(TlsError::Untrusted)
+    }
+
+    /// The peer's mesh identity: exactly one SPIFFE URI in its leaf, shaped as mesh
+    /// identities are and in this proxy's trust domain (a second trusted CA must not be
+    /// able to speak for this one's workloads).
+    fn peer_identity(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Arc<str>, TlsError> {
+        let id = peer_identity(certs)?;
+        crate::config::security::check_spiffe_id(&id).map_err(TlsError::ForeignIdentity)?;
+        if trust_domain_of(&id) != self.trust_domain {
+            return Err(TlsError::ForeignIdentity(format!(
+                "{id} is not in the trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+}
+
+/// The trust domain of `spiffe://<td>/…` (empty when it is not one).
+fn trust_domain_of(id: &str) -> &str {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("")
+}
+
+fn root_store(anchors: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for anchor in anchors {
+        roots.add(anchor.clone())?;
+    }
+    Ok(roots)
 }
 
 /// What the first bytes of a connection say about TLS.
@@ -213,26 +316,38 @@ pub(crate) fn sni_name(id: &str) -> String {
     }
 }
 
-/// The SPIFFE id in the leaf's URI SAN.
-pub(crate) fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
-    let leaf = certs?.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some(Arc::from(*uri))
-        }
-        _ => None,
-    })
+/// The SPIFFE id in the leaf's URI SAN: there must be exactly one.
+pub(crate) fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Arc<str>, TlsError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(TlsError::NoIdentity)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| TlsError::ForeignIdentity(format!("the certificate does not parse: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or(TlsError::NoIdentity)?;
+    let mut ids = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                Some(*uri)
+            }
+            _ => None,
+        });
+    let id = ids.next().ok_or(TlsError::NoIdentity)?;
+    if ids.next().is_some() {
+        return Err(TlsError::ForeignIdentity(
+            "it names more than one SPIFFE identity".into(),
+        ));
+    }
+    Ok(Arc::from(id))
 }
 
 fn build(anchors: &[CertificateDer<'static>], certified: &Certified) -> Result<Configs, TlsError> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for anchor in anchors {
-        roots.add(anchor.clone())?;
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(root_store(anchors)?);
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()

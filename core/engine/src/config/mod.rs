@@ -105,11 +105,29 @@ pub(crate) struct Settings {
     pub(crate) authorization: Arc<AuthorizationSettings>,
 }
 
+/// How the proxy reaches the control plane (Discovery and the CA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// TLS 1.3, the server's chain checked against the trust anchors and its SPIFFE
+    /// identity required to be `identity`.
+    Tls { identity: Arc<str> },
+    /// Plaintext, for local development only.
+    Plaintext,
+}
+
+/// The control plane's identity when none is configured.
+pub(crate) fn default_control_plane_identity(trust_domain: &str) -> Arc<str> {
+    Arc::from(format!(
+        "spiffe://{trust_domain}/ns/pymesh-system/sa/pymesh-control"
+    ))
+}
+
 /// Where services and endpoints come from when a control plane is used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ControlPlaneSettings {
-    /// `http://host:port` of each replica.
+    /// `http://host:port` of each replica (the scheme tonic dials; TLS is the transport's).
     pub(crate) addresses: Vec<String>,
+    pub(crate) transport: Transport,
     pub(crate) namespace: String,
     pub(crate) service_account: String,
     pub(crate) workload: String,
@@ -284,8 +302,22 @@ impl Settings {
             listeners.push(Arc::new(listener));
         }
 
-        let control_plane = control_plane(config.control_plane.as_ref())?;
+        let trust_domain = config
+            .identity
+            .as_ref()
+            .map(|i| i.trust_domain.trim().to_ascii_lowercase())
+            .filter(|td| !td.is_empty())
+            .unwrap_or_else(|| security::DEFAULT_TRUST_DOMAIN.to_owned());
+        let control_plane = control_plane(config.control_plane.as_ref(), &trust_domain)?;
         let identity = security::identity(config.identity.as_ref(), control_plane.as_ref())?;
+        if let (Some(cp), None) = (&control_plane, &identity) {
+            if cp.transport != Transport::Plaintext {
+                return Err(ConfigError::new(
+                    "control_plane.plaintext",
+                    "the control plane is reached over mutual TLS, which needs this proxy's `identity` (trust anchors and a certificate from the CA); set `plaintext: true` only for local development",
+                ));
+            }
+        }
         if let Some(i) = listeners
             .iter()
             .position(|l| l.tls == TlsMode::Strict && l.direction == Direction::Outbound)
@@ -493,9 +525,14 @@ fn timeouts(base: Timeouts, t: Option<&api::Timeouts>, at: &str) -> Result<Timeo
     Ok(out)
 }
 
-/// `host:port` (an `http://` prefix allowed) as the `http://host:port` tonic dials.
+/// `host:port` (an `http://` or `https://` prefix allowed) as the `http://host:port`
+/// tonic dials: whether TLS is used is the transport's setting, not the scheme's.
 fn host_port(value: &str, path: &str) -> Result<String, ConfigError> {
-    let a = value.trim().trim_start_matches("http://");
+    let a = value.trim();
+    let a = a
+        .strip_prefix("https://")
+        .or_else(|| a.strip_prefix("http://"))
+        .unwrap_or(a);
     let valid = a
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -505,8 +542,30 @@ fn host_port(value: &str, path: &str) -> Result<String, ConfigError> {
     Ok(format!("http://{a}"))
 }
 
+/// How a control plane (or CA) is reached: plaintext, or TLS expecting `identity`
+/// (else the default control-plane identity in `trust_domain`).
+pub(crate) fn transport(
+    plaintext: bool,
+    identity: &str,
+    trust_domain: &str,
+    path: &str,
+) -> Result<Transport, ConfigError> {
+    if plaintext {
+        return Ok(Transport::Plaintext);
+    }
+    let identity = match identity.trim() {
+        "" => default_control_plane_identity(trust_domain),
+        id => {
+            security::check_spiffe_id(id).map_err(|e| ConfigError::new(path, e))?;
+            Arc::from(id)
+        }
+    };
+    Ok(Transport::Tls { identity })
+}
+
 fn control_plane(
     cp: Option<&api::ControlPlane>,
+    trust_domain: &str,
 ) -> Result<Option<ControlPlaneSettings>, ConfigError> {
     let Some(cp) = cp else { return Ok(None) };
     if cp.addresses.is_empty() {
@@ -542,6 +601,12 @@ fn control_plane(
     )?;
     Ok(Some(ControlPlaneSettings {
         addresses,
+        transport: transport(
+            cp.plaintext,
+            &cp.identity,
+            trust_domain,
+            "control_plane.identity",
+        )?,
         namespace: if cp.namespace.is_empty() {
             "default".into()
         } else {

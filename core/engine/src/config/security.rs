@@ -11,7 +11,7 @@ use pymesh_api::config::v1 as api;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use super::{ConfigError, ControlPlaneSettings};
+use super::{ConfigError, ControlPlaneSettings, Transport};
 
 pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -25,6 +25,7 @@ pub(crate) struct IdentitySettings {
     pub(crate) trust_anchors: Vec<CertificateDer<'static>>,
     /// `http://host:port` of each CA replica.
     pub(crate) ca_addresses: Vec<String>,
+    pub(crate) ca_transport: Transport,
     pub(crate) token_file: PathBuf,
 }
 
@@ -34,6 +35,7 @@ impl IdentitySettings {
         self.id == other.id
             && self.trust_domain == other.trust_domain
             && self.ca_addresses == other.ca_addresses
+            && self.ca_transport == other.ca_transport
             && self.token_file == other.token_file
     }
 }
@@ -171,9 +173,9 @@ pub(crate) fn identity(
         }
     }
     let trust_anchors = trust_anchors(config)?;
-    let ca_addresses = if config.ca_addresses.is_empty() {
+    let (ca_addresses, ca_transport) = if config.ca_addresses.is_empty() {
         match control_plane {
-            Some(cp) => cp.addresses.clone(),
+            Some(cp) => (cp.addresses.clone(), cp.transport.clone()),
             None => return Err(ConfigError::new(
                 "identity.ca_addresses",
                 "at least one CA address (host:port) is required when there is no control_plane",
@@ -184,7 +186,20 @@ pub(crate) fn identity(
         for (i, a) in config.ca_addresses.iter().enumerate() {
             out.push(super::host_port(a, &format!("identity.ca_addresses[{i}]"))?);
         }
-        out
+        let identity = match config.ca_identity.trim() {
+            "" => control_plane.and_then(|cp| match &cp.transport {
+                Transport::Tls { identity } => Some(identity.to_string()),
+                Transport::Plaintext => None,
+            }),
+            id => Some(id.to_owned()),
+        };
+        let transport = super::transport(
+            config.ca_plaintext,
+            identity.as_deref().unwrap_or(""),
+            &trust_domain,
+            "identity.ca_identity",
+        )?;
+        (out, transport)
     };
     if config.token_file.trim().is_empty() {
         return Err(ConfigError::new(
@@ -199,6 +214,7 @@ pub(crate) fn identity(
         trust_domain,
         trust_anchors,
         ca_addresses,
+        ca_transport,
         token_file: PathBuf::from(config.token_file.trim()),
     }))
 }

@@ -24,6 +24,7 @@ use crate::backoff::Backoff;
 use crate::balance::{Endpoint, Verdict};
 use crate::connect::ConnectError;
 use crate::detect::Detected;
+use crate::errors::source_chain;
 use crate::record;
 use crate::retry::{self, Failure};
 use crate::route::Route;
@@ -386,17 +387,6 @@ fn find_source<'a, E: std::error::Error + 'static>(
         current = err.source();
     }
     None
-}
-
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
