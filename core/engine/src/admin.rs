@@ -101,7 +101,7 @@ async fn handle(
         }
         (&Method::PUT | &Method::POST, "/config") => reload(&proxy, req).await,
         (&Method::POST, "/shutdown") => {
-            proxy.shared().stop_requested.cancel();
+            proxy.request_stop();
             text(StatusCode::OK, "shutting down\n")
         }
         (_, "/metrics" | "/live" | "/ready" | "/config" | "/listeners" | "/shutdown") => {

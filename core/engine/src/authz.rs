@@ -1,4 +1,4 @@
-//! Authorization of inbound traffic (the `policy` of DESIGN.md): who may use an
+//! Authorization of inbound traffic: who may use an
 //! INBOUND listener, by client identity, by authenticated-or-not, and for HTTP by
 //! path and method. DENY policies are checked first; then if any ALLOW policy
 //! applies to the listener, the request must match one; otherwise the mesh-wide
@@ -11,23 +11,46 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::security::{AuthorizationSettings, DefaultPolicy, PathMatch, PolicySettings};
 use crate::metrics::{tls_label, AuthzLabels, HandleCache, Label, Metrics};
+use crate::state::State;
 
 /// What a request (or, for opaque TCP, a connection) is checked on.
-pub struct Subject<'a> {
-    pub listener: &'a str,
+pub(crate) struct Subject<'a> {
+    pub(crate) listener: &'a str,
     /// The client's mesh identity, when it came over mesh TLS.
-    pub client: Option<&'a str>,
+    pub(crate) client: Option<&'a str>,
     /// Method and path, for HTTP.
-    pub request: Option<(&'a Method, &'a str)>,
+    pub(crate) request: Option<(&'a Method, &'a str)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
-    pub allowed: bool,
-    pub policy: Arc<str>,
+pub(crate) struct Decision {
+    pub(crate) allowed: bool,
+    pub(crate) policy: Arc<str>,
 }
 
-pub fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decision {
+/// Decides whether `client` may use `listener` (for HTTP: make `request`), and counts
+/// the decision. HTTP and opaque TCP are both authorized here.
+pub(crate) fn authorize(
+    state: &State,
+    settings: &AuthorizationSettings,
+    listener: &Arc<str>,
+    client: Option<&Arc<str>>,
+    request: Option<(&Method, &str)>,
+) -> Decision {
+    let subject = Subject {
+        listener,
+        client: client.map(|c| &**c),
+        request,
+    };
+    let decision = decide(settings, &subject);
+    let protocol = if request.is_some() { "http" } else { "tcp" };
+    state
+        .authz_counters
+        .record(&state.metrics, listener, protocol, client, &decision);
+    decision
+}
+
+pub(crate) fn decide(settings: &AuthorizationSettings, subject: &Subject<'_>) -> Decision {
     let applicable = || {
         settings
             .policies
@@ -114,7 +137,7 @@ fn matches(
 
 /// The path as an application would resolve it: percent-decoded (`%2F` and `%5C`
 /// included), backslashes as slashes, repeated slashes merged, `.` and `..` resolved.
-pub fn normalise_path(path: &str) -> String {
+pub(crate) fn normalise_path(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -165,12 +188,12 @@ type CounterKey = (Arc<str>, &'static str, Arc<str>, bool, Option<Arc<str>>);
 
 /// Counts decisions without taking the metric family's lock on the request path.
 #[derive(Default)]
-pub struct DecisionCounters {
+pub(crate) struct DecisionCounters {
     cache: HandleCache<CounterKey, Counter>,
 }
 
 impl DecisionCounters {
-    pub fn record(
+    pub(crate) fn record(
         &self,
         metrics: &Metrics,
         listener: &Arc<str>,

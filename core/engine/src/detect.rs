@@ -9,15 +9,17 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::config::ListenerProtocol;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detected {
+pub(crate) enum Detected {
     Http1,
     Http2,
     Opaque,
 }
 
 impl Detected {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Detected::Http1 => "http1",
             Detected::Http2 => "http2",
@@ -30,9 +32,28 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// A request line longer than this is decided as HTTP/1 and left to hyper's limits.
 const MAX_DETECT_BYTES: usize = 8 * 1024;
 
+/// The protocol of a connection on a listener configured for `configured`: fixed, or
+/// detected from its first bytes (read into `buf`). `None` when it closed first.
+pub(crate) async fn protocol<S: AsyncRead + Unpin>(
+    configured: ListenerProtocol,
+    io: &mut S,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> Option<Detected> {
+    match configured {
+        ListenerProtocol::Http1 => Some(Detected::Http1),
+        ListenerProtocol::Http2 => Some(Detected::Http2),
+        ListenerProtocol::Opaque => Some(Detected::Opaque),
+        ListenerProtocol::Detect => detect(io, buf, timeout).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "reading the first bytes failed");
+            None
+        }),
+    }
+}
+
 /// Reads from `stream` into `buf` until the protocol is known or `timeout` passes.
 /// Returns `Ok(None)` when the client closed without sending anything.
-pub async fn detect<S: AsyncRead + Unpin>(
+pub(crate) async fn detect<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     timeout: Duration,
@@ -53,7 +74,7 @@ pub async fn detect<S: AsyncRead + Unpin>(
 }
 
 /// Decides from what has arrived so far, or `None` to wait for more.
-pub fn classify(buf: &[u8]) -> Option<Detected> {
+pub(crate) fn classify(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {
         return None;
     }
@@ -77,7 +98,7 @@ pub fn classify(buf: &[u8]) -> Option<Detected> {
 
 /// Decides with no more bytes to come: something that starts like an HTTP method is
 /// HTTP/1 (so a malformed request gets a 400 from the HTTP server), else opaque.
-pub fn classify_final(buf: &[u8]) -> Detected {
+pub(crate) fn classify_final(buf: &[u8]) -> Detected {
     let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
     if method_len > 0 && buf.get(method_len) == Some(&b' ') {
         Detected::Http1

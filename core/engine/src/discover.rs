@@ -8,83 +8,67 @@
 //! config and the full endpoint set of every service in it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pymesh_api::config::v1::{Authorization, Endpoint, ProxyConfig, Service};
+use pymesh_api::config::v1::{Authorization, Endpoint, Service};
 use pymesh_api::mesh::v1::discovery_client::DiscoveryClient;
 use pymesh_api::mesh::v1::{ProxyIdentity, WatchConfigRequest, WatchEndpointsRequest};
+use tokio::sync::watch;
 use tokio_stream::{StreamExt, StreamMap};
-use tonic::transport::{Channel, Endpoint as ChannelEndpoint};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
-use crate::config::ControlPlaneSettings;
-use crate::proxy::WeakProxy;
+use crate::backoff::Backoff;
+use crate::config::{ControlPlaneSettings, Transport};
+use crate::control_channel::{self, ChannelError};
+use crate::tls::MeshTls;
 
-/// What the control plane last delivered, merged into the proxy's own file config.
-#[derive(Default)]
-pub(crate) struct Delivered {
-    /// The proxy's own config (listeners, admin, control plane), from its file.
-    bootstrap: Option<ProxyConfig>,
-    /// Services with their endpoints, from the last complete session state.
-    services: Option<Vec<Service>>,
-    /// Mesh-wide authorization policy, when the control plane sends one.
-    authorization: Option<Authorization>,
+/// A complete state from the control plane: every service with its endpoints, and
+/// mesh-wide authorization when it sends one. The proxy lays it over its own config.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Discovered {
+    pub(crate) services: Vec<Service>,
+    pub(crate) authorization: Option<Authorization>,
 }
 
-impl Delivered {
-    /// The config to run: the bootstrap with the control plane's services (and its
-    /// authorization policy, when it sends one), if any.
-    pub(crate) fn compose(&self) -> Option<ProxyConfig> {
-        let mut config = self.bootstrap.clone()?;
-        if let Some(services) = &self.services {
-            config.services = services.clone();
-        }
-        if let Some(authorization) = &self.authorization {
-            config.authorization = Some(authorization.clone());
-        }
-        Some(config)
-    }
-}
-
-pub(crate) type SharedDelivered = Arc<Mutex<Delivered>>;
-
-pub(crate) fn new_state(bootstrap: ProxyConfig) -> SharedDelivered {
-    Arc::new(Mutex::new(Delivered {
-        bootstrap: Some(bootstrap),
-        services: None,
-        authorization: None,
-    }))
-}
-
-/// Replaces the bootstrap (a reload of the proxy's own file) and gives the config to run.
-pub(crate) fn set_bootstrap(state: &SharedDelivered, bootstrap: ProxyConfig) -> ProxyConfig {
-    let mut delivered = state.lock().unwrap_or_else(|p| p.into_inner());
-    delivered.bootstrap = Some(bootstrap);
-    delivered.compose().unwrap_or_default()
-}
-
-/// Runs until the proxy is dropped or shut down.
-pub(crate) async fn run(proxy: WeakProxy, settings: ControlPlaneSettings, state: SharedDelivered) {
+/// Watches the control plane until `shutdown` (or until nobody listens to `publish`),
+/// publishing each complete state it delivers.
+pub(crate) async fn run(
+    settings: ControlPlaneSettings,
+    mesh: Option<Arc<MeshTls>>,
+    publish: watch::Sender<Option<Discovered>>,
+    shutdown: CancellationToken,
+) {
+    control_channel::warn_if_plaintext(&settings.transport, "the control plane");
     let identity = ProxyIdentity {
         namespace: settings.namespace.clone(),
         service_account: settings.service_account.clone(),
         workload: settings.workload.clone(),
         proxy_id: format!("{}-{}", std::process::id(), fastrand::u32(..)),
     };
+    let backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
     let mut failures: u32 = 0;
     let mut next = 0usize;
     loop {
-        let Some(shutdown) = proxy.upgrade().map(|p| p.shared().shutdown.clone()) else {
-            return;
-        };
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || publish.is_closed() {
             return;
         }
         let address = &settings.addresses[next % settings.addresses.len()];
+        // Discovery needs this proxy's certificate: wait for the first one.
+        if let (Transport::Tls { .. }, Some(mesh)) = (&settings.transport, &mesh) {
+            while !mesh.is_certified() {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
         let session = Session {
-            proxy: &proxy,
+            transport: &settings.transport,
+            mesh: mesh.as_ref(),
+            publish: &publish,
             identity: identity.clone(),
-            state: &state,
             established: false,
         };
         let outcome = tokio::select! {
@@ -98,19 +82,13 @@ pub(crate) async fn run(proxy: WeakProxy, settings: ControlPlaneSettings, state:
                 tracing::warn!(control_plane = %address, error = %e, "control plane stream ended; serving the last state");
             }
             (false, e) => {
-                failures = failures.saturating_add(1);
                 tracing::warn!(control_plane = %address, error = %e, "control plane unreachable; serving the last state");
             }
         }
+        failures = failures.saturating_add(1);
         next += 1;
-        let ceiling = settings
-            .backoff_base
-            .saturating_mul(1 << failures.min(16))
-            .min(settings.backoff_max);
-        // Jitter between half and the whole ceiling, so proxies don't reconnect in step.
-        let pause = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(backoff.pause(failures)) => {}
             () = shutdown.cancelled() => return,
         }
     }
@@ -118,8 +96,8 @@ pub(crate) async fn run(proxy: WeakProxy, settings: ControlPlaneSettings, state:
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Connect(#[from] ChannelError),
     #[error("{0}")]
     Status(#[from] tonic::Status),
     #[error("the {0} stream ended")]
@@ -129,9 +107,10 @@ enum SessionError {
 }
 
 struct Session<'a> {
-    proxy: &'a WeakProxy,
+    transport: &'a Transport,
+    mesh: Option<&'a Arc<MeshTls>>,
+    publish: &'a watch::Sender<Option<Discovered>>,
     identity: ProxyIdentity,
-    state: &'a SharedDelivered,
     established: bool,
 }
 
@@ -146,16 +125,13 @@ impl Session<'_> {
     }
 
     async fn watch(&mut self, address: &str) -> Result<std::convert::Infallible, SessionError> {
-        let channel = ChannelEndpoint::from_shared(address.to_owned())
-            .map_err(SessionError::Connect)?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
+        let channel = control_channel::connect(address, self.transport, self.mesh, true, |e| {
             // Notice a vanished control plane within seconds, not at the next TCP timeout.
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
+            e.http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+        })
+        .await?;
         let mut client = DiscoveryClient::new(channel);
         let mut configs = client
             .watch_config(WatchConfigRequest {
@@ -203,8 +179,7 @@ impl Session<'_> {
             }
             if let Some(services) = &services {
                 if services.iter().all(|s| complete.contains(&s.name)) {
-                    self.apply(services, authorization.as_ref(), &endpoints)
-                        .await?;
+                    self.apply(services, authorization.as_ref(), &endpoints)?;
                 }
             }
         }
@@ -241,7 +216,7 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn apply(
+    fn apply(
         &mut self,
         services: &[Service],
         authorization: Option<&Authorization>,
@@ -258,25 +233,21 @@ impl Session<'_> {
                 s
             })
             .collect();
-        let config = {
-            let mut delivered = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if delivered.services.as_ref() == Some(&merged)
-                && delivered.authorization.as_ref() == authorization
-                && self.established
-            {
-                return Ok(());
-            }
-            delivered.services = Some(merged);
-            delivered.authorization = authorization.cloned();
-            delivered.compose()
+        let discovered = Discovered {
+            services: merged,
+            authorization: authorization.cloned(),
         };
         self.established = true;
-        let proxy = self.proxy.upgrade().ok_or(SessionError::Stopped)?;
-        if let Some(config) = config {
-            // A bad state from the control plane is refused (and logged) by the
-            // engine; the running one stays.
-            let _ = proxy.apply_discovered(config).await;
+        if self.publish.is_closed() {
+            return Err(SessionError::Stopped);
         }
+        self.publish.send_if_modified(|last| {
+            let changed = last.as_ref() != Some(&discovered);
+            if changed {
+                *last = Some(discovered);
+            }
+            changed
+        });
         Ok(())
     }
 }

@@ -10,11 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::Endpoint;
 use crate::config::policy::HealthCheckSettings;
+use crate::http::client::Http1Client;
 use crate::http::replay::RequestBody;
-use crate::http::upstream::Http1Client;
 
 /// Starts checking every endpoint until `stop` is cancelled.
-pub fn spawn(
+pub(crate) fn spawn(
     service: &str,
     endpoints: &[Arc<Endpoint>],
     client: Http1Client,

@@ -11,9 +11,10 @@ use pymesh_api::mesh::v1::identity_client::IdentityClient;
 use pymesh_api::mesh::v1::CertifyRequest;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint as ChannelEndpoint;
 
-use crate::config::IdentitySettings;
+use crate::backoff::Backoff;
+use crate::config::{IdentitySettings, Transport};
+use crate::control_channel::{self, ChannelError};
 use crate::metrics::{IdentityMetrics, IdentityRefreshLabels};
 use crate::tls::{Certified, MeshTls};
 
@@ -22,7 +23,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum CertifyError {
+pub(crate) enum CertifyError {
     #[error("cannot make a key or CSR: {0}")]
     Key(#[from] rcgen::Error),
     #[error("cannot read the token file {path}: {source}")]
@@ -30,11 +31,8 @@ pub enum CertifyError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot reach the CA at {address}: {source}")]
-    Connect {
-        address: String,
-        source: tonic::transport::Error,
-    },
+    #[error("cannot reach the CA: {0}")]
+    Connect(#[from] ChannelError),
     #[error("the CA at {address} refused: {status}")]
     Refused {
         address: String,
@@ -45,13 +43,13 @@ pub enum CertifyError {
 }
 
 /// The key pair a proxy keeps for its lifetime; only CSRs leave the process.
-pub struct Keys {
+pub(crate) struct Keys {
     key_pair: rcgen::KeyPair,
     csr: Vec<u8>,
 }
 
 impl Keys {
-    pub fn generate(id: &str) -> Result<Self, CertifyError> {
+    pub(crate) fn generate(id: &str) -> Result<Self, CertifyError> {
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -68,7 +66,7 @@ impl Keys {
 }
 
 /// Keeps `tls` holding a valid certificate until `stop`.
-pub async fn run(
+pub(crate) async fn run(
     tls: Arc<MeshTls>,
     settings: IdentitySettings,
     metrics: IdentityMetrics,
@@ -82,15 +80,22 @@ pub async fn run(
         }
     };
     let mut replica = 0usize;
-    let mut delay = RETRY_BASE;
+    let backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+    let mut failures = 0u32;
+    control_channel::warn_if_plaintext(&settings.ca_transport, "the mesh CA");
     loop {
         let address = &settings.ca_addresses[replica % settings.ca_addresses.len()];
-        let wait = match certify(&settings, &keys, address).await {
+        // A renewal is proven by the current certificate, so the bearer token stays off
+        // the wire; after a failed try (the certificate may have expired) the token is
+        // used again.
+        let by_certificate =
+            settings.ca_transport != Transport::Plaintext && tls.is_certified() && failures == 0;
+        let wait = match certify(&settings, &keys, address, &tls, by_certificate).await {
             Ok(certified) => {
                 let expires = certified.expires_at;
                 match tls.set_certificate(certified) {
                     Ok(()) => {
-                        delay = RETRY_BASE;
+                        failures = 0;
                         count(&metrics, "ok");
                         metrics.expiry.set(expires as i64);
                         let wait = renew_after(expires);
@@ -100,14 +105,14 @@ pub async fn run(
                     Err(e) => {
                         tracing::warn!(error = %e, "the CA's certificate cannot be used");
                         count(&metrics, "failed");
-                        backoff(&mut delay, &mut replica)
+                        retry_later(&backoff, &mut failures, &mut replica)
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(ca = %address, error = %e, "certificate renewal failed; keeping the current one");
                 count(&metrics, "failed");
-                backoff(&mut delay, &mut replica)
+                retry_later(&backoff, &mut failures, &mut replica)
             }
         };
         tokio::select! {
@@ -124,11 +129,11 @@ fn count(metrics: &IdentityMetrics, result: &'static str) {
         .inc();
 }
 
-fn backoff(delay: &mut Duration, replica: &mut usize) -> Duration {
+/// The next try goes to the next CA replica, after a backoff.
+fn retry_later(backoff: &Backoff, failures: &mut u32, replica: &mut usize) -> Duration {
     *replica += 1;
-    let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
-    *delay = (*delay * 2).min(RETRY_MAX);
-    wait
+    *failures = failures.saturating_add(1);
+    backoff.pause(*failures)
 }
 
 /// 70% of the time left on a certificate just received, ±5% so proxies don't renew in
@@ -145,29 +150,33 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// One exchange with the CA.
+/// One exchange with the CA: with the token, or (`by_certificate`) over TLS with the
+/// current certificate alone.
 async fn certify(
     settings: &IdentitySettings,
     keys: &Keys,
     address: &str,
+    tls: &Arc<MeshTls>,
+    by_certificate: bool,
 ) -> Result<Certified, CertifyError> {
-    let token = tokio::fs::read_to_string(&settings.token_file)
-        .await
-        .map_err(|source| CertifyError::Token {
-            path: settings.token_file.display().to_string(),
-            source,
-        })?;
-    let connect = |source| CertifyError::Connect {
-        address: address.to_owned(),
-        source,
+    let token = if by_certificate {
+        String::new()
+    } else {
+        tokio::fs::read_to_string(&settings.token_file)
+            .await
+            .map_err(|source| CertifyError::Token {
+                path: settings.token_file.display().to_string(),
+                source,
+            })?
     };
-    let channel = ChannelEndpoint::from_shared(address.to_owned())
-        .map_err(connect)?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(CALL_TIMEOUT)
-        .connect()
-        .await
-        .map_err(connect)?;
+    let channel = control_channel::connect(
+        address,
+        &settings.ca_transport,
+        Some(tls),
+        by_certificate,
+        |e| e.timeout(CALL_TIMEOUT),
+    )
+    .await?;
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {
             identity: settings.id.to_string(),
@@ -184,7 +193,7 @@ async fn certify(
     let (_, parsed) = x509_parser::parse_x509_certificate(&leaf)
         .map_err(|e| CertifyError::BadCertificate(e.to_string()))?;
     let expires = parsed.validity().not_after.timestamp().max(0) as u64;
-    let named = crate::tls::peer_identity(Some(std::slice::from_ref(&leaf)));
+    let named = crate::tls::peer_identity(Some(std::slice::from_ref(&leaf))).ok();
     if named.as_deref() != Some(&*settings.id) {
         return Err(CertifyError::BadCertificate(format!(
             "it names {named:?}, not {}",
@@ -198,6 +207,10 @@ async fn certify(
             .into_iter()
             .map(CertificateDer::from),
     );
+    // Installed only once it chains to the trust anchors: an answer from anyone else
+    // (or a CA under another anchor) is refused.
+    tls.check_issued(&chain)
+        .map_err(|e| CertifyError::BadCertificate(e.to_string()))?;
     Ok(Certified {
         chain,
         key: keys.private_key(),

@@ -1,7 +1,6 @@
 //! The stream shapes a connection takes: an accepted socket whose bytes are counted for
 //! the TCP metrics ([`CountedIo`]), any stream with bytes read during detection put back
-//! in front ([`Prefixed`]; an accepted connection is a [`ClientIo`]), and a plain-or-TLS
-//! endpoint connection ([`UpstreamIo`]).
+//! in front ([`Prefixed`]; an accepted connection is a [`ClientIo`]).
 
 use std::io;
 use std::pin::Pin;
@@ -11,14 +10,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::either::Either;
 
 /// An accepted connection: detection's bytes first, every byte counted.
-pub type ClientIo = Prefixed<CountedIo>;
+pub(crate) type ClientIo = Prefixed<CountedIo>;
 
 impl ClientIo {
     /// `prefix` is what detection already read from `stream` (counted here).
-    pub fn accepted(
+    pub(crate) fn accepted(
         prefix: Bytes,
         stream: TcpStream,
         read_bytes: Counter,
@@ -36,11 +34,8 @@ impl ClientIo {
     }
 }
 
-/// A connection to an endpoint: plain TCP, or mutual TLS to a meshed proxy.
-pub type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
-
 /// A client socket whose bytes in either direction are counted.
-pub struct CountedIo {
+pub(crate) struct CountedIo {
     stream: TcpStream,
     read_bytes: Counter,
     write_bytes: Counter,
@@ -101,18 +96,18 @@ impl AsyncWrite for CountedIo {
 }
 
 /// A stream with bytes already read from it (during detection) put back in front.
-pub struct Prefixed<S> {
+pub(crate) struct Prefixed<S> {
     prefix: Bytes,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    pub fn new(prefix: Bytes, inner: S) -> Self {
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
     }
 
     /// Puts bytes read through this stream back in front of any not yet read.
-    pub fn unread(&mut self, bytes: Bytes) {
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
         if bytes.is_empty() {
             return;
         }

@@ -1,31 +1,47 @@
 //! The pymesh engine: the whole data-plane request path, shared by the native
 //! sidecar (`pymesh-proxy`) and the Python extension (`pymesh.Proxy`).
 //!
-//! A connection flows `listen` → `detect` → `http` (hyper) or `tcp` (opaque) →
-//! `route` → (`limit`, `retry`) → `balance` → an upstream connection, with `health`
-//! checking endpoints, `metrics` recorded on the way and `admin` serving them.
-//! `config` validates what drives all of it. With a mesh identity, `identity` keeps a
-//! certificate from the CA, `tls` carries mutual TLS between proxies, and `authz`
-//! decides who may use the inbound listeners.
+//! Each direction's pipeline reads top to bottom in one file: `inbound` (accept →
+//! mesh TLS terminate → detect → authorize → HTTP | TCP → the local application) and
+//! `outbound` (accept → detect → route → HTTP | TCP → mesh TLS upstream). Beside them:
+//! `state` (the config snapshot and what every connection shares), `route` and
+//! `service` (authority → service, and what survives a reload), `http` (serving,
+//! admitting, the tries), `tcp`, `balance` (endpoint load and health), `connect` (TCP,
+//! mesh TLS, connection caps), `authz`, `record` (golden metrics), and the lifecycle in
+//! `proxy` with `discover` and `identity` feeding it. `docs/architecture.md` draws it.
+//!
+//! The public surface is small: [`Proxy`] to run one, and [`config`] to read and
+//! check the configuration it runs.
 
-pub mod admin;
-pub mod authz;
-pub mod balance;
+#![warn(missing_docs, unreachable_pub)]
+
+mod admin;
+mod authz;
+mod backoff;
+mod balance;
 pub mod config;
-pub mod detect;
-pub mod discover;
-pub mod health;
-pub mod http;
-pub mod identity;
-pub mod io;
-pub mod limit;
-pub mod listen;
-pub mod metrics;
-pub mod proxy;
-pub mod retry;
-pub mod route;
-pub mod tcp;
-pub mod tls;
+mod connect;
+mod control_channel;
+mod detect;
+mod discover;
+mod errors;
+mod health;
+mod http;
+mod identity;
+mod inbound;
+mod io;
+mod limit;
+mod listen;
+mod metrics;
+mod outbound;
+mod proxy;
+mod record;
+mod retry;
+mod route;
+mod service;
+mod state;
+mod tcp;
+mod tls;
 
 pub use config::{ConfigError, ProxyConfig};
 pub use proxy::{Error, Proxy};

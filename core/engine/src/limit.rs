@@ -9,13 +9,13 @@ use tokio::time::Instant;
 
 use crate::config::policy::RateLimitSettings;
 
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     settings: RateLimitSettings,
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
-    pub fn new(settings: RateLimitSettings) -> Self {
+    pub(crate) fn new(settings: RateLimitSettings) -> Self {
         Self {
             settings,
             state: Mutex::new((f64::from(settings.burst), Instant::now())),
@@ -23,7 +23,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is left.
-    pub fn try_take(&self) -> bool {
+    pub(crate) fn try_take(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let refill =
@@ -46,7 +46,7 @@ const MAX_CLIENT_BUCKETS: usize = 10_000;
 type ClientKey = Option<Arc<str>>;
 
 /// A service's rate limit, as configured.
-pub enum RateLimiter {
+pub(crate) enum RateLimiter {
     Service(TokenBucket),
     /// Read from a lock-free snapshot; a client's first request adds its bucket.
     PerClient {
@@ -57,7 +57,7 @@ pub enum RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn new(settings: RateLimitSettings) -> Self {
+    pub(crate) fn new(settings: RateLimitSettings) -> Self {
         if settings.per_client {
             RateLimiter::PerClient {
                 settings,
@@ -70,7 +70,7 @@ impl RateLimiter {
     }
 
     /// Takes a token for a request from `client` (its mesh identity, if any).
-    pub fn try_take(&self, client: Option<&Arc<str>>) -> bool {
+    pub(crate) fn try_take(&self, client: Option<&Arc<str>>) -> bool {
         let (settings, buckets, overflow) = match self {
             RateLimiter::Service(bucket) => return bucket.try_take(),
             RateLimiter::PerClient {

@@ -1,4 +1,5 @@
-//! Golden metrics in the Prometheus text format, named as CONVENTIONS.md says.
+//! Golden metrics in the Prometheus text format, named as Linkerd users know them
+//! (`request_total`, `response_total`, `response_latency_seconds`, `tcp_*`).
 //!
 //! Label values are `Arc<str>`s fixed by the config (service names, authorities,
 //! listener names), so recording a request clones reference counts rather than
@@ -21,17 +22,17 @@ use prometheus_client::registry::Registry;
 use crate::config::Direction;
 
 /// Latency buckets in seconds: fine at the low end, where a proxy's cost lives.
-pub const LATENCY_BUCKETS: [f64; 17] = [
+pub(crate) const LATENCY_BUCKETS: [f64; 17] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 ];
 
 /// A label value shared by reference count.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct Label(pub Arc<str>);
+pub(crate) struct Label(pub Arc<str>);
 
 impl Label {
-    pub fn new(value: &str) -> Self {
+    pub(crate) fn new(value: &str) -> Self {
         Self(Arc::from(value))
     }
 }
@@ -43,7 +44,7 @@ impl EncodeLabelValue for Label {
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub struct DirectionLabel(pub Direction);
+pub(crate) struct DirectionLabel(pub Direction);
 
 impl EncodeLabelValue for DirectionLabel {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
@@ -52,31 +53,31 @@ impl EncodeLabelValue for DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub direction: DirectionLabel,
-    pub dst_service: Label,
-    pub authority: Label,
+pub(crate) struct RouteLabels {
+    pub(crate) direction: DirectionLabel,
+    pub(crate) dst_service: Label,
+    pub(crate) authority: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct ResponseLabels {
-    pub direction: DirectionLabel,
-    pub dst_service: Label,
-    pub authority: Label,
-    pub status_code: u16,
+pub(crate) struct ResponseLabels {
+    pub(crate) direction: DirectionLabel,
+    pub(crate) dst_service: Label,
+    pub(crate) authority: Label,
+    pub(crate) status_code: u16,
     /// The gRPC status, for gRPC responses only.
-    pub grpc_status: Option<u32>,
-    pub classification: &'static str,
+    pub(crate) grpc_status: Option<u32>,
+    pub(crate) classification: &'static str,
     /// Why the proxy answered by itself (`pymesh-reason`), or empty.
-    pub error: &'static str,
+    pub(crate) error: &'static str,
     /// `true` over mesh TLS, `no_identity` otherwise.
-    pub tls: &'static str,
+    pub(crate) tls: &'static str,
     /// The peer's mesh identity: `client_id` inbound, `server_id` outbound.
-    pub peer_id: Option<Label>,
+    pub(crate) peer_id: Option<Label>,
 }
 
 /// `tls` label values.
-pub fn tls_label(meshed: bool) -> &'static str {
+pub(crate) fn tls_label(meshed: bool) -> &'static str {
     if meshed {
         "true"
     } else {
@@ -112,51 +113,51 @@ impl EncodeLabelSet for ResponseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LatencyLabels {
-    pub direction: DirectionLabel,
-    pub dst_service: Label,
-    pub status_code: u16,
+pub(crate) struct LatencyLabels {
+    pub(crate) direction: DirectionLabel,
+    pub(crate) dst_service: Label,
+    pub(crate) status_code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub direction: DirectionLabel,
-    pub listener: Label,
+pub(crate) struct TcpLabels {
+    pub(crate) direction: DirectionLabel,
+    pub(crate) listener: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpCloseLabels {
-    pub direction: DirectionLabel,
-    pub listener: Label,
-    pub protocol: &'static str,
-    pub tls: &'static str,
-    pub client_id: Option<Label>,
+pub(crate) struct TcpCloseLabels {
+    pub(crate) direction: DirectionLabel,
+    pub(crate) listener: Label,
+    pub(crate) protocol: &'static str,
+    pub(crate) tls: &'static str,
+    pub(crate) client_id: Option<Label>,
 }
 
 /// One authorization decision on an INBOUND listener.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AuthzLabels {
-    pub listener: Label,
+pub(crate) struct AuthzLabels {
+    pub(crate) listener: Label,
     /// `http` or `tcp`.
-    pub protocol: &'static str,
+    pub(crate) protocol: &'static str,
     /// The policy that decided (`default:…` when none did).
-    pub policy: Label,
+    pub(crate) policy: Label,
     /// `allow` or `deny`.
-    pub decision: &'static str,
-    pub tls: &'static str,
-    pub client_id: Option<Label>,
+    pub(crate) decision: &'static str,
+    pub(crate) tls: &'static str,
+    pub(crate) client_id: Option<Label>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IdentityRefreshLabels {
-    pub result: &'static str,
+pub(crate) struct IdentityRefreshLabels {
+    pub(crate) result: &'static str,
 }
 
 /// What the identity task records; cloned into it so it needn't hold the proxy.
 #[derive(Clone, Default)]
-pub struct IdentityMetrics {
-    pub expiry: Gauge,
-    pub refreshes: Family<IdentityRefreshLabels, Counter>,
+pub(crate) struct IdentityMetrics {
+    pub(crate) expiry: Gauge,
+    pub(crate) refreshes: Family<IdentityRefreshLabels, Counter>,
 }
 
 /// The most handles a [`HandleCache`] keeps; rarer outcomes use the family directly.
@@ -164,7 +165,7 @@ const MAX_CACHED: usize = 64;
 
 /// Metric handles looked up by a small key and cached, so that recording on the
 /// request path reads a lock-free snapshot instead of taking the family's lock.
-pub struct HandleCache<K, M> {
+pub(crate) struct HandleCache<K, M> {
     entries: ArcSwap<Vec<(K, M)>>,
 }
 
@@ -178,7 +179,7 @@ impl<K, M> Default for HandleCache<K, M> {
 
 impl<K: PartialEq + Clone, M: Clone> HandleCache<K, M> {
     /// Calls `use_it` with the handle for `key`, creating (and caching) it with `make`.
-    pub fn with(&self, key: &K, make: impl FnOnce() -> M, use_it: impl FnOnce(&M)) {
+    pub(crate) fn with(&self, key: &K, make: impl FnOnce() -> M, use_it: impl FnOnce(&M)) {
         if let Some((_, handle)) = self.entries.load().iter().find(|(k, _)| k == key) {
             use_it(handle);
             return;
@@ -198,56 +199,56 @@ impl<K: PartialEq + Clone, M: Clone> HandleCache<K, M> {
 }
 
 /// Every metric the proxy records, registered once.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
-    pub requests: Family<RouteLabels, Counter>,
-    pub responses: Family<ResponseLabels, Counter>,
-    pub latency: Family<LatencyLabels, Histogram>,
-    pub tcp_open: Family<TcpLabels, Counter>,
-    pub tcp_close: Family<TcpCloseLabels, Counter>,
-    pub tcp_open_connections: Family<TcpLabels, Gauge>,
-    pub tcp_read_bytes: Family<TcpLabels, Counter>,
-    pub tcp_write_bytes: Family<TcpLabels, Counter>,
-    pub config_reloads: Family<ReloadLabels, Counter>,
-    pub retries: Family<RetryLabels, Counter>,
-    pub ejections: Family<ServiceLabels, Counter>,
-    pub shed: Family<ShedLabels, Counter>,
-    pub rate_limited: Family<ServiceLabels, Counter>,
-    pub endpoints: Family<EndpointStateLabels, Gauge>,
-    pub authz: Family<AuthzLabels, Counter>,
-    pub identity: IdentityMetrics,
+    pub(crate) requests: Family<RouteLabels, Counter>,
+    pub(crate) responses: Family<ResponseLabels, Counter>,
+    pub(crate) latency: Family<LatencyLabels, Histogram>,
+    pub(crate) tcp_open: Family<TcpLabels, Counter>,
+    pub(crate) tcp_close: Family<TcpCloseLabels, Counter>,
+    pub(crate) tcp_open_connections: Family<TcpLabels, Gauge>,
+    pub(crate) tcp_read_bytes: Family<TcpLabels, Counter>,
+    pub(crate) tcp_write_bytes: Family<TcpLabels, Counter>,
+    pub(crate) config_reloads: Family<ReloadLabels, Counter>,
+    pub(crate) retries: Family<RetryLabels, Counter>,
+    pub(crate) ejections: Family<ServiceLabels, Counter>,
+    pub(crate) shed: Family<ShedLabels, Counter>,
+    pub(crate) rate_limited: Family<ServiceLabels, Counter>,
+    pub(crate) endpoints: Family<EndpointStateLabels, Gauge>,
+    pub(crate) authz: Family<AuthzLabels, Counter>,
+    pub(crate) identity: IdentityMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RetryLabels {
-    pub direction: DirectionLabel,
-    pub dst_service: Label,
+pub(crate) struct RetryLabels {
+    pub(crate) direction: DirectionLabel,
+    pub(crate) dst_service: Label,
     /// `attempted`, or `budget_exhausted` when a retry was wanted but not allowed.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ServiceLabels {
-    pub dst_service: Label,
+pub(crate) struct ServiceLabels {
+    pub(crate) dst_service: Label,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ShedLabels {
-    pub dst_service: Label,
+pub(crate) struct ShedLabels {
+    pub(crate) dst_service: Label,
     /// `max_concurrent`, `max_pending` or `max_connections`.
-    pub limit: &'static str,
+    pub(crate) limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointStateLabels {
-    pub dst_service: Label,
+pub(crate) struct EndpointStateLabels {
+    pub(crate) dst_service: Label,
     /// `total`, `ejected` or `unhealthy`.
-    pub state: &'static str,
+    pub(crate) state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
-    pub result: &'static str,
+pub(crate) struct ReloadLabels {
+    pub(crate) result: &'static str,
 }
 
 impl Default for Metrics {
@@ -257,7 +258,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RouteLabels, Counter>::default();
         let responses = Family::<ResponseLabels, Counter>::default();
@@ -370,7 +371,7 @@ impl Metrics {
     }
 
     /// The registry in the Prometheus text format, with process figures appended.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
         {

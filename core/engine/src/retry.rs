@@ -1,8 +1,7 @@
-//! Retry decisions: what is worth another try, the budget that bounds how much
-//! extra load retries may add, and the jittered backoff between tries.
+//! Retry decisions: what is worth another try, and the budget that bounds how much
+//! extra load retries may add. (The pause between tries is `backoff`'s.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use http::Method;
 use tokio::time::Instant;
@@ -11,7 +10,7 @@ use crate::config::policy::{BudgetSettings, RetrySettings};
 
 /// Why a try failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// No connection: nothing was sent, so any request may go again.
     Connect,
     /// The connection broke after the request was (perhaps) sent.
@@ -23,7 +22,7 @@ pub enum Failure {
 }
 
 /// Whether `failure` is one the policy retries, for a request with this method.
-pub fn retryable(policy: &RetrySettings, method: &Method, failure: Failure) -> bool {
+pub(crate) fn retryable(policy: &RetrySettings, method: &Method, failure: Failure) -> bool {
     let idempotent = policy.non_idempotent
         || matches!(
             *method,
@@ -47,21 +46,12 @@ pub fn retryable(policy: &RetrySettings, method: &Method, failure: Failure) -> b
     }
 }
 
-/// Full-jitter exponential backoff before try number `attempt + 1`.
-pub fn backoff(policy: &RetrySettings, attempt: u32) -> Duration {
-    let ceiling = policy
-        .backoff_base
-        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
-        .min(policy.backoff_max);
-    ceiling.mul_f64(fastrand::f64())
-}
-
 const SLOTS: usize = 10;
 
 /// Retries allowed over a sliding window: `ratio` of the requests seen plus
 /// `min_per_second`. Lock-free: counts live in time slots that are reset as the
 /// window moves on (a race may lose a count, never grant unbounded retries).
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     settings: BudgetSettings,
     slot_width_us: u64,
     slots: [Slot; SLOTS],
@@ -76,7 +66,7 @@ struct Slot {
 }
 
 impl RetryBudget {
-    pub fn new(settings: BudgetSettings) -> Self {
+    pub(crate) fn new(settings: BudgetSettings) -> Self {
         Self {
             settings,
             slot_width_us: (settings.window.as_micros() as u64 / SLOTS as u64).max(1),
@@ -86,12 +76,12 @@ impl RetryBudget {
     }
 
     /// Counts a request (the first try).
-    pub fn deposit(&self) {
+    pub(crate) fn deposit(&self) {
         self.current().requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes one retry from the budget, if there is one left.
-    pub fn withdraw(&self) -> bool {
+    pub(crate) fn withdraw(&self) -> bool {
         let now = self.tick();
         let (mut requests, mut retries) = (0u64, 0u64);
         for slot in &self.slots {
@@ -133,6 +123,8 @@ impl RetryBudget {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn policy() -> RetrySettings {
@@ -160,15 +152,6 @@ mod tests {
         assert!(!retryable(&p, &Method::POST, Failure::Grpc(13)));
         assert!(retryable(&p, &Method::GET, Failure::Reset));
         assert!(!retryable(&p, &Method::POST, Failure::Reset));
-    }
-
-    #[test]
-    fn backoff_stays_under_its_ceiling() {
-        let p = policy();
-        for attempt in 1..10 {
-            assert!(backoff(&p, attempt) <= p.backoff_max);
-        }
-        assert!(backoff(&p, 1) <= p.backoff_base);
     }
 
     #[test]

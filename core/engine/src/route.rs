@@ -1,64 +1,39 @@
 //! The routing table: which service a request or connection goes to, by its
 //! `Host`/`:authority` or the listener's default service.
 //!
-//! A table is built once per config and swapped atomically on reload; requests
-//! already in flight keep the table they started with. Targets whose settings did
-//! not change keep their connection pools across reloads.
+//! A table is built once per config, as part of its snapshot (see `state`); requests
+//! already in flight keep the table they started with. The table maps authorities to
+//! services; what survives a reload lives with the service (see `service`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Semaphore;
-use tokio_util::sync::{CancellationToken, DropGuard};
-
-use crate::balance::{Balancer, Endpoint};
-use crate::config::{Direction, ServiceSettings, Settings};
-use crate::http::upstream::{http1_client, ConnectionLimits, EndpointConnect, Http1Client};
-use crate::limit::RateLimiter;
-use crate::metrics::{DirectionLabel, HandleCache, Label, Metrics, RouteLabels};
-use crate::retry::RetryBudget;
-use crate::tls::MeshTls;
 use prometheus_client::metrics::histogram::Histogram;
 
-/// A service as the data plane uses it.
-pub struct Target {
-    pub name: Label,
-    pub settings: Arc<ServiceSettings>,
-    pub balancer: Balancer,
-    pub http1: Http1Client,
-    connection_limits: ConnectionLimits,
-    pub budget: RetryBudget,
-    /// Requests in flight to the service (`limits.max_concurrent`).
-    pub concurrency: Arc<Semaphore>,
-    /// Requests waiting for an upstream stream (`limits.max_pending`).
-    pub pending: Arc<Semaphore>,
-    pub rate_limit: Option<RateLimiter>,
-    /// Stops the service's health checks when the target is replaced.
-    _health_checks: Option<DropGuard>,
-}
+use crate::config::{Direction, Settings};
+use crate::metrics::{DirectionLabel, HandleCache, Label, Metrics, RouteLabels};
+use crate::service::Service;
+use crate::tls::MeshTls;
 
 /// A service reached through one of its authorities.
-pub struct Route {
-    pub target: Arc<Target>,
-    pub authority: Label,
+pub(crate) struct Route {
+    pub(crate) target: Arc<Service>,
     /// Indexed by [`direction_index`].
-    pub labels: [RouteLabels; 2],
+    pub(crate) labels: [RouteLabels; 2],
     /// Created on first use, so a direction that never sees traffic has no series.
     requests: [OnceLock<Counter>; 2],
     /// Response counters by (direction, status, gRPC status, local reason).
-    pub responses: HandleCache<ResponseKey, Counter>,
+    pub(crate) responses: HandleCache<ResponseKey, Counter>,
     /// Latency histograms by (direction, status).
-    pub latency: HandleCache<(usize, u16), Histogram>,
+    pub(crate) latency: HandleCache<(usize, u16), Histogram>,
 }
 
 /// What tells one response counter of a route from another.
 /// (direction, status, gRPC status, local reason, mesh peer identity)
-pub type ResponseKey = (usize, u16, Option<u32>, &'static str, Option<Arc<str>>);
+pub(crate) type ResponseKey = (usize, u16, Option<u32>, &'static str, Option<Arc<str>>);
 
-pub fn direction_index(direction: Direction) -> usize {
+pub(crate) fn direction_index(direction: Direction) -> usize {
     match direction {
         Direction::Inbound => 0,
         Direction::Outbound => 1,
@@ -66,22 +41,28 @@ pub fn direction_index(direction: Direction) -> usize {
 }
 
 #[derive(Default)]
-pub struct Router {
+pub(crate) struct Router {
     by_authority: HashMap<String, Arc<Route>>,
-    targets: HashMap<String, Arc<Target>>,
+    targets: HashMap<String, Arc<Service>>,
 }
 
 impl Router {
-    pub fn build(
+    pub(crate) fn build(
         settings: &Settings,
         previous: Option<&Router>,
         mesh: Option<&Arc<MeshTls>>,
+        metrics: &Metrics,
     ) -> Self {
         let mut router = Router::default();
         for service in &settings.services {
             let target = match previous.and_then(|p| p.targets.get(&service.name)) {
                 Some(old) if old.settings == *service => old.clone(),
-                old => Arc::new(Target::new(service.clone(), old.map(|t| &**t), mesh)),
+                old => Arc::new(Service::new(
+                    service.clone(),
+                    old.map(|t| &**t),
+                    mesh,
+                    metrics,
+                )),
             };
             for authority in &service.authorities {
                 let route = Route::new(target.clone(), authority);
@@ -95,7 +76,11 @@ impl Router {
     }
 
     /// The route for a request's authority, else for the fallback service.
-    pub fn route(&self, authority: Option<&str>, fallback: Option<&str>) -> Option<&Arc<Route>> {
+    pub(crate) fn route(
+        &self,
+        authority: Option<&str>,
+        fallback: Option<&str>,
+    ) -> Option<&Arc<Route>> {
         if let Some(authority) = authority {
             if let Some(route) = self.by_authority(authority) {
                 return Some(route);
@@ -106,7 +91,7 @@ impl Router {
     }
 
     /// Every service's target, for figures such as endpoint counts.
-    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+    pub(crate) fn targets(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.targets.values()
     }
 
@@ -127,111 +112,8 @@ impl Router {
     }
 }
 
-impl Target {
-    fn new(
-        settings: Arc<ServiceSettings>,
-        previous: Option<&Target>,
-        mesh: Option<&Arc<MeshTls>>,
-    ) -> Self {
-        let timeouts = settings.timeouts;
-        let limits = settings.policy.limits;
-        // Endpoints that stay keep their state (load, ejection, HTTP/2 connection)
-        // unless what they were built from changed.
-        let reusable: HashMap<SocketAddr, &Arc<Endpoint>> = previous
-            .filter(|p| {
-                p.settings.timeouts.connect == timeouts.connect
-                    && p.settings.policy.limits == limits
-            })
-            .map(|p| p.balancer.endpoints().iter().map(|e| (e.addr, e)).collect())
-            .unwrap_or_default();
-        let endpoints: Vec<Arc<Endpoint>> = settings
-            .endpoints
-            .iter()
-            .map(|e| match reusable.get(&e.addr) {
-                Some(existing)
-                    if existing.weight == e.weight && existing.identity == e.identity =>
-                {
-                    Arc::clone(existing)
-                }
-                _ => Arc::new(Endpoint::new(
-                    e.addr,
-                    e.weight,
-                    timeouts.connect,
-                    limits.max_connections,
-                    e.identity.clone(),
-                    mesh.cloned(),
-                )),
-            })
-            .collect();
-        let caps: HashMap<SocketAddr, EndpointConnect> = endpoints
-            .iter()
-            .map(|e| {
-                let connect = EndpointConnect {
-                    cap: e.connections.clone(),
-                    identity: e.identity.clone(),
-                };
-                (e.addr, connect)
-            })
-            .collect();
-        // The HTTP/1 pool survives a reload when its timeouts do.
-        let (http1, connection_limits) = match previous {
-            // ...and no endpoint's identity changed: its pooled connections were made
-            // (plain, or verified as someone else) for the old one.
-            Some(p)
-                if p.settings.timeouts == timeouts && same_identities(&p.settings, &settings) =>
-            {
-                p.connection_limits.store(Arc::new(caps));
-                (p.http1.clone(), p.connection_limits.clone())
-            }
-            _ => {
-                let limits: ConnectionLimits = Arc::new(ArcSwap::from_pointee(caps));
-                (
-                    http1_client(&timeouts, limits.clone(), mesh.cloned()),
-                    limits,
-                )
-            }
-        };
-        let policy = &settings.policy;
-        let health_checks = policy.health_check.clone().map(|check| {
-            let stop = CancellationToken::new();
-            crate::health::spawn(
-                &settings.name,
-                &endpoints,
-                http1.clone(),
-                check,
-                stop.clone(),
-            );
-            stop.drop_guard()
-        });
-        Self {
-            name: Label::new(&settings.name),
-            balancer: Balancer::new(endpoints, policy.balancer.clone(), policy.accrual),
-            http1,
-            connection_limits,
-            budget: RetryBudget::new(policy.retries.budget),
-            concurrency: Arc::new(Semaphore::new(limits.max_concurrent)),
-            pending: Arc::new(Semaphore::new(limits.max_pending)),
-            rate_limit: policy.rate_limit.map(RateLimiter::new),
-            _health_checks: health_checks,
-            settings,
-        }
-    }
-}
-
-/// Whether every endpoint address in both has the same identity in both.
-fn same_identities(old: &ServiceSettings, new: &ServiceSettings) -> bool {
-    let identities: HashMap<SocketAddr, &Option<Arc<str>>> = old
-        .endpoints
-        .iter()
-        .map(|e| (e.addr, &e.identity))
-        .collect();
-    new.endpoints
-        .iter()
-        .all(|e| identities.get(&e.addr).is_none_or(|id| **id == e.identity))
-}
-
 impl Route {
-    fn new(target: Arc<Target>, authority: &str) -> Self {
+    fn new(target: Arc<Service>, authority: &str) -> Self {
         let labels = [Direction::Inbound, Direction::Outbound].map(|direction| RouteLabels {
             direction: DirectionLabel(direction),
             dst_service: target.name.clone(),
@@ -239,7 +121,6 @@ impl Route {
         });
         Self {
             target,
-            authority: labels[0].authority.clone(),
             labels,
             requests: [OnceLock::new(), OnceLock::new()],
             responses: HandleCache::default(),
@@ -248,7 +129,7 @@ impl Route {
     }
 
     /// Counts a request arriving in direction `dir` (see [`direction_index`]).
-    pub fn count_request(&self, dir: usize, metrics: &Metrics) {
+    pub(crate) fn count_request(&self, dir: usize, metrics: &Metrics) {
         self.requests[dir]
             .get_or_init(|| metrics.requests.get_or_create(&self.labels[dir]).clone())
             .inc();
@@ -269,7 +150,7 @@ services:
   - {name: api}
 "#;
         let settings = Settings::from_config(parse(text).unwrap()).unwrap();
-        let router = Router::build(&settings, None, None);
+        let router = Router::build(&settings, None, None, &Metrics::new());
         let name = |r: Option<&Arc<Route>>| r.map(|r| r.target.settings.name.clone());
         assert_eq!(
             name(router.route(Some("WEB.local:8080"), None)).as_deref(),

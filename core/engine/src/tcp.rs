@@ -1,66 +1,55 @@
-//! Opaque TCP: bytes copied both ways to an endpoint, with half-close passed on
-//! (when one side finishes sending, the other side's write half is shut down).
-//! A failed connect counts against the endpoint and is tried on another one. A meshed
-//! endpoint is reached over mutual TLS, so opaque TCP is protected like HTTP.
+//! Opaque TCP: bytes copied both ways to an endpoint of the routed service, with
+//! half-close passed on (when one side finishes sending, the other side's write half
+//! is shut down). A failed connect counts against the endpoint with the balancer, like
+//! an HTTP try, and is tried on another endpoint. Connections go through `connect`, so
+//! a meshed endpoint is reached over mutual TLS and the endpoint's cap applies.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{copy_bidirectional, AsyncRead, AsyncWrite};
 
-use crate::balance::{Transition, Verdict};
-use tokio::io::{AsyncRead, AsyncWrite};
-
-use crate::http::upstream::{connect_tcp, secure};
+use crate::balance::Verdict;
 use crate::route::Route;
-use crate::tls::MeshTls;
 
 /// Endpoints tried before giving up on a connection.
 const CONNECT_TRIES: usize = 3;
 
-pub async fn forward<I>(mut client: I, route: Arc<Route>, mesh: Option<Arc<MeshTls>>)
+pub(crate) async fn forward<I>(mut client: I, route: &Route)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let target = &route.target;
-    let policy = &target.settings.policy;
+    let service = &route.target;
+    let name = &service.settings.name;
+    let mut failed_on: Option<SocketAddr> = None;
     for _ in 0..CONNECT_TRIES {
-        let Some(endpoint) = target.balancer.pick(None) else {
-            tracing::info!(service = %target.settings.name, "opaque connection closed: the service has no endpoints");
+        let Some(endpoint) = service.balancer.pick_avoiding(None, failed_on) else {
+            tracing::info!(service = %name, "opaque connection closed: the service has no endpoints");
+            return;
+        };
+        let Some(upstream) = service.upstream(&endpoint) else {
             return;
         };
         let in_flight = endpoint.start();
-        let timeout = target.settings.timeouts.connect;
-        let connected = match connect_tcp(endpoint.addr, timeout).await {
-            Ok(stream) => {
-                let identity = endpoint.identity.as_deref();
-                secure(stream, endpoint.addr, identity, mesh.as_deref(), timeout).await
-            }
-            Err(e) => Err(e),
+        let connected = upstream.connect().await;
+        let verdict = match connected {
+            Ok(_) => Verdict::Success,
+            Err(_) => Verdict::Failure,
         };
-        let rtt = in_flight.finish();
-        let verdict = if connected.is_ok() {
-            Verdict::Success
-        } else {
-            Verdict::Failure
-        };
-        let transition =
-            endpoint.record(verdict, rtt, policy.balancer.decay, &policy.accrual, || {
-                target.balancer.may_eject()
-            });
-        if transition == Transition::Ejected {
-            tracing::warn!(service = %target.settings.name, endpoint = %endpoint.addr, "endpoint ejected after failures");
-        }
+        service
+            .balancer
+            .record(&endpoint, verdict, in_flight.finish());
         match connected {
             Ok(mut upstream) => {
                 if let Err(e) = copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!(service = %target.settings.name, error = %e, "opaque connection ended with an error");
+                    tracing::debug!(service = %name, error = %e, "opaque connection ended with an error");
                 }
                 return;
             }
             Err(e) => {
-                tracing::info!(service = %target.settings.name, error = %e, "opaque connect failed")
+                failed_on = Some(endpoint.addr);
+                tracing::info!(service = %name, error = %e, "opaque connect failed");
             }
         }
     }
-    tracing::info!(service = %target.settings.name, "opaque connection closed: no endpoint accepted it");
+    tracing::info!(service = %name, "opaque connection closed: no endpoint accepted it");
 }

@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Why a mesh TLS connection could not be made or accepted.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("this proxy has no certificate yet (its identity is not certified)")]
     NotCertified,
     #[error(
@@ -38,16 +38,20 @@ pub enum TlsError {
     WrongIdentity { expected: String, found: String },
     #[error("the peer's certificate names no SPIFFE identity")]
     NoIdentity,
+    #[error("the peer's certificate is not a mesh identity of this trust domain: {0}")]
+    ForeignIdentity(String),
+    #[error("the certificate does not chain to the trust anchors: {0}")]
+    Untrusted(rustls::Error),
     #[error("cannot build a TLS config: {0}")]
     Config(#[from] rustls::Error),
 }
 
 /// The certificate a proxy holds: its chain (leaf first) and private key.
-pub struct Certified {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+pub(crate) struct Certified {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     /// Seconds since the Unix epoch when the leaf expires.
-    pub expires_at: u64,
+    pub(crate) expires_at: u64,
 }
 
 /// Rustls configs for one (certificate, trust anchors) pair.
@@ -57,10 +61,11 @@ struct Configs {
 }
 
 /// The proxy's mesh TLS state: its identity, the current certificate and anchors.
-pub struct MeshTls {
-    pub id: Arc<str>,
+pub(crate) struct MeshTls {
     /// The SNI name clients use to reach this proxy.
-    pub sni: String,
+    pub(crate) sni: String,
+    /// Peers' identities must be in this trust domain (this proxy's own).
+    trust_domain: String,
     anchors: ArcSwap<Vec<CertificateDer<'static>>>,
     certified: ArcSwapOption<Certified>,
     configs: ArcSwapOption<Configs>,
@@ -68,15 +73,15 @@ pub struct MeshTls {
     updating: Mutex<()>,
 }
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 impl MeshTls {
-    pub fn new(id: Arc<str>, anchors: Vec<CertificateDer<'static>>) -> Self {
+    pub(crate) fn new(id: Arc<str>, anchors: Vec<CertificateDer<'static>>) -> Self {
         Self {
             sni: sni_name(&id),
-            id,
+            trust_domain: trust_domain_of(&id).to_owned(),
             anchors: ArcSwap::from_pointee(anchors),
             certified: ArcSwapOption::empty(),
             configs: ArcSwapOption::empty(),
@@ -84,17 +89,12 @@ impl MeshTls {
         }
     }
 
-    pub fn is_certified(&self) -> bool {
+    pub(crate) fn is_certified(&self) -> bool {
         self.configs.load().is_some()
     }
 
-    /// When the current certificate expires (Unix seconds), if there is one.
-    pub fn expires_at(&self) -> Option<u64> {
-        self.certified.load().as_ref().map(|c| c.expires_at)
-    }
-
     /// Installs a new certificate; new handshakes use it at once.
-    pub fn set_certificate(&self, certified: Certified) -> Result<(), TlsError> {
+    pub(crate) fn set_certificate(&self, certified: Certified) -> Result<(), TlsError> {
         let _updating = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let configs = build(&self.anchors.load(), &certified)?;
         self.certified.store(Some(Arc::new(certified)));
@@ -103,7 +103,10 @@ impl MeshTls {
     }
 
     /// Replaces the trust anchors (a rotation adds the new anchor beside the old).
-    pub fn set_anchors(&self, anchors: Vec<CertificateDer<'static>>) -> Result<(), TlsError> {
+    pub(crate) fn set_anchors(
+        &self,
+        anchors: Vec<CertificateDer<'static>>,
+    ) -> Result<(), TlsError> {
         let _updating = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         if **self.anchors.load() == anchors {
             return Ok(());
@@ -117,7 +120,7 @@ impl MeshTls {
     }
 
     /// Opens mutual TLS on `stream` to a proxy that must be `expected`, within `timeout`.
-    pub async fn connect<S>(
+    pub(crate) async fn connect<S>(
         &self,
         stream: S,
         expected: &str,
@@ -135,8 +138,7 @@ impl MeshTls {
             .await
             .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
-        let found =
-            peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
+        let found = self.peer_identity(tls.get_ref().1.peer_certificates())?;
         if &*found != expected {
             return Err(TlsError::WrongIdentity {
                 expected: expected.to_owned(),
@@ -148,7 +150,7 @@ impl MeshTls {
 
     /// Completes the server side of a mesh handshake within `timeout` (a client that
     /// stalls mid-handshake must not hold a connection); returns the client's identity.
-    pub async fn accept<S>(
+    pub(crate) async fn accept<S>(
         &self,
         stream: S,
         timeout: Duration,
@@ -161,15 +163,112 @@ impl MeshTls {
             .await
             .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
-        let client =
-            peer_identity(tls.get_ref().1.peer_certificates()).ok_or(TlsError::NoIdentity)?;
+        let client = self.peer_identity(tls.get_ref().1.peer_certificates())?;
         Ok((tls, client))
     }
+
+    /// Opens TLS 1.3 to the control plane (or CA) on `stream`: its chain must end at the
+    /// trust anchors and it must be `expected`. This proxy's certificate goes along when
+    /// it has one and `present` (Discovery requires it; the CA renews by it).
+    pub(crate) async fn connect_control_plane<S>(
+        &self,
+        stream: S,
+        expected: &str,
+        present: bool,
+        timeout: Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let provider = provider();
+        let roots = Arc::new(root_store(&self.anchors.load())?);
+        let verifier = Arc::new(MeshServerVerifier {
+            roots,
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match self.certified.load_full().filter(|_| present) {
+            Some(certified) => {
+                builder.with_client_auth_cert(certified.chain.clone(), certified.key.clone_key())?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = ServerName::try_from(sni_name(expected)).map_err(|e| TlsError::BadName {
+            expected: expected.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let connector = TlsConnector::from(Arc::new(config));
+        let tls = tokio::time::timeout(timeout, connector.connect(name, stream))
+            .await
+            .map_err(|_| TlsError::HandshakeTimeout(timeout))?
+            .map_err(TlsError::Handshake)?;
+        let found = self.peer_identity(tls.get_ref().1.peer_certificates())?;
+        if &*found != expected {
+            return Err(TlsError::WrongIdentity {
+                expected: expected.to_owned(),
+                found: found.to_string(),
+            });
+        }
+        Ok(tls)
+    }
+
+    /// Checks a chain the CA issued to this proxy: its leaf must chain to the trust
+    /// anchors (and be valid now) before it is installed.
+    pub(crate) fn check_issued(&self, chain: &[CertificateDer<'static>]) -> Result<(), TlsError> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(TlsError::NoIdentity);
+        };
+        let roots = root_store(&self.anchors.load())?;
+        let cert =
+            rustls::server::ParsedCertificate::try_from(leaf).map_err(TlsError::Untrusted)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &roots,
+            intermediates,
+            UnixTime::now(),
+            provider().signature_verification_algorithms.all,
+        )
+        .map_err(TlsError::Untrusted)
+    }
+
+    /// The peer's mesh identity: exactly one SPIFFE URI in its leaf, shaped as mesh
+    /// identities are and in this proxy's trust domain (a second trusted CA must not be
+    /// able to speak for this one's workloads).
+    fn peer_identity(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Arc<str>, TlsError> {
+        let id = peer_identity(certs)?;
+        crate::config::security::check_spiffe_id(&id).map_err(TlsError::ForeignIdentity)?;
+        if trust_domain_of(&id) != self.trust_domain {
+            return Err(TlsError::ForeignIdentity(format!(
+                "{id} is not in the trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+}
+
+/// The trust domain of `spiffe://<td>/…` (empty when it is not one).
+fn trust_domain_of(id: &str) -> &str {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("")
+}
+
+fn root_store(anchors: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for anchor in anchors {
+        roots.add(anchor.clone())?;
+    }
+    Ok(roots)
 }
 
 /// What the first bytes of a connection say about TLS.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Hello {
+pub(crate) enum Hello {
     /// Not a complete ClientHello yet.
     Partial,
     NotTls,
@@ -181,7 +280,7 @@ pub enum Hello {
 
 /// Reads a ClientHello out of `buf` without consuming the connection, so a hello
 /// meant for the application (its own TLS) can still be passed through untouched.
-pub fn peek_client_hello(buf: &[u8]) -> Hello {
+pub(crate) fn peek_client_hello(buf: &[u8]) -> Hello {
     // A TLS record: handshake (22), major version 3.
     if buf.is_empty() || buf[0] != 0x16 || (buf.len() > 1 && buf[1] != 0x03) {
         return Hello::NotTls;
@@ -206,7 +305,7 @@ pub fn peek_client_hello(buf: &[u8]) -> Hello {
 
 /// The DNS-like name standing for `id` in SNI:
 /// `spiffe://td/ns/NS/sa/SA` becomes `SA.NS.serviceaccount.identity.pymesh.td`.
-pub fn sni_name(id: &str) -> String {
+pub(crate) fn sni_name(id: &str) -> String {
     let rest = id.strip_prefix("spiffe://").unwrap_or(id);
     let parts: Vec<&str> = rest.split('/').collect();
     match parts.as_slice() {
@@ -217,26 +316,38 @@ pub fn sni_name(id: &str) -> String {
     }
 }
 
-/// The SPIFFE id in the leaf's URI SAN.
-pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
-    let leaf = certs?.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some(Arc::from(*uri))
-        }
-        _ => None,
-    })
+/// The SPIFFE id in the leaf's URI SAN: there must be exactly one.
+pub(crate) fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Arc<str>, TlsError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(TlsError::NoIdentity)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| TlsError::ForeignIdentity(format!("the certificate does not parse: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or(TlsError::NoIdentity)?;
+    let mut ids = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                Some(*uri)
+            }
+            _ => None,
+        });
+    let id = ids.next().ok_or(TlsError::NoIdentity)?;
+    if ids.next().is_some() {
+        return Err(TlsError::ForeignIdentity(
+            "it names more than one SPIFFE identity".into(),
+        ));
+    }
+    Ok(Arc::from(id))
 }
 
 fn build(anchors: &[CertificateDer<'static>], certified: &Certified) -> Result<Configs, TlsError> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for anchor in anchors {
-        roots.add(anchor.clone())?;
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(root_store(anchors)?);
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()

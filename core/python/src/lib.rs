@@ -178,7 +178,7 @@ impl Drop for Engine {
 #[pyo3(signature = (config_text, origin = None))]
 fn validate(py: Python<'_>, config_text: &str, origin: Option<&str>) -> PyResult<String> {
     let parsed = parse(py, config_text, origin)?;
-    config::Settings::from_config(parsed.clone()).map_err(|e| config_error(py, &e, origin))?;
+    config::validate(&parsed).map_err(|e| config_error(py, &e, origin))?;
     Ok(config::to_json(&parsed))
 }
 

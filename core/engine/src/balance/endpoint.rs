@@ -8,11 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::policy::AccrualSettings;
-use crate::http::upstream::H2Connection;
 
 /// The latency a new endpoint is assumed to have until it has answered.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
@@ -25,17 +23,10 @@ const EJECTED: u8 = 1;
 /// Ejection is over and one request is testing the endpoint.
 const PROBING: u8 = 2;
 
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    pub authority: http::uri::Authority,
-    pub weight: u32,
-    /// The identity of a meshed endpoint, as configured.
-    pub identity: Option<Arc<str>>,
-    /// The same, set only when this proxy reaches it over mutual TLS.
-    pub tls_identity: Option<Arc<str>>,
-    pub h2: H2Connection,
-    /// Upstream connections allowed to this endpoint (`limits.max_connections`).
-    pub connections: Arc<Semaphore>,
+pub(crate) struct Endpoint {
+    pub(crate) addr: SocketAddr,
+    pub(crate) authority: http::uri::Authority,
+    pub(crate) weight: u32,
     pending: AtomicUsize,
     state: AtomicU8,
     /// While ejected: until when, in µs since `epoch`.
@@ -59,39 +50,27 @@ struct Stats {
 
 /// What became of one request, for the endpoint's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Success,
     Failure,
 }
 
 /// A change in the endpoint's state that the caller should count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     None,
     Ejected,
     Readmitted,
 }
 
 impl Endpoint {
-    pub fn new(
-        addr: SocketAddr,
-        weight: u32,
-        connect_timeout: Duration,
-        max_connections: usize,
-        identity: Option<Arc<str>>,
-        mesh: Option<Arc<crate::tls::MeshTls>>,
-    ) -> Self {
+    pub(crate) fn new(addr: SocketAddr, weight: u32) -> Self {
         let now = Instant::now();
-        let tls_identity = identity.clone().filter(|_| mesh.is_some());
         Self {
             addr,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1")),
             weight: weight.max(1),
-            tls_identity,
-            h2: H2Connection::new(addr, connect_timeout, identity.clone(), mesh),
-            identity,
-            connections: Arc::new(Semaphore::new(max_connections)),
             pending: AtomicUsize::new(0),
             state: AtomicU8::new(ACTIVE),
             ejected_until_us: AtomicU64::new(0),
@@ -109,12 +88,12 @@ impl Endpoint {
         }
     }
 
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
     }
 
     /// PeakEWMA cost: the latency estimate, decayed to now, times the load.
-    pub fn cost(&self, decay: Duration) -> f64 {
+    pub(crate) fn cost(&self, decay: Duration) -> f64 {
         let rtt = {
             let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             decayed(stats.rtt_ns, stats.updated.elapsed(), decay)
@@ -123,7 +102,7 @@ impl Endpoint {
     }
 
     /// Whether the balancer may choose this endpoint now (without claiming a probe).
-    pub fn eligible(&self) -> bool {
+    pub(crate) fn eligible(&self) -> bool {
         if self.unhealthy.load(Ordering::Relaxed) {
             return false;
         }
@@ -133,17 +112,17 @@ impl Endpoint {
         }
     }
 
-    pub fn is_ejected(&self) -> bool {
+    pub(crate) fn is_ejected(&self) -> bool {
         self.state.load(Ordering::Acquire) != ACTIVE
     }
 
-    pub fn is_unhealthy(&self) -> bool {
+    pub(crate) fn is_unhealthy(&self) -> bool {
         self.unhealthy.load(Ordering::Relaxed)
     }
 
     /// Claims the endpoint for one request: always for an active one; for one whose
     /// ejection (or unanswered probe) is over, only the first caller gets it (the probe).
-    pub fn claim(&self) -> bool {
+    pub(crate) fn claim(&self) -> bool {
         if self.state.load(Ordering::Acquire) == ACTIVE {
             return true;
         }
@@ -169,7 +148,7 @@ impl Endpoint {
     }
 
     /// Marks a request as dispatched; the guard ends it.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             endpoint: self.clone(),
@@ -179,13 +158,13 @@ impl Endpoint {
     }
 
     /// Sets the health reported by active checks.
-    pub fn set_unhealthy(&self, unhealthy: bool) -> bool {
+    pub(crate) fn set_unhealthy(&self, unhealthy: bool) -> bool {
         self.unhealthy.swap(unhealthy, Ordering::Relaxed) != unhealthy
     }
 
     /// Records a response (or failure) and applies failure accrual. `may_eject` says
     /// whether the service's cap on ejected endpoints leaves room for one more.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         verdict: Verdict,
         rtt: Duration,
@@ -304,14 +283,14 @@ fn decayed(rtt_ns: f64, elapsed: Duration, decay: Duration) -> f64 {
 }
 
 /// A request in flight to an endpoint; counts as pending until dropped.
-pub struct InFlight {
-    pub endpoint: Arc<Endpoint>,
-    pub started: Instant,
+pub(crate) struct InFlight {
+    pub(crate) endpoint: Arc<Endpoint>,
+    pub(crate) started: Instant,
     done: bool,
 }
 
 impl InFlight {
-    pub fn finish(mut self) -> Duration {
+    pub(crate) fn finish(mut self) -> Duration {
         self.done = true;
         self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
         self.started.elapsed()
@@ -343,14 +322,7 @@ mod tests {
     }
 
     fn endpoint() -> Endpoint {
-        Endpoint::new(
-            "127.0.0.1:1".parse().unwrap(),
-            1,
-            Duration::from_secs(1),
-            10,
-            None,
-            None,
-        )
+        Endpoint::new("127.0.0.1:1".parse().unwrap(), 1)
     }
 
     #[tokio::test]

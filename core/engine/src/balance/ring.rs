@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 /// Points on the ring per unit of endpoint weight.
 const POINTS_PER_WEIGHT: u32 = 64;
 
-pub struct Ring {
+pub(crate) struct Ring {
     points: Vec<(u64, u32)>,
 }
 
@@ -20,7 +20,7 @@ fn hash(value: impl Hash) -> u64 {
 
 impl Ring {
     /// `members` are (a stable identity, weight) per endpoint, in endpoint order.
-    pub fn new<K: Hash>(members: &[(K, u32)]) -> Self {
+    pub(crate) fn new<K: Hash>(members: &[(K, u32)]) -> Self {
         let mut points = Vec::new();
         for (index, (key, weight)) in members.iter().enumerate() {
             for i in 0..POINTS_PER_WEIGHT * (*weight).clamp(1, 64) {
@@ -33,7 +33,7 @@ impl Ring {
 
     /// Endpoint indices in ring order starting at the key's position; the first is
     /// the key's owner, the rest are fallbacks.
-    pub fn walk(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn walk(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
         let h = hash(key);
         let start = self.points.partition_point(|(p, _)| *p < h);
         let (before, after) = self.points.split_at(start.min(self.points.len()));

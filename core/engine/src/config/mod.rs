@@ -1,4 +1,5 @@
-//! Turns a `ProxyConfig` (from a file or a control plane) into validated [`Settings`].
+//! Reading and checking proxy configuration: a `ProxyConfig` (from a file or a control
+//! plane) is parsed, and turned into validated settings with every default applied.
 //!
 //! Decoding follows the protobuf JSON mapping (pbjson) for both JSON and YAML text, and
 //! every error names the field path where it was found, for example
@@ -12,12 +13,12 @@ use std::time::Duration;
 
 use pymesh_api::config::v1 as api;
 
-pub mod policy;
-pub mod security;
+pub(crate) mod policy;
+pub(crate) mod security;
 
 pub use api::ProxyConfig;
-pub use policy::ServicePolicy;
-pub use security::{AuthorizationSettings, IdentitySettings, TlsMode};
+pub(crate) use policy::ServicePolicy;
+pub(crate) use security::{AuthorizationSettings, IdentitySettings, TlsMode};
 
 /// A configuration that was rejected, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,10 +26,12 @@ pub use security::{AuthorizationSettings, IdentitySettings, TlsMode};
 pub struct ConfigError {
     /// The field path, such as `services[2].endpoints[0].address`; empty for the document.
     pub path: String,
+    /// What is wrong there, and what would be valid.
     pub message: String,
 }
 
 impl ConfigError {
+    /// An error at `path` (empty for the whole document).
     pub fn new(path: impl Into<String>, message: impl fmt::Display) -> Self {
         Self {
             path: path.into(),
@@ -79,44 +82,67 @@ pub fn to_json(config: &ProxyConfig) -> String {
     serde_json::to_string_pretty(config).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
+/// Checks a config as a proxy would before running it, without running it.
+pub fn validate(config: &ProxyConfig) -> Result<(), ConfigError> {
+    Settings::from_config(config.clone()).map(|_| ())
+}
+
+pub(crate) const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
 const MIN_HEADER_BYTES: u32 = 8 * 1024;
 
 /// A validated configuration, with every default applied.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub source: ProxyConfig,
-    pub listeners: Vec<Arc<ListenerSettings>>,
-    pub services: Vec<Arc<ServiceSettings>>,
-    pub admin: SocketAddr,
-    pub limits: Limits,
+pub(crate) struct Settings {
+    pub(crate) source: ProxyConfig,
+    pub(crate) listeners: Vec<Arc<ListenerSettings>>,
+    pub(crate) services: Vec<Arc<ServiceSettings>>,
+    pub(crate) admin: SocketAddr,
+    pub(crate) limits: Limits,
     /// Proxy-wide timeouts (detection uses these; services start from them).
-    pub timeouts: Timeouts,
-    pub control_plane: Option<ControlPlaneSettings>,
-    pub identity: Option<IdentitySettings>,
-    pub authorization: Arc<AuthorizationSettings>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) control_plane: Option<ControlPlaneSettings>,
+    pub(crate) identity: Option<IdentitySettings>,
+    pub(crate) authorization: Arc<AuthorizationSettings>,
+}
+
+/// How the proxy reaches the control plane (Discovery and the CA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// TLS 1.3, the server's chain checked against the trust anchors and its SPIFFE
+    /// identity required to be `identity`.
+    Tls { identity: Arc<str> },
+    /// Plaintext, for local development only.
+    Plaintext,
+}
+
+/// The control plane's identity when none is configured.
+pub(crate) fn default_control_plane_identity(trust_domain: &str) -> Arc<str> {
+    Arc::from(format!(
+        "spiffe://{trust_domain}/ns/pymesh-system/sa/pymesh-control"
+    ))
 }
 
 /// Where services and endpoints come from when a control plane is used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlPlaneSettings {
-    /// `http://host:port` of each replica.
-    pub addresses: Vec<String>,
-    pub namespace: String,
-    pub service_account: String,
-    pub workload: String,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
+pub(crate) struct ControlPlaneSettings {
+    /// `http://host:port` of each replica (the scheme tonic dials; TLS is the transport's).
+    pub(crate) addresses: Vec<String>,
+    pub(crate) transport: Transport,
+    pub(crate) namespace: String,
+    pub(crate) service_account: String,
+    pub(crate) workload: String,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
+pub(crate) enum Direction {
     Inbound,
     Outbound,
 }
 
 impl Direction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
@@ -126,7 +152,7 @@ impl Direction {
 
 /// How a listener decides what a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerProtocol {
+pub(crate) enum ListenerProtocol {
     Detect,
     Http1,
     Http2,
@@ -134,43 +160,43 @@ pub enum ListenerProtocol {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerSettings {
+pub(crate) struct ListenerSettings {
     /// Unique; a reload keeps a listener running when its name and address stay.
-    pub name: String,
-    pub addr: SocketAddr,
-    pub direction: Direction,
-    pub default_service: Option<String>,
-    pub protocol: ListenerProtocol,
-    pub tls: TlsMode,
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) direction: Direction,
+    pub(crate) default_service: Option<String>,
+    pub(crate) protocol: ListenerProtocol,
+    pub(crate) tls: TlsMode,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ServiceSettings {
-    pub name: String,
+pub(crate) struct ServiceSettings {
+    pub(crate) name: String,
     /// Lower-cased `host` or `host:port` values, the name first.
-    pub authorities: Vec<String>,
-    pub endpoints: Vec<EndpointSettings>,
-    pub timeouts: Timeouts,
-    pub policy: ServicePolicy,
+    pub(crate) authorities: Vec<String>,
+    pub(crate) endpoints: Vec<EndpointSettings>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) policy: ServicePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointSettings {
-    pub addr: SocketAddr,
-    pub weight: u32,
+pub(crate) struct EndpointSettings {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
     /// The SPIFFE identity of a meshed endpoint: reached over mutual TLS.
-    pub identity: Option<Arc<str>>,
+    pub(crate) identity: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
+pub(crate) struct Timeouts {
+    pub(crate) connect: Duration,
     /// `None` when disabled.
-    pub request: Option<Duration>,
-    pub idle: Duration,
-    pub detect: Duration,
+    pub(crate) request: Option<Duration>,
+    pub(crate) idle: Duration,
+    pub(crate) detect: Duration,
     /// One try of a request, when set.
-    pub per_try: Option<Duration>,
+    pub(crate) per_try: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -186,10 +212,10 @@ impl Default for Timeouts {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    pub max_connections: usize,
+pub(crate) struct Limits {
+    pub(crate) max_header_bytes: usize,
+    pub(crate) max_headers: usize,
+    pub(crate) max_connections: usize,
 }
 
 impl Default for Limits {
@@ -204,7 +230,7 @@ impl Default for Limits {
 
 impl Settings {
     /// Validates a config, returning the first problem found with its field path.
-    pub fn from_config(config: ProxyConfig) -> Result<Self, ConfigError> {
+    pub(crate) fn from_config(config: ProxyConfig) -> Result<Self, ConfigError> {
         let defaults = timeouts(Timeouts::default(), config.timeouts.as_ref(), "timeouts")?;
         let limits = limits(config.limits.as_ref())?;
         let admin = match config.admin.as_ref().map(|a| a.address.as_str()) {
@@ -276,8 +302,22 @@ impl Settings {
             listeners.push(Arc::new(listener));
         }
 
-        let control_plane = control_plane(config.control_plane.as_ref())?;
+        let trust_domain = config
+            .identity
+            .as_ref()
+            .map(|i| i.trust_domain.trim().to_ascii_lowercase())
+            .filter(|td| !td.is_empty())
+            .unwrap_or_else(|| security::DEFAULT_TRUST_DOMAIN.to_owned());
+        let control_plane = control_plane(config.control_plane.as_ref(), &trust_domain)?;
         let identity = security::identity(config.identity.as_ref(), control_plane.as_ref())?;
+        if let (Some(cp), None) = (&control_plane, &identity) {
+            if cp.transport != Transport::Plaintext {
+                return Err(ConfigError::new(
+                    "control_plane.plaintext",
+                    "the control plane is reached over mutual TLS, which needs this proxy's `identity` (trust anchors and a certificate from the CA); set `plaintext: true` only for local development",
+                ));
+            }
+        }
         if let Some(i) = listeners
             .iter()
             .position(|l| l.tls == TlsMode::Strict && l.direction == Direction::Outbound)
@@ -485,9 +525,14 @@ fn timeouts(base: Timeouts, t: Option<&api::Timeouts>, at: &str) -> Result<Timeo
     Ok(out)
 }
 
-/// `host:port` (an `http://` prefix allowed) as the `http://host:port` tonic dials.
+/// `host:port` (an `http://` or `https://` prefix allowed) as the `http://host:port`
+/// tonic dials: whether TLS is used is the transport's setting, not the scheme's.
 fn host_port(value: &str, path: &str) -> Result<String, ConfigError> {
-    let a = value.trim().trim_start_matches("http://");
+    let a = value.trim();
+    let a = a
+        .strip_prefix("https://")
+        .or_else(|| a.strip_prefix("http://"))
+        .unwrap_or(a);
     let valid = a
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
@@ -497,8 +542,30 @@ fn host_port(value: &str, path: &str) -> Result<String, ConfigError> {
     Ok(format!("http://{a}"))
 }
 
+/// How a control plane (or CA) is reached: plaintext, or TLS expecting `identity`
+/// (else the default control-plane identity in `trust_domain`).
+pub(crate) fn transport(
+    plaintext: bool,
+    identity: &str,
+    trust_domain: &str,
+    path: &str,
+) -> Result<Transport, ConfigError> {
+    if plaintext {
+        return Ok(Transport::Plaintext);
+    }
+    let identity = match identity.trim() {
+        "" => default_control_plane_identity(trust_domain),
+        id => {
+            security::check_spiffe_id(id).map_err(|e| ConfigError::new(path, e))?;
+            Arc::from(id)
+        }
+    };
+    Ok(Transport::Tls { identity })
+}
+
 fn control_plane(
     cp: Option<&api::ControlPlane>,
+    trust_domain: &str,
 ) -> Result<Option<ControlPlaneSettings>, ConfigError> {
     let Some(cp) = cp else { return Ok(None) };
     if cp.addresses.is_empty() {
@@ -534,6 +601,12 @@ fn control_plane(
     )?;
     Ok(Some(ControlPlaneSettings {
         addresses,
+        transport: transport(
+            cp.plaintext,
+            &cp.identity,
+            trust_domain,
+            "control_plane.identity",
+        )?,
         namespace: if cp.namespace.is_empty() {
             "default".into()
         } else {

@@ -9,17 +9,17 @@ use pymesh_api::config::v1 as api;
 use super::{duration, ConfigError};
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ServicePolicy {
-    pub balancer: BalancerSettings,
-    pub retries: RetrySettings,
-    pub accrual: AccrualSettings,
-    pub limits: ServiceLimits,
-    pub rate_limit: Option<RateLimitSettings>,
-    pub health_check: Option<HealthCheckSettings>,
+pub(crate) struct ServicePolicy {
+    pub(crate) balancer: BalancerSettings,
+    pub(crate) retries: RetrySettings,
+    pub(crate) accrual: AccrualSettings,
+    pub(crate) limits: ServiceLimits,
+    pub(crate) rate_limit: Option<RateLimitSettings>,
+    pub(crate) health_check: Option<HealthCheckSettings>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BalancerKind {
+pub(crate) enum BalancerKind {
     PeakEwma,
     RoundRobin,
     LeastRequest,
@@ -27,67 +27,67 @@ pub enum BalancerKind {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct BalancerSettings {
-    pub kind: BalancerKind,
-    pub hash_header: Option<HeaderName>,
-    pub decay: Duration,
+pub(crate) struct BalancerSettings {
+    pub(crate) kind: BalancerKind,
+    pub(crate) hash_header: Option<HeaderName>,
+    pub(crate) decay: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct RetrySettings {
-    pub max_attempts: u32,
-    pub on_connect_failure: bool,
-    pub on_5xx: bool,
-    pub on_gateway_error: bool,
-    pub on_reset: bool,
-    pub grpc_codes: Vec<u32>,
-    pub non_idempotent: bool,
-    pub max_body_bytes: usize,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    pub budget: BudgetSettings,
+pub(crate) struct RetrySettings {
+    pub(crate) max_attempts: u32,
+    pub(crate) on_connect_failure: bool,
+    pub(crate) on_5xx: bool,
+    pub(crate) on_gateway_error: bool,
+    pub(crate) on_reset: bool,
+    pub(crate) grpc_codes: Vec<u32>,
+    pub(crate) non_idempotent: bool,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) budget: BudgetSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BudgetSettings {
-    pub ratio: f64,
-    pub min_per_second: u32,
-    pub window: Duration,
+pub(crate) struct BudgetSettings {
+    pub(crate) ratio: f64,
+    pub(crate) min_per_second: u32,
+    pub(crate) window: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AccrualSettings {
-    pub consecutive_failures: u32,
-    pub min_success_rate: f64,
-    pub min_requests: u32,
-    pub window: Duration,
-    pub base_ejection: Duration,
-    pub max_ejection: Duration,
-    pub max_ejection_percent: u32,
+pub(crate) struct AccrualSettings {
+    pub(crate) consecutive_failures: u32,
+    pub(crate) min_success_rate: f64,
+    pub(crate) min_requests: u32,
+    pub(crate) window: Duration,
+    pub(crate) base_ejection: Duration,
+    pub(crate) max_ejection: Duration,
+    pub(crate) max_ejection_percent: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServiceLimits {
-    pub max_concurrent: usize,
-    pub max_pending: usize,
-    pub max_connections: usize,
+pub(crate) struct ServiceLimits {
+    pub(crate) max_concurrent: usize,
+    pub(crate) max_pending: usize,
+    pub(crate) max_connections: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimitSettings {
-    pub per_second: f64,
-    pub burst: u32,
+pub(crate) struct RateLimitSettings {
+    pub(crate) per_second: f64,
+    pub(crate) burst: u32,
     /// A bucket per client identity rather than one for the service.
-    pub per_client: bool,
+    pub(crate) per_client: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthCheckSettings {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub unhealthy_threshold: u32,
-    pub healthy_threshold: u32,
+pub(crate) struct HealthCheckSettings {
+    pub(crate) path: String,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) unhealthy_threshold: u32,
+    pub(crate) healthy_threshold: u32,
 }
 
 const GRPC_CODES: [&str; 17] = [
@@ -129,7 +129,7 @@ fn or(
     }
 }
 
-pub fn service_policy(svc: &api::Service, at: &str) -> Result<ServicePolicy, ConfigError> {
+pub(crate) fn service_policy(svc: &api::Service, at: &str) -> Result<ServicePolicy, ConfigError> {
     Ok(ServicePolicy {
         balancer: balancer(svc.balancer.as_ref(), &format!("{at}.balancer"))?,
         retries: retries(svc.retries.as_ref(), &format!("{at}.retries"))?,

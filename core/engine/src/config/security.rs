@@ -11,36 +11,38 @@ use pymesh_api::config::v1 as api;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use super::{ConfigError, ControlPlaneSettings};
+use super::{ConfigError, ControlPlaneSettings, Transport};
 
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Who this proxy is in the mesh, and whom it trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentitySettings {
+pub(crate) struct IdentitySettings {
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-    pub id: Arc<str>,
-    pub trust_domain: String,
+    pub(crate) id: Arc<str>,
+    pub(crate) trust_domain: String,
     /// DER certificates every peer's chain must end at (old and new while rotating).
-    pub trust_anchors: Vec<CertificateDer<'static>>,
+    pub(crate) trust_anchors: Vec<CertificateDer<'static>>,
     /// `http://host:port` of each CA replica.
-    pub ca_addresses: Vec<String>,
-    pub token_file: PathBuf,
+    pub(crate) ca_addresses: Vec<String>,
+    pub(crate) ca_transport: Transport,
+    pub(crate) token_file: PathBuf,
 }
 
 impl IdentitySettings {
     /// Everything but the trust anchors, which may change on reload.
-    pub fn same_except_anchors(&self, other: &Self) -> bool {
+    pub(crate) fn same_except_anchors(&self, other: &Self) -> bool {
         self.id == other.id
             && self.trust_domain == other.trust_domain
             && self.ca_addresses == other.ca_addresses
+            && self.ca_transport == other.ca_transport
             && self.token_file == other.token_file
     }
 }
 
 /// Mutual TLS on an INBOUND listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
+pub(crate) enum TlsMode {
     Permissive,
     Strict,
     Disabled,
@@ -48,14 +50,14 @@ pub enum TlsMode {
 
 /// The fallback for a listener that no ALLOW policy applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DefaultPolicy {
+pub(crate) enum DefaultPolicy {
     AllUnauthenticated,
     AllAuthenticated,
     Deny,
 }
 
 impl DefaultPolicy {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             DefaultPolicy::AllUnauthenticated => "default:all-unauthenticated",
             DefaultPolicy::AllAuthenticated => "default:all-authenticated",
@@ -65,12 +67,12 @@ impl DefaultPolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthorizationSettings {
-    pub default: DefaultPolicy,
-    pub policies: Vec<Arc<PolicySettings>>,
+pub(crate) struct AuthorizationSettings {
+    pub(crate) default: DefaultPolicy,
+    pub(crate) policies: Vec<Arc<PolicySettings>>,
     /// Decision names made once, so deciding allocates nothing.
-    pub default_name: Arc<str>,
-    pub no_match_name: Arc<str>,
+    pub(crate) default_name: Arc<str>,
+    pub(crate) no_match_name: Arc<str>,
 }
 
 impl AuthorizationSettings {
@@ -91,19 +93,19 @@ impl Default for AuthorizationSettings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicySettings {
-    pub name: Arc<str>,
-    pub deny: bool,
+pub(crate) struct PolicySettings {
+    pub(crate) name: Arc<str>,
+    pub(crate) deny: bool,
     /// Listener names; empty means every INBOUND listener.
-    pub listeners: Vec<String>,
-    pub identities: Vec<IdentityMatch>,
-    pub unauthenticated: bool,
-    pub paths: Vec<PathMatch>,
-    pub methods: Vec<Method>,
+    pub(crate) listeners: Vec<String>,
+    pub(crate) identities: Vec<IdentityMatch>,
+    pub(crate) unauthenticated: bool,
+    pub(crate) paths: Vec<PathMatch>,
+    pub(crate) methods: Vec<Method>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdentityMatch {
+pub(crate) enum IdentityMatch {
     Exact(String),
     /// A namespace or a trust domain: everything under `spiffe://td/ns/x/` or `spiffe://td/`.
     Prefix(String),
@@ -111,7 +113,7 @@ pub enum IdentityMatch {
 }
 
 impl IdentityMatch {
-    pub fn matches(&self, id: &str) -> bool {
+    pub(crate) fn matches(&self, id: &str) -> bool {
         match self {
             IdentityMatch::Exact(exact) => exact == id,
             IdentityMatch::Prefix(prefix) => id.starts_with(prefix.as_str()),
@@ -121,12 +123,12 @@ impl IdentityMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
+pub(crate) enum PathMatch {
     Exact(String),
     Prefix(String),
 }
 
-pub fn identity(
+pub(crate) fn identity(
     config: Option<&api::Identity>,
     control_plane: Option<&ControlPlaneSettings>,
 ) -> Result<Option<IdentitySettings>, ConfigError> {
@@ -171,9 +173,9 @@ pub fn identity(
         }
     }
     let trust_anchors = trust_anchors(config)?;
-    let ca_addresses = if config.ca_addresses.is_empty() {
+    let (ca_addresses, ca_transport) = if config.ca_addresses.is_empty() {
         match control_plane {
-            Some(cp) => cp.addresses.clone(),
+            Some(cp) => (cp.addresses.clone(), cp.transport.clone()),
             None => return Err(ConfigError::new(
                 "identity.ca_addresses",
                 "at least one CA address (host:port) is required when there is no control_plane",
@@ -184,7 +186,20 @@ pub fn identity(
         for (i, a) in config.ca_addresses.iter().enumerate() {
             out.push(super::host_port(a, &format!("identity.ca_addresses[{i}]"))?);
         }
-        out
+        let identity = match config.ca_identity.trim() {
+            "" => control_plane.and_then(|cp| match &cp.transport {
+                Transport::Tls { identity } => Some(identity.to_string()),
+                Transport::Plaintext => None,
+            }),
+            id => Some(id.to_owned()),
+        };
+        let transport = super::transport(
+            config.ca_plaintext,
+            identity.as_deref().unwrap_or(""),
+            &trust_domain,
+            "identity.ca_identity",
+        )?;
+        (out, transport)
     };
     if config.token_file.trim().is_empty() {
         return Err(ConfigError::new(
@@ -199,6 +214,7 @@ pub fn identity(
         trust_domain,
         trust_anchors,
         ca_addresses,
+        ca_transport,
         token_file: PathBuf::from(config.token_file.trim()),
     }))
 }
@@ -281,7 +297,7 @@ fn webpki_anchor(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     store.add(cert.clone())
 }
 
-pub fn tls_mode(value: i32, at: &str) -> Result<TlsMode, ConfigError> {
+pub(crate) fn tls_mode(value: i32, at: &str) -> Result<TlsMode, ConfigError> {
     match api::TlsMode::try_from(value) {
         Ok(api::TlsMode::Permissive) => Ok(TlsMode::Permissive),
         Ok(api::TlsMode::Strict) => Ok(TlsMode::Strict),
@@ -293,8 +309,8 @@ pub fn tls_mode(value: i32, at: &str) -> Result<TlsMode, ConfigError> {
     }
 }
 
-/// A SPIFFE id as CONVENTIONS.md spells it, or the reason it is not one.
-pub fn check_spiffe_id(value: &str) -> Result<(), String> {
+/// A SPIFFE id as the mesh spells it (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`), or the reason it is not one.
+pub(crate) fn check_spiffe_id(value: &str) -> Result<(), String> {
     let rest = value
         .strip_prefix("spiffe://")
         .ok_or_else(|| format!("{value:?} is not a SPIFFE id; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"))?;
@@ -309,7 +325,7 @@ pub fn check_spiffe_id(value: &str) -> Result<(), String> {
 /// identity `own_id` (a proxy without one takes only policies with no `servers`).
 /// Listener names are checked only when `check_listeners` (policies from the proxy's
 /// own file; a control plane's mesh-wide ones may name listeners other proxies have).
-pub fn authorization(
+pub(crate) fn authorization(
     config: Option<&api::Authorization>,
     listeners: &HashSet<String>,
     own_id: Option<&str>,

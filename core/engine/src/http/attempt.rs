@@ -1,7 +1,9 @@
-//! The tries of one request: pick an endpoint, send on a pooled connection of the
-//! client's protocol, record the endpoint's outcome (latency, failure accrual), and
-//! try again when the retry policy, the body and the budget all allow it.
+//! The tries of one request: pick an endpoint (a retry avoids the one that just
+//! failed), send on a pooled connection of the client's protocol, record the
+//! endpoint's outcome with the balancer (latency, failure accrual), and try again
+//! when the retry policy, the body and the budget all allow it.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,39 +15,99 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use super::body::{grpc_status, UpstreamBody};
-use super::forward::{ConnContext, Outcome};
+use super::forward::{Refusal, Upstream};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::local::Reason;
 use super::replay::RequestBody;
-use super::upstream::ConnectError;
-use crate::balance::{Endpoint, Transition, Verdict};
+use super::server::HttpConn;
+use crate::backoff::Backoff;
+use crate::balance::{Endpoint, Verdict};
+use crate::connect::ConnectError;
 use crate::detect::Detected;
-use crate::metrics::{RetryLabels, ServiceLabels};
+use crate::errors::source_chain;
+use crate::record;
 use crate::retry::{self, Failure};
 use crate::route::Route;
 
-/// A try that produced no usable response.
-struct TryError {
-    failure: Failure,
-    reason: Reason,
-    detail: String,
+/// Why one try produced no usable response.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TryError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("service {0:?} has too many requests waiting")]
+    Pending(String),
+    #[error("{addr} did not answer within the per-try timeout {limit:?}")]
+    PerTryTimeout { addr: SocketAddr, limit: Duration },
+    #[error("HTTP/2 connection to {addr} closed: {source}")]
+    Closed {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{addr}: {source}")]
+    Reset {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{addr}: {}", source_chain(.source))]
+    Http1 {
+        addr: SocketAddr,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("connecting to {addr} failed: {}", source_chain(.source))]
+    Http1Connect {
+        addr: SocketAddr,
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("the response broke: {0}")]
+    BrokenResponse(hyper::Error),
+}
+
+impl TryError {
+    /// What the failure means for retrying.
+    pub(crate) fn failure(&self) -> Failure {
+        match self {
+            TryError::Connect(_)
+            | TryError::Pending(_)
+            | TryError::Closed { .. }
+            | TryError::Http1Connect { .. } => Failure::Connect,
+            TryError::PerTryTimeout { .. } => Failure::TryTimeout,
+            TryError::Reset { .. } | TryError::Http1 { .. } | TryError::BrokenResponse(_) => {
+                Failure::Reset
+            }
+        }
+    }
+
+    /// What the client is told, when this was the last try.
+    pub(crate) fn reason(&self) -> Reason {
+        match self {
+            TryError::Connect(ConnectError::Limit { .. }) | TryError::Pending(_) => Reason::Shed,
+            TryError::Connect(_) | TryError::Closed { .. } | TryError::Http1Connect { .. } => {
+                Reason::ConnectFailed
+            }
+            TryError::PerTryTimeout { .. } => Reason::Timeout,
+            TryError::Reset { .. } | TryError::Http1 { .. } | TryError::BrokenResponse(_) => {
+                Reason::UpstreamError
+            }
+        }
+    }
 }
 
 pub(super) async fn run(
-    ctx: &ConnContext,
+    conn: &HttpConn,
     route: &Route,
     dir: usize,
     mut req: Request<Incoming>,
     deadline: Option<Instant>,
     grpc: bool,
-) -> Outcome {
-    let target = &route.target;
-    let policy = &target.settings.policy;
-    let upgrade = ctx.protocol != Detected::Http2 && wants_upgrade(req.headers());
+) -> Result<Upstream, Refusal> {
+    let service = &route.target;
+    let policy = &service.settings.policy;
+    let metrics = &conn.state.metrics;
+    let upgrade = conn.protocol != Detected::Http2 && wants_upgrade(req.headers());
     let mut client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if ctx.protocol != Detected::Http2 && !parts.headers.contains_key(header::HOST) {
+    if conn.protocol != Detected::Http2 && !parts.headers.contains_key(header::HOST) {
         // Keep the authority a client sent in absolute-form as its Host.
         if let Some(value) = parts
             .uri
@@ -70,45 +132,31 @@ pub(super) async fn run(
         .as_ref()
         .and_then(|name| parts.headers.get(name))
         .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+    let backoff = Backoff::new(policy.retries.backoff_base, policy.retries.backoff_max);
 
     let mut body = Some(first);
     let mut attempt = 0;
-    let mut failed_on: Option<std::net::SocketAddr> = None;
+    let mut failed_on: Option<SocketAddr> = None;
     loop {
         attempt += 1;
-        let Some(this_body) = body.take() else {
-            return Outcome::Local(
-                Reason::UpstreamError,
-                "the request body could not be replayed".into(),
-            );
-        };
-        let Some(endpoint) = pick_avoiding(target, hash_key.as_deref(), failed_on) else {
-            return Outcome::Local(
-                Reason::NoEndpoints,
-                format!("service {:?} has no endpoints", target.settings.name),
-            );
-        };
-        let request = match build(ctx.protocol, &parts, &endpoint, this_body, deadline, grpc) {
-            Ok(request) => request,
-            Err(e) => return Outcome::Local(Reason::UpstreamError, e),
-        };
+        let this_body = body.take().ok_or(Refusal::NotReplayable)?;
+        let endpoint = service
+            .balancer
+            .pick_avoiding(hash_key.as_deref(), failed_on)
+            .ok_or_else(|| Refusal::NoEndpoints(service.settings.name.clone()))?;
+        let request = build(conn.protocol, &parts, &endpoint, this_body, deadline, grpc)?;
         let in_flight = endpoint.start();
-        let sending = send(ctx, route, &endpoint, request, client_upgrade.take());
-        let result = match target.settings.timeouts.per_try {
-            Some(limit) => tokio::time::timeout(limit, sending)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(TryError {
-                        failure: Failure::TryTimeout,
-                        reason: Reason::Timeout,
-                        detail: format!(
-                            "{} did not answer within the per-try timeout {limit:?}",
-                            endpoint.addr
-                        ),
-                    })
-                }),
-            None => sending.await,
-        };
+        let sending = send(conn, route, &endpoint, request, client_upgrade.take());
+        let result =
+            match service.settings.timeouts.per_try {
+                Some(limit) => tokio::time::timeout(limit, sending).await.unwrap_or(Err(
+                    TryError::PerTryTimeout {
+                        addr: endpoint.addr,
+                        limit,
+                    },
+                )),
+                None => sending.await,
+            };
         // A gRPC status may only be in the trailers: read ahead to find it when the
         // answer decides a retry. Only once the request body is complete, so that a
         // stream whose server waits for the client can't stall here.
@@ -124,11 +172,7 @@ pub(super) async fn run(
         let rtt = in_flight.finish();
 
         let (verdict, failure) = classify(&result);
-        let transition =
-            endpoint.record(verdict, rtt, policy.balancer.decay, &policy.accrual, || {
-                target.balancer.may_eject()
-            });
-        note_transition(ctx, route, &endpoint, transition);
+        service.balancer.record(&endpoint, verdict, rtt);
 
         if let Some(failure) = failure {
             failed_on = Some(endpoint.addr);
@@ -139,11 +183,11 @@ pub(super) async fn run(
                 _ => None,
             };
             if let Some(next) = next {
-                let allowed = target.budget.withdraw();
-                count_retry(ctx, route, dir, allowed);
+                let allowed = service.budget.withdraw();
+                record::retry(metrics, route, dir, allowed);
                 if allowed {
                     body = Some(next);
-                    let pause = retry::backoff(&policy.retries, attempt);
+                    let pause = backoff.pause(attempt);
                     let pause = deadline.map_or(pause, |d| {
                         pause.min(d.saturating_duration_since(Instant::now()))
                     });
@@ -152,28 +196,15 @@ pub(super) async fn run(
                 }
             }
         }
-        return match result {
-            Ok(answer) => Outcome::Upstream(answer.response, endpoint.tls_identity.clone()),
-            Err(e) => Outcome::Local(e.reason, e.detail),
-        };
+        let answer = result?;
+        let server_id = service
+            .upstream(&endpoint)
+            .and_then(|u| u.tls_identity().cloned());
+        return Ok(Upstream {
+            response: answer.response,
+            server_id,
+        });
     }
-}
-
-/// An endpoint for the next try: a retry goes elsewhere than the try that just failed
-/// when the service has another endpoint.
-fn pick_avoiding(
-    target: &crate::route::Target,
-    hash_key: Option<&[u8]>,
-    avoid: Option<std::net::SocketAddr>,
-) -> Option<std::sync::Arc<Endpoint>> {
-    let first = target.balancer.pick(hash_key)?;
-    if avoid != Some(first.addr) || target.balancer.endpoints().len() < 2 {
-        return Some(first);
-    }
-    (0..4)
-        .filter_map(|_| target.balancer.pick(None))
-        .find(|e| Some(e.addr) != avoid)
-        .or(Some(first))
 }
 
 /// An upstream response, with its gRPC status when it is already known.
@@ -204,11 +235,7 @@ async fn read_ahead(response: Response<Incoming>) -> Result<Answer, TryError> {
             grpc_status: None,
             response: Response::from_parts(parts, UpstreamBody::new(body)),
         }),
-        Some(Err(e)) => Err(TryError {
-            failure: Failure::Reset,
-            reason: Reason::UpstreamError,
-            detail: format!("the response broke: {e}"),
-        }),
+        Some(Err(e)) => Err(TryError::BrokenResponse(e)),
     }
 }
 
@@ -228,7 +255,7 @@ fn classify(result: &Result<Answer, TryError>) -> (Verdict, Option<Failure>) {
                 None => (Verdict::Success, None),
             }
         }
-        Err(e) => (Verdict::Failure, Some(e.failure)),
+        Err(e) => (Verdict::Failure, Some(e.failure())),
     }
 }
 
@@ -239,7 +266,7 @@ fn build(
     body: RequestBody,
     deadline: Option<Instant>,
     grpc: bool,
-) -> Result<Request<RequestBody>, String> {
+) -> Result<Request<RequestBody>, Refusal> {
     let uri = if protocol == Detected::Http2 {
         // HTTP/2 carries the client's :authority; the connection picks the endpoint.
         parts.uri.clone()
@@ -254,7 +281,10 @@ fn build(
                 .cloned()
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         );
-        Uri::from_parts(uri).map_err(|e| format!("cannot address {}: {e}", endpoint.addr))?
+        Uri::from_parts(uri).map_err(|e| Refusal::Address {
+            addr: endpoint.addr,
+            source: e.into(),
+        })?
     };
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
@@ -275,42 +305,43 @@ fn build(
 }
 
 async fn send(
-    ctx: &ConnContext,
+    conn: &HttpConn,
     route: &Route,
     endpoint: &Endpoint,
     request: Request<RequestBody>,
     client_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<Incoming>, TryError> {
-    let target = &route.target;
-    if ctx.protocol == Detected::Http2 {
-        let Ok(_waiting) = target.pending.clone().try_acquire_owned() else {
-            count_shed(ctx, route, "max_pending");
-            return Err(TryError {
-                failure: Failure::Connect,
-                reason: Reason::Shed,
-                detail: format!(
-                    "service {:?} has too many requests waiting",
-                    target.settings.name
-                ),
-            });
+    let service = &route.target;
+    let metrics = &conn.state.metrics;
+    let addr = endpoint.addr;
+    if conn.protocol == Detected::Http2 {
+        let Ok(_waiting) = service.pending.clone().try_acquire_owned() else {
+            record::shed(metrics, service, "max_pending");
+            return Err(TryError::Pending(service.settings.name.clone()));
         };
-        let mut sender = endpoint.h2.sender().await.map_err(connect_error)?;
-        sender.ready().await.map_err(|e| TryError {
-            failure: Failure::Connect,
-            reason: Reason::ConnectFailed,
-            detail: format!("HTTP/2 connection to {} closed: {e}", endpoint.addr),
+        let h2 = service.h2(endpoint).ok_or(ConnectError::Io {
+            addr,
+            source: std::io::ErrorKind::NotFound.into(),
         })?;
+        let mut sender = h2.sender().await.inspect_err(|e| {
+            if matches!(e, ConnectError::Limit { .. }) {
+                record::shed(metrics, service, "max_connections");
+            }
+        })?;
+        sender
+            .ready()
+            .await
+            .map_err(|source| TryError::Closed { addr, source })?;
         drop(_waiting);
-        let mut response = sender.send_request(request).await.map_err(|e| TryError {
-            failure: Failure::Reset,
-            reason: Reason::UpstreamError,
-            detail: format!("{}: {e}", endpoint.addr),
-        })?;
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(|source| TryError::Reset { addr, source })?;
         strip_hop_by_hop(response.headers_mut(), false);
         return Ok(response);
     }
 
-    match target.http1.request(request).await {
+    match service.http1.request(request).await {
         Ok(mut response) => {
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             strip_hop_by_hop(response.headers_mut(), switching);
@@ -321,37 +352,13 @@ async fn send(
             Ok(response)
         }
         Err(e) if e.is_connect() => {
-            if let Some(limit @ ConnectError::Limit { .. }) = find_source::<ConnectError>(&e) {
-                count_shed(ctx, route, "max_connections");
-                return Err(TryError {
-                    failure: Failure::Connect,
-                    reason: Reason::Shed,
-                    detail: limit.to_string(),
-                });
+            if let Some(ConnectError::Limit { addr }) = find_source::<ConnectError>(&e) {
+                record::shed(metrics, service, "max_connections");
+                return Err(ConnectError::Limit { addr: *addr }.into());
             }
-            Err(TryError {
-                failure: Failure::Connect,
-                reason: Reason::ConnectFailed,
-                detail: format!(
-                    "connecting to {} failed: {}",
-                    endpoint.addr,
-                    source_chain(&e)
-                ),
-            })
+            Err(TryError::Http1Connect { addr, source: e })
         }
-        Err(e) => Err(TryError {
-            failure: Failure::Reset,
-            reason: Reason::UpstreamError,
-            detail: format!("{}: {}", endpoint.addr, source_chain(&e)),
-        }),
-    }
-}
-
-fn connect_error(e: ConnectError) -> TryError {
-    TryError {
-        failure: Failure::Connect,
-        reason: Reason::ConnectFailed,
-        detail: e.to_string(),
+        Err(e) => Err(TryError::Http1 { addr, source: e }),
     }
 }
 
@@ -382,67 +389,8 @@ fn find_source<'a, E: std::error::Error + 'static>(
     None
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-fn note_transition(ctx: &ConnContext, route: &Route, endpoint: &Endpoint, transition: Transition) {
-    let service = &route.target.settings.name;
-    match transition {
-        Transition::None => {}
-        Transition::Ejected => {
-            tracing::warn!(%service, endpoint = %endpoint.addr, "endpoint ejected after failures");
-            ctx.shared
-                .metrics
-                .ejections
-                .get_or_create(&ServiceLabels {
-                    dst_service: route.target.name.clone(),
-                })
-                .inc();
-        }
-        Transition::Readmitted => {
-            tracing::info!(%service, endpoint = %endpoint.addr, "endpoint readmitted after a successful probe")
-        }
-    }
-}
-
-fn count_retry(ctx: &ConnContext, route: &Route, dir: usize, allowed: bool) {
-    let labels = &route.labels[dir];
-    ctx.shared
-        .metrics
-        .retries
-        .get_or_create(&RetryLabels {
-            direction: labels.direction,
-            dst_service: labels.dst_service.clone(),
-            result: if allowed {
-                "attempted"
-            } else {
-                "budget_exhausted"
-            },
-        })
-        .inc();
-}
-
-pub(super) fn count_shed(ctx: &ConnContext, route: &Route, limit: &'static str) {
-    ctx.shared
-        .metrics
-        .shed
-        .get_or_create(&crate::metrics::ShedLabels {
-            dst_service: route.target.name.clone(),
-            limit,
-        })
-        .inc();
-}
-
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
-pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
     let value = value.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
@@ -474,5 +422,38 @@ mod tests {
         assert_eq!(parse("123456789m"), None);
         assert_eq!(parse("m"), None);
         assert_eq!(parse("10x"), None);
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_typed_for_retries_and_for_the_client() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let limit = TryError::Connect(ConnectError::Limit { addr });
+        assert_eq!(limit.failure(), Failure::Connect);
+        assert_eq!(limit.reason(), Reason::Shed);
+        let refused = TryError::Connect(ConnectError::Io {
+            addr,
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        });
+        assert_eq!(refused.failure(), Failure::Connect);
+        assert_eq!(refused.reason(), Reason::ConnectFailed);
+        assert!(refused
+            .to_string()
+            .contains("connecting to 127.0.0.1:1 failed"));
+        let slow = TryError::PerTryTimeout {
+            addr,
+            limit: Duration::from_millis(5),
+        };
+        assert_eq!(slow.failure(), Failure::TryTimeout);
+        assert_eq!(slow.reason(), Reason::Timeout);
+        assert_eq!(
+            TryError::Pending("web".into()).reason(),
+            Reason::Shed,
+            "a full queue sheds"
+        );
     }
 }

@@ -17,22 +17,22 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Called once with a gRPC response's status when its stream ends: from the
 /// trailers, or `None` when the stream broke or was dropped before them.
-pub trait OnGrpcEnd: Send + 'static {
+pub(crate) trait OnGrpcEnd: Send + 'static {
     fn finish(self: Box<Self>, grpc_status: Option<u32>);
 }
 
 /// An upstream response body, with the frame read ahead (if any) put back in front.
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     first: Option<Frame<Bytes>>,
     rest: Incoming,
 }
 
 impl UpstreamBody {
-    pub fn new(rest: Incoming) -> Self {
+    pub(crate) fn new(rest: Incoming) -> Self {
         Self { first: None, rest }
     }
 
-    pub fn with_first(first: Frame<Bytes>, rest: Incoming) -> Self {
+    pub(crate) fn with_first(first: Frame<Bytes>, rest: Incoming) -> Self {
         Self {
             first: Some(first),
             rest,
@@ -69,7 +69,7 @@ impl Body for UpstreamBody {
 
 pin_project! {
     #[project = ProxyBodyProj]
-    pub enum ProxyBody {
+    pub(crate) enum ProxyBody {
         Upstream { #[pin] body: UpstreamBody },
         Grpc { #[pin] body: UpstreamBody, on_end: Option<Box<dyn OnGrpcEnd>> },
         Local { #[pin] body: Full<Bytes> },
@@ -87,7 +87,7 @@ pin_project! {
 }
 
 impl ProxyBody {
-    pub fn local(bytes: Bytes) -> Self {
+    pub(crate) fn local(bytes: Bytes) -> Self {
         ProxyBody::Local {
             body: Full::new(bytes),
         }
@@ -95,7 +95,7 @@ impl ProxyBody {
 }
 
 /// The `grpc-status` in a header block, if it has one.
-pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u32> {
     headers
         .get("grpc-status")?
         .to_str()

@@ -16,7 +16,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// True when an HTTP/1 request asks to switch protocols (`Connection: upgrade`).
 /// An upgrade to `h2c` is not passed on: the proxy speaks HTTP/2 itself, and a raw
 /// tunnel would carry later requests past routing and authorization policy.
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
     let Some(upgrade) = headers.get(header::UPGRADE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -38,7 +38,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` is kept and
 /// `Connection: upgrade` restored so the protocol switch reaches the next hop.
 /// `TE: trailers` is kept: gRPC needs it end to end.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if headers.is_empty() {
         return;
     }

@@ -6,11 +6,11 @@ use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 
-pub const REASON_HEADER: &str = "pymesh-reason";
+pub(crate) const REASON_HEADER: &str = "pymesh-reason";
 
 /// Why the proxy answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     UnknownService,
     NoEndpoints,
     ConnectFailed,
@@ -24,7 +24,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::UnknownService => "unknown-service",
             Reason::NoEndpoints => "no-endpoints",
@@ -37,7 +37,7 @@ impl Reason {
         }
     }
 
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             Reason::UnknownService => StatusCode::NOT_FOUND,
             Reason::NoEndpoints | Reason::Shed => StatusCode::SERVICE_UNAVAILABLE,
@@ -49,7 +49,7 @@ impl Reason {
     }
 
     /// The gRPC status code a gRPC client should see.
-    pub fn grpc_status(self) -> u32 {
+    pub(crate) fn grpc_status(self) -> u32 {
         match self {
             Reason::UnknownService => 12, // UNIMPLEMENTED
             Reason::NoEndpoints | Reason::ConnectFailed | Reason::UpstreamError | Reason::Shed => {
@@ -63,14 +63,18 @@ impl Reason {
 }
 
 /// A response made by the proxy; `detail` goes into the body (or grpc-message).
-pub fn respond(reason: Reason, detail: &str, grpc: bool) -> Response<ProxyBody> {
+pub(crate) fn respond(
+    reason: Reason,
+    detail: &dyn std::fmt::Display,
+    grpc: bool,
+) -> Response<ProxyBody> {
     let mut builder = Response::builder().header(REASON_HEADER, reason.as_str());
     let body = if grpc {
         builder = builder
             .status(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header("grpc-status", reason.grpc_status())
-            .header("grpc-message", sanitize(detail));
+            .header("grpc-message", sanitize(&detail.to_string()));
         Bytes::new()
     } else {
         builder = builder

@@ -31,7 +31,7 @@ struct Copy {
     lost: bool,
 }
 
-pub struct Shared {
+pub(crate) struct Shared {
     copy: Mutex<Copy>,
     settled: Notify,
     cap: usize,
@@ -77,14 +77,14 @@ impl Shared {
 /// The kept copy of a request body, shared with the body being streamed. An empty
 /// body (most requests) needs no copy, and no allocation.
 #[derive(Clone)]
-pub enum Replay {
+pub(crate) enum Replay {
     Empty,
     Copied(Arc<Shared>),
 }
 
 impl Replay {
     /// Whether the whole body has been seen and fits the cap (no waiting).
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         let Replay::Copied(shared) = self else {
             return true;
         };
@@ -94,7 +94,7 @@ impl Replay {
 
     /// A body for another try: waits for the client's body to finish arriving, and
     /// gives `None` if it was too big or broke.
-    pub async fn body(&self) -> Option<RequestBody> {
+    pub(crate) async fn body(&self) -> Option<RequestBody> {
         let Replay::Copied(shared) = self else {
             return Some(RequestBody::Buffered {
                 chunks: VecDeque::new(),
@@ -120,7 +120,7 @@ impl Replay {
     }
 }
 
-pub enum RequestBody {
+pub(crate) enum RequestBody {
     /// The client's body, passed through as it arrives (copied when `replay` is set).
     Streaming {
         inner: Option<Incoming>,
@@ -136,7 +136,7 @@ pub enum RequestBody {
 impl RequestBody {
     /// The body for the first try, and a handle for replaying it when retries are
     /// possible (`cap` is the most that will be copied).
-    pub fn first(inner: Incoming, cap: Option<usize>) -> (Self, Option<Replay>) {
+    pub(crate) fn first(inner: Incoming, cap: Option<usize>) -> (Self, Option<Replay>) {
         if inner.is_end_stream() {
             let body = RequestBody::Buffered {
                 chunks: VecDeque::new(),

@@ -1,28 +1,62 @@
 //! Serving one client connection as HTTP/1.1 or HTTP/2 with hyper, with the proxy's
-//! header limits, and a graceful close when the proxy drains.
+//! header limits, and a graceful close when the proxy drains. Each request goes to
+//! the direction's handler (`inbound::request` or `outbound::request`).
 //!
 //! hyper answers what it cannot parse: a malformed request gets 400, a head over
 //! the limits gets 431, and the connection closes.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::forward::{handle, ConnContext};
-use crate::config::Limits;
+use super::body::ProxyBody;
+use crate::config::{Direction, Limits};
 use crate::detect::Detected;
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::state::State;
 
-pub async fn serve<I>(io: I, ctx: Arc<ConnContext>, limits: Limits, shutdown: CancellationToken)
+/// What every request on one client connection shares.
+pub(crate) struct HttpConn {
+    pub(crate) state: Arc<State>,
+    pub(crate) direction: Direction,
+    pub(crate) protocol: Detected,
+    /// The listener's name, for authorization.
+    pub(crate) listener: Arc<str>,
+    pub(crate) default_service: Option<String>,
+    /// The client's mesh identity, when it came over mesh TLS.
+    pub(crate) client_id: Option<Arc<str>>,
+}
+
+impl HttpConn {
+    /// The mesh peer a response is labelled with: the client inbound, the endpoint
+    /// that answered (`server`) outbound.
+    pub(crate) fn peer(&self, server: Option<Arc<str>>) -> Option<Arc<str>> {
+        match self.direction {
+            Direction::Inbound => self.client_id.clone(),
+            Direction::Outbound => server,
+        }
+    }
+}
+
+pub(crate) async fn serve<I, H, F>(io: I, conn: Arc<HttpConn>, limits: Limits, handler: H)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Arc<HttpConn>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let protocol = ctx.protocol;
-    let service = service_fn(move |req| handle(ctx.clone(), req));
+    let protocol = conn.protocol;
+    let shutdown = conn.state.shutdown.clone();
+    let service = service_fn(move |req| {
+        let response = handler(conn.clone(), req);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
     let io = TokioIo::new(io);
     let result = match protocol {
         Detected::Http2 => {
@@ -62,4 +96,19 @@ pub(crate) async fn until_drained<C: Future>(
             conn.await
         }
     }
+}
+
+/// `:authority` (HTTP/2, or HTTP/1 absolute-form), else the `Host` header.
+pub(crate) fn request_authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
+}
+
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }

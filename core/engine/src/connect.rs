@@ -1,0 +1,173 @@
+//! Connecting to an endpoint: TCP within the connect timeout, mutual TLS when the
+//! endpoint is meshed (a meshed endpoint is never reached in plaintext), and the
+//! endpoint's cap on open connections. HTTP (both versions) and opaque TCP connect
+//! through here, so every protocol gets the same protection and the same limits.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either;
+
+use crate::tls::{MeshTls, TlsError};
+
+/// Why an upstream connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("connecting to {addr} failed: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{addr} has reached its connection limit")]
+    Limit { addr: SocketAddr },
+    #[error("mutual TLS with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
+}
+
+/// A connection to an endpoint: plain TCP, or mutual TLS to a meshed proxy.
+pub(crate) type UpstreamIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// How to reach one endpoint. Shared by every protocol's connections to it, and kept
+/// across reloads while its address, identity, timeout and cap stay the same.
+pub(crate) struct Upstream {
+    pub(crate) addr: SocketAddr,
+    /// The identity of a meshed endpoint, as configured.
+    pub(crate) identity: Option<Arc<str>>,
+    timeout: Duration,
+    /// Open connections allowed (`limits.max_connections`).
+    cap: Arc<Semaphore>,
+    max_connections: usize,
+    mesh: Option<Arc<MeshTls>>,
+}
+
+impl Upstream {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        identity: Option<Arc<str>>,
+        timeout: Duration,
+        max_connections: usize,
+        mesh: Option<Arc<MeshTls>>,
+    ) -> Self {
+        Self {
+            addr,
+            identity,
+            timeout,
+            cap: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            mesh,
+        }
+    }
+
+    /// Whether this can stand for an endpoint configured like this.
+    pub(crate) fn same(
+        &self,
+        identity: &Option<Arc<str>>,
+        timeout: Duration,
+        max_connections: usize,
+    ) -> bool {
+        self.identity == *identity
+            && self.timeout == timeout
+            && self.max_connections == max_connections
+    }
+
+    /// The identity the endpoint proved over mutual TLS, when this proxy reaches it so.
+    pub(crate) fn tls_identity(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref().filter(|_| self.mesh.is_some())
+    }
+
+    /// A new connection, within the cap: refused at once when the endpoint is at it.
+    pub(crate) async fn connect(&self) -> Result<Connection, ConnectError> {
+        let addr = self.addr;
+        let permit = self
+            .cap
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ConnectError::Limit { addr })?;
+        let stream = tokio::time::timeout(self.timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                addr,
+                timeout: self.timeout,
+            })?
+            .map_err(|source| ConnectError::Io { addr, source })?;
+        // Latency matters more than packet count for proxied request/response traffic.
+        let _ = stream.set_nodelay(true);
+        let io = match (&self.identity, &self.mesh) {
+            (Some(identity), Some(mesh)) => mesh
+                .connect(stream, identity, self.timeout)
+                .await
+                .map(|tls| Either::Right(Box::new(tls)))
+                .map_err(|source| ConnectError::Tls { addr, source })?,
+            (Some(_), None) => {
+                return Err(ConnectError::Tls {
+                    addr,
+                    source: TlsError::NoLocalIdentity,
+                })
+            }
+            (None, _) => Either::Left(stream),
+        };
+        Ok(Connection {
+            io,
+            _permit: permit,
+        })
+    }
+}
+
+/// An open connection to an endpoint, holding its slot under the cap until it closes.
+pub(crate) struct Connection {
+    io: UpstreamIo,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

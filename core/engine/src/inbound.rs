@@ -1,0 +1,215 @@
+//! The inbound pipeline: connections from peers (and local clients) for the local
+//! application, top to bottom:
+//!
+//! ```text
+//! accept (listen) → mesh TLS terminate → detect → authorize → HTTP | TCP
+//!     HTTP, per request: authorize → the local application's service → admit → attempts
+//!     TCP:               authorize → the local application's service → connect → copy
+//! ```
+//!
+//! Mesh TLS (recognised by its SNI) is terminated with client certificates required,
+//! so the client's identity is known to authorization and metrics. Any other TLS is
+//! passed through untouched as opaque bytes. Inbound traffic always goes to the
+//! listener's default service (the local application), whatever authority it names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::authz::{authorize, Decision};
+use crate::config::TlsMode;
+use crate::detect::{self, Detected};
+use crate::http::body::ProxyBody;
+use crate::http::forward::{forward, unrouted};
+use crate::http::local::Reason;
+use crate::http::server::{is_grpc, HttpConn};
+use crate::io::{ClientIo, Prefixed};
+use crate::listen::Accepted;
+use crate::tls::{peek_client_hello, Hello};
+
+/// The most an inbound mesh TLS handshake may take once its ClientHello is in.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A ClientHello longer than this is not one a mesh proxy sends.
+const MAX_HELLO_BYTES: usize = 16 * 1024;
+
+pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
+    // Mesh TLS first: a proxy with an identity terminates it unless the listener says not.
+    let mesh = (conn.state.mesh.clone()).filter(|_| conn.listener.tls != TlsMode::Disabled);
+    let mut hello_bytes = BytesMut::new();
+    let meshed = match &mesh {
+        Some(mesh) => {
+            let timeout = conn.detect_timeout();
+            let hello = read_hello(&mut stream, &mut hello_bytes, timeout).await;
+            matches!(hello, Hello::Tls { sni: Some(sni) } if sni == mesh.sni)
+        }
+        None => false,
+    };
+    let io = ClientIo::accepted(
+        hello_bytes.freeze(),
+        stream,
+        conn.record.read_bytes.clone(),
+        conn.record.write_bytes.clone(),
+    );
+    let (protocol, client) = match mesh {
+        Some(mesh) if meshed => match mesh.accept(io, HANDSHAKE_TIMEOUT).await {
+            Ok((tls, client)) => {
+                let io = Prefixed::new(Bytes::new(), tls);
+                (
+                    carry_on(&conn, io, Some(client.clone())).await,
+                    Some(client),
+                )
+            }
+            Err(e) => {
+                tracing::info!(listener = %conn.name, error = %e, "mesh TLS handshake refused");
+                (None, None)
+            }
+        },
+        _ if conn.listener.tls == TlsMode::Strict => {
+            tracing::info!(listener = %conn.name, "connection refused: the listener is STRICT and the client did not use mesh TLS");
+            (None, None)
+        }
+        _ => (carry_on(&conn, io, None).await, None),
+    };
+    let Accepted { state, record, .. } = conn;
+    record.close(&state.metrics, protocol, client);
+}
+
+/// Detect, then HTTP or opaque TCP; returns what was detected.
+async fn carry_on<I>(
+    conn: &Accepted,
+    mut io: Prefixed<I>,
+    client: Option<Arc<str>>,
+) -> Option<Detected>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::new();
+    let protocol = detect::protocol(
+        conn.listener.protocol,
+        &mut io,
+        &mut buf,
+        conn.detect_timeout(),
+    )
+    .await;
+    io.unread(buf.freeze());
+    match protocol? {
+        Detected::Opaque => tcp(conn, io, client).await,
+        http => {
+            let http_conn = Arc::new(HttpConn {
+                state: conn.state.clone(),
+                direction: conn.listener.direction,
+                protocol: http,
+                listener: conn.name.clone(),
+                default_service: conn.listener.default_service.clone(),
+                client_id: client,
+            });
+            let limits = conn.snapshot.settings.limits;
+            crate::http::server::serve(io, http_conn, limits, request).await;
+        }
+    }
+    protocol
+}
+
+/// An opaque connection: authorized as a whole, then copied to the local application.
+async fn tcp<I>(conn: &Accepted, io: I, client: Option<Arc<str>>)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let settings = &conn.snapshot.settings;
+    let decision = authorize(
+        &conn.state,
+        &settings.authorization,
+        &conn.name,
+        client.as_ref(),
+        None,
+    );
+    if !decision.allowed {
+        tracing::info!(listener = %conn.name, policy = %decision.policy, client = ?client, "opaque connection denied by policy");
+        return;
+    }
+    let default_service = conn.listener.default_service.as_deref();
+    match conn.snapshot.router.route(None, default_service) {
+        Some(route) => crate::tcp::forward(io, route).await,
+        None => {
+            tracing::info!(listener = %conn.name, "opaque connection closed: the listener has no default service")
+        }
+    }
+}
+
+/// One HTTP request: authorize it, then forward it to the local application.
+async fn request(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let grpc = is_grpc(&req);
+    let snapshot = conn.state.snapshot();
+    let decision = authorize(
+        &conn.state,
+        &snapshot.settings.authorization,
+        &conn.listener,
+        conn.client_id.as_ref(),
+        Some((req.method(), req.uri().path())),
+    );
+    if !decision.allowed {
+        return denied(&conn, &decision, grpc, start);
+    }
+    // Inbound traffic is for the local application, whatever authority it names.
+    let Some(route) = snapshot
+        .router
+        .route(None, conn.default_service.as_deref())
+        .cloned()
+    else {
+        return unrouted(&conn, &req, grpc, start);
+    };
+    drop(snapshot);
+    forward(&conn, route, req, start, grpc).await
+}
+
+/// 403 (gRPC PERMISSION_DENIED) naming the policy that refused the client.
+fn denied(conn: &HttpConn, decision: &Decision, grpc: bool, start: Instant) -> Response<ProxyBody> {
+    let metrics = &conn.state.metrics;
+    let peer = conn.client_id.clone();
+    crate::record::unrouted(
+        metrics,
+        conn.direction,
+        Reason::Denied,
+        grpc,
+        peer,
+        start.elapsed(),
+    );
+    let client = conn
+        .client_id
+        .as_deref()
+        .unwrap_or("an unauthenticated client");
+    let detail = format!("policy {:?} does not allow {client}", decision.policy);
+    let mut resp = crate::http::local::respond(Reason::Denied, &detail, grpc);
+    if let Ok(value) = http::HeaderValue::from_str(&decision.policy) {
+        resp.headers_mut().insert("pymesh-policy", value);
+    }
+    resp
+}
+
+/// Reads until the first bytes are known to be a TLS ClientHello or not.
+async fn read_hello(stream: &mut TcpStream, buf: &mut BytesMut, timeout: Duration) -> Hello {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if !buf.is_empty() {
+            match peek_client_hello(buf) {
+                Hello::Partial if buf.len() < MAX_HELLO_BYTES => {}
+                Hello::Partial => return Hello::NotTls,
+                found => return found,
+            }
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed, silent (server-speaks-first) or failed: not mesh TLS.
+            _ => return Hello::NotTls,
+        }
+    }
+}

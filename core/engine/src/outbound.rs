@@ -1,0 +1,86 @@
+//! The outbound pipeline: connections from the local application to other services,
+//! top to bottom:
+//!
+//! ```text
+//! accept (listen) → detect → HTTP | TCP
+//!     HTTP, per request: route by authority → admit → attempts → (mesh TLS) upstream
+//!     TCP:               the listener's default service → connect (mesh TLS) → copy
+//! ```
+//!
+//! A request names its service by `Host`/`:authority` (else the listener's default
+//! service). Endpoints with an identity are reached over mutual TLS (`connect`).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::detect::{self, Detected};
+use crate::http::body::ProxyBody;
+use crate::http::forward::{forward, unrouted};
+use crate::http::server::{is_grpc, request_authority, HttpConn};
+use crate::io::ClientIo;
+use crate::listen::Accepted;
+
+pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
+    let mut io = ClientIo::accepted(
+        Bytes::new(),
+        stream,
+        conn.record.read_bytes.clone(),
+        conn.record.write_bytes.clone(),
+    );
+    let mut buf = BytesMut::new();
+    let protocol = detect::protocol(
+        conn.listener.protocol,
+        &mut io,
+        &mut buf,
+        conn.detect_timeout(),
+    )
+    .await;
+    io.unread(buf.freeze());
+    match protocol {
+        None => {}
+        Some(Detected::Opaque) => {
+            let default_service = conn.listener.default_service.as_deref();
+            match conn.snapshot.router.route(None, default_service) {
+                Some(route) => crate::tcp::forward(io, route).await,
+                None => {
+                    tracing::info!(listener = %conn.name, "opaque connection closed: the listener has no default service")
+                }
+            }
+        }
+        Some(http) => {
+            let http_conn = Arc::new(HttpConn {
+                state: conn.state.clone(),
+                direction: conn.listener.direction,
+                protocol: http,
+                listener: conn.name.clone(),
+                default_service: conn.listener.default_service.clone(),
+                client_id: None,
+            });
+            let limits = conn.snapshot.settings.limits;
+            crate::http::server::serve(io, http_conn, limits, request).await;
+        }
+    }
+    let Accepted { state, record, .. } = conn;
+    record.close(&state.metrics, protocol, None);
+}
+
+/// One HTTP request: route it by its authority, then forward it.
+async fn request(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let grpc = is_grpc(&req);
+    let route = conn
+        .state
+        .snapshot()
+        .router
+        .route(request_authority(&req), conn.default_service.as_deref())
+        .cloned();
+    match route {
+        Some(route) => forward(&conn, route, req, start, grpc).await,
+        None => unrouted(&conn, &req, grpc, start),
+    }
+}
