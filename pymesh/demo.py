@@ -126,7 +126,7 @@ class _ControlPlane:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", "from pymesh.cli import main; main()", "control", "run",
                  "--source", f"file:{services}", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-                 "--state-dir", str(self.state_dir), "--plaintext"],  # until proxies speak TLS to it
+                 "--state-dir", str(self.state_dir)],  # TLS: proxies verify it as the mesh's control plane
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
             )
         self.address = ""

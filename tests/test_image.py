@@ -79,7 +79,8 @@ def test_the_sidecar_container_proxies_with_services_from_the_control_plane(
     config.write_text(yaml.safe_dump({
         "admin": {"address": "127.0.0.1:0"},
         "listeners": [{"name": "outbound", "address": "127.0.0.1:0"}],
-        "controlPlane": {"addresses": [control.address], "namespace": "default", "serviceAccount": "hello"},
+        "controlPlane": {"addresses": [control.address], "namespace": "default", "serviceAccount": "hello",
+                         "plaintext": True},
     }))
     config.chmod(0o644)
     name = f"pymesh-test-{os.getpid()}"

@@ -40,8 +40,10 @@ def meshed_proxy_config(*control_planes: str) -> dict:
     return {
         "admin": {"address": "127.0.0.1:0"},
         "listeners": [{"name": "main", "address": "127.0.0.1:0"}],
+        # No identity here: these tests are about discovery, so the control plane is a
+        # development one (test_mtls and test_control_tls run it over TLS).
         "controlPlane": {"addresses": list(control_planes), "namespace": "default",
-                         "serviceAccount": "client"},
+                         "serviceAccount": "client", "plaintext": True},
     }
 
 

@@ -32,6 +32,7 @@ from .backends import EchoBackend, TcpEchoServer, start_echo_backend
 from .conftest import NativeProxy
 from .control_plane import ControlPlane, write_services
 from .deps import missing
+from .security import CONTROL_SNI
 from .test_mesh import loadgen, wait_for
 from .traffic import Traffic
 
@@ -88,7 +89,9 @@ class Mesh:
                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
                               critical=True)
                .sign(key, hashes.SHA256()))
-        with grpc.insecure_channel(self.control.address) as channel:
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.anchors.read_bytes())
+        with grpc.secure_channel(self.control.address, credentials,
+                                 options=[("grpc.ssl_target_name_override", CONTROL_SNI)]) as channel:
             reply = identity_pb2_grpc.IdentityStub(channel).Certify(identity_pb2.CertifyRequest(
                 identity=identity, token=self.token_file(ns, sa).read_text(),
                 certificate_signing_request=csr.public_bytes(serialization.Encoding.DER)), timeout=10)
@@ -102,8 +105,9 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
     services = tmp_path / "services"
     services.mkdir()
     write_services(services / "services.yaml", [])
+    # Over TLS, as a mesh runs: proxies verify the control plane as its identity.
     control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
-                           "--cert-lifetime", os.environ.get("PYMESH_TEST_CERT_LIFETIME", "1h"))
+                           "--cert-lifetime", os.environ.get("PYMESH_TEST_CERT_LIFETIME", "1h"), plaintext=False)
     anchors = tmp_path / "anchors.pem"
     anchors.write_text(pymesh("control", "ca-bundle", "--state-dir", str(state_dir)))
     try:
@@ -402,7 +406,7 @@ def test_trust_anchor_rotation_with_a_bundle(tmp_path: Path, native: ProxyStarte
     services.mkdir()
     write_services(services / "services.yaml", [])
     control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
-                           "--cert-lifetime", "10s")
+                           "--cert-lifetime", "10s", plaintext=False)
     stack = contextlib.ExitStack()
     try:
         anchors = tmp_path / "anchors.pem"
@@ -512,7 +516,7 @@ def test_certificates_rotate_under_load_without_a_failed_request(tmp_path: Path,
     services.mkdir()
     write_services(services / "services.yaml", [])
     control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
-                           "--cert-lifetime", "60s")
+                           "--cert-lifetime", "60s", plaintext=False)
     try:
         anchors = tmp_path / "anchors.pem"
         anchors.write_text(pymesh("control", "ca-bundle", "--state-dir", str(state_dir)))
@@ -732,14 +736,15 @@ def test_a_meshed_endpoint_is_never_reached_in_plaintext(mesh: Mesh, native: Pro
 def test_identity_waits_for_its_first_certificate_and_keeps_it_while_renewal_fails(
         tmp_path: Path, native: ProxyStarter, backend: EchoBackend) -> None:
     """/ready waits for the first certificate; the token file is read again at every attempt
-    (a fixed file is used, a broken one fails the renewal); while renewal fails the proxy
-    keeps its certificate and keeps serving."""
+    until then (a fixed file is used); renewals are proven by the current certificate, so the
+    token is not needed after the first; while renewal fails (the CA away) the proxy keeps its
+    certificate and keeps serving."""
     state_dir = tmp_path / "ca"
     services = tmp_path / "services"
     services.mkdir()
     write_services(services / "services.yaml", [])
     control = ControlPlane(f"file:{services}", tmp_path / "control.log", "--state-dir", str(state_dir),
-                           "--cert-lifetime", "20s")
+                           "--cert-lifetime", "20s", plaintext=False)
     try:
         anchors = tmp_path / "anchors.pem"
         anchors.write_text(pymesh("control", "ca-bundle", "--state-dir", str(state_dir)))
@@ -766,11 +771,18 @@ def test_identity_waits_for_its_first_certificate_and_keeps_it_while_renewal_fai
         url = f"http://{client_proxy.address()}/echo"
         assert httpx.get(url, headers={"host": "web"}, timeout=10).status_code == 200
 
-        # Broken again: the next renewal reads it and fails, and the proxy keeps its certificate.
-        token_file.write_text("v2.not-a-token.at-all\n")
+        # The token gone: the renewal is proven by the certificate the proxy has.
+        token_file.unlink()
+        wait_for(lambda: refreshes(client_proxy, "ok") >= 2, 40)
+        assert metric_lines(client_proxy, "identity_cert_expiration_timestamp_seconds") != expiry
+
+        # The CA away: the next renewal fails, and the proxy keeps its certificate.
+        control.stop()
+        expiry = metric_lines(client_proxy, "identity_cert_expiration_timestamp_seconds")
+        renewed = refreshes(client_proxy, "ok")
         failed = refreshes(client_proxy, "failed")
         wait_for(lambda: refreshes(client_proxy, "failed") > failed, 30)
-        assert refreshes(client_proxy, "ok") == 1
+        assert refreshes(client_proxy, "ok") == renewed
         assert metric_lines(client_proxy, "identity_cert_expiration_timestamp_seconds") == expiry
         assert float(expiry[0].split()[-1]) > time.time(), "the certificate expired before the check"
         assert ready_status() == 200

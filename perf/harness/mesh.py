@@ -84,8 +84,7 @@ def mesh_ca(workdir: Path) -> Iterator[MeshCA]:
     (services / "services.yaml").write_text("services: []\n")
     state = workdir / "ca-state"
     command = [*PYMESH_CLI, "control", "run", "--source", f"file:{services}", "--listen", "127.0.0.1:0",
-               "--admin", "127.0.0.1:0", "--state-dir", str(state), "--log-level", "warning",
-               "--plaintext"]  # until proxies speak TLS to the control plane
+               "--admin", "127.0.0.1:0", "--state-dir", str(state), "--log-level", "warning"]
     child = Child("mesh CA (pymesh control run)", command, workdir / "ca.log")
     try:
         address = child.wait_for_line(r"^listening (\S+)$").group(1)
