@@ -39,7 +39,7 @@ def test_admin_endpoint(start_proxy: ProxyFactory, echo_backend: EchoBackend) ->
     rejected = httpx.put(f"{admin}/config", content="listeners: [{address: 1.2.3}]")
     assert rejected.status_code == 400
     assert rejected.json()["error"]["path"] == "listeners[0].address"
-    # Latency buckets start at 50 µs, as CONVENTIONS.md asks.
+    # Latency buckets start at 50 µs (sub-millisecond hops need resolution below 1 ms).
     assert 'response_latency_seconds_bucket{le="0.00005",direction="outbound",dst_service="web"' in proxy.metrics()
 
 

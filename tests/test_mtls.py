@@ -860,3 +860,42 @@ def test_tls_disabled_never_terminates_mesh_tls(mesh: Mesh, native: ProxyStarter
         assert len(app.seen) == 1, app.seen
     finally:
         app.close()
+
+
+FORGED_IDENTITY = {"pymesh-client-id": f"spiffe://{TRUST_DOMAIN}/ns/ops/sa/admin",
+                   "l5d-client-id": "admin.ops.serviceaccount.identity.linkerd.cluster.local",
+                   "x-forwarded-client-cert": f"By=x;URI=spiffe://{TRUST_DOMAIN}/ns/ops/sa/admin"}
+
+
+def test_the_application_sees_only_the_verified_client_identity(mesh: Mesh, native: ProxyStarter,
+                                                                backend: EchoBackend) -> None:
+    """A client claiming to be `ops/admin` in identity headers: over the mesh the application
+    sees the identity from the client's certificate; in plaintext (PERMISSIVE) it sees none.
+    Before, the forged headers reached the application as sent."""
+    client_proxy, server_proxy = pair(mesh, native, backend, tls="PERMISSIVE")
+    with httpx.Client(timeout=10) as http:
+        meshed = http.get(f"http://{client_proxy.address()}/echo", headers={"host": "web", **FORGED_IDENTITY})
+        direct = http.get(f"http://{server_proxy.address('inbound')}/echo", headers=FORGED_IDENTITY)
+    assert meshed.status_code == 200 and direct.status_code == 200
+    seen = meshed.json()["headers"]
+    assert seen["pymesh-client-id"] == CLIENT_ID
+    assert "l5d-client-id" not in seen and "x-forwarded-client-cert" not in seen
+    seen = direct.json()["headers"]
+    assert not set(FORGED_IDENTITY) & set(seen), seen
+
+
+def test_connection_cannot_strip_protected_headers(native: ProxyStarter, backend: EchoBackend) -> None:
+    """`Connection` names hop-by-hop headers, but not the ones the application relies on:
+    before, `Connection: close, X-Forwarded-For, Authorization` arrived as neither."""
+    proxy = native("plain", {"admin": {"address": "127.0.0.1:0"},
+                             "listeners": [{"name": "main", "address": "127.0.0.1:0"}],
+                             "services": [{"name": "web", "endpoints": [{"address": backend.address}]}]})
+    protected = {"x-forwarded-for": "192.0.2.7", "authorization": "Bearer secret", "cookie": "session=1",
+                 "forwarded": "for=192.0.2.7", "pymesh-trace": "1"}
+    response = httpx.get(f"http://{proxy.address()}/echo", timeout=10, headers={
+        "host": "web", **protected, "x-private": "1",
+        "connection": "keep-alive, " + ", ".join(["x-private", *protected])})
+    assert response.status_code == 200
+    seen = response.json()["headers"]
+    assert {name: seen.get(name) for name in protected} == protected
+    assert "x-private" not in seen  # what Connection may name still goes

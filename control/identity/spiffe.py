@@ -1,5 +1,5 @@
 """SPIFFE ids of workloads: ``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``
-(CONVENTIONS.md). Parsed strictly, because the id ends up in certificates that every proxy of
+(the mesh's naming convention). Parsed strictly, because the id ends up in certificates that every proxy of
 the mesh trusts."""
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ where
 }
 
 /// One HTTP request: authorize it, then forward it to the local application.
-async fn request(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn request(conn: Arc<HttpConn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let grpc = is_grpc(&req);
     let snapshot = conn.state.snapshot();
@@ -158,6 +158,7 @@ async fn request(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<ProxyB
     if !decision.allowed {
         return denied(&conn, &decision, grpc, start);
     }
+    set_client_identity(req.headers_mut(), conn.client_id.as_deref());
     // Inbound traffic is for the local application, whatever authority it names.
     let Some(route) = snapshot
         .router
@@ -168,6 +169,24 @@ async fn request(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<ProxyB
     };
     drop(snapshot);
     forward(&conn, route, req, start, grpc).await
+}
+
+/// Headers that claim who the client is; only this proxy, which verified it, may say so.
+const CLIENT_IDENTITY_HEADERS: [&str; 3] = [
+    "pymesh-client-id",
+    "l5d-client-id",
+    "x-forwarded-client-cert",
+];
+
+/// The application can trust `pymesh-client-id`: whatever a client sent under these names
+/// is dropped, and the identity from its verified mesh certificate (if any) is set.
+fn set_client_identity(headers: &mut http::HeaderMap, client: Option<&str>) {
+    for name in CLIENT_IDENTITY_HEADERS {
+        headers.remove(name);
+    }
+    if let Some(value) = client.and_then(|id| http::HeaderValue::from_str(id).ok()) {
+        headers.insert(CLIENT_IDENTITY_HEADERS[0], value);
+    }
 }
 
 /// 403 (gRPC PERMISSION_DENIED) naming the policy that refused the client.

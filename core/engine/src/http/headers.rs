@@ -13,6 +13,18 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// True for headers a client cannot have removed by naming them in `Connection`: what
+/// the application or the mesh relies on end to end (who the client is, its credentials,
+/// the path it came by). Listing them there would otherwise strip them silently.
+fn is_protected(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    matches!(
+        name,
+        "authorization" | "proxy-authorization" | "cookie" | "forwarded" | "host"
+    ) || name.starts_with("x-forwarded-")
+        || name.starts_with("pymesh-")
+}
+
 /// True when an HTTP/1 request asks to switch protocols (`Connection: upgrade`).
 /// An upgrade to `h2c` is not passed on: the proxy speaks HTTP/2 itself, and a raw
 /// tunnel would carry later requests past routing and authorization policy.
@@ -50,7 +62,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE) && !is_protected(n))
             .collect();
         for name in named {
             headers.remove(name);
@@ -101,6 +113,31 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn connection_cannot_name_away_protected_headers() {
+        let mut h = map(&[
+            (
+                "connection",
+                "close, X-Forwarded-For, Authorization, Cookie, pymesh-client-id, x-other",
+            ),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("authorization", "Bearer t"),
+            ("cookie", "a=b"),
+            ("pymesh-client-id", "spiffe://cluster.local/ns/a/sa/b"),
+            ("x-other", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        for kept in [
+            "x-forwarded-for",
+            "authorization",
+            "cookie",
+            "pymesh-client-id",
+        ] {
+            assert!(h.contains_key(kept), "{kept} was removed: {h:?}");
+        }
+        assert!(!h.contains_key("x-other") && !h.contains_key("connection"));
     }
 
     #[test]
