@@ -62,7 +62,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE) && !is_protected(n))
+            .filter(|n| !is_protected(n) && (!keep_upgrade || n != header::UPGRADE))
             .collect();
         for name in named {
             headers.remove(name);
