@@ -96,6 +96,14 @@ class EmbeddedProxy(RunningProxy):
         self.proxy.stop(grace=2)
 
 
+def admin_may_change(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``admin.enableMutations`` on unless the test says otherwise: a native
+    proxy is reloaded through its admin endpoint, which is read-only by default."""
+    admin = {"address": "127.0.0.1:0", **config.get("admin", {})}
+    admin.setdefault("enableMutations", True)
+    return {**config, "admin": admin}
+
+
 class NativeProxy(RunningProxy):
     """`pymesh-proxy` in a subprocess; it prints its bound addresses on stdout."""
 
@@ -103,7 +111,7 @@ class NativeProxy(RunningProxy):
 
     def __init__(self, config: dict[str, Any], config_path: Path, *args: str) -> None:
         self.config_path = config_path
-        config_path.write_text(yaml.safe_dump(config))
+        config_path.write_text(yaml.safe_dump(admin_may_change(config)))
         # Logs go to a file (a pipe nobody reads would stall a chatty proxy).
         self.log_path = config_path.with_suffix(".log")
         with self.log_path.open("w") as log:
@@ -138,7 +146,8 @@ class NativeProxy(RunningProxy):
 
     def reload(self, config: dict[str, Any]) -> None:
         """Reloads through the admin API; raises ConfigError as the embedded proxy does."""
-        response = httpx.put(f"http://{self.admin}/config", content=yaml.safe_dump(config), timeout=10)
+        response = httpx.put(f"http://{self.admin}/config", content=yaml.safe_dump(admin_may_change(config)),
+                             headers={"content-type": "application/yaml"}, timeout=10)
         if response.status_code != 200:
             error = response.json()["error"]
             raise pymesh.ConfigError(error["path"], error["message"])

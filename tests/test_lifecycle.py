@@ -20,7 +20,7 @@ from .conftest import NativeProxy, ProxyFactory, make_config, proxy_binary, wait
 
 
 def test_admin_endpoint(start_proxy: ProxyFactory, echo_backend: EchoBackend) -> None:
-    config = make_config({"web": [echo_backend.address]})
+    config = make_config({"web": [echo_backend.address]}, admin={"address": "127.0.0.1:0", "enableMutations": True})
     proxy = start_proxy(config)
     admin = f"http://{proxy.admin}"
     assert httpx.get(f"{admin}/live").status_code == 200
@@ -36,7 +36,8 @@ def test_admin_endpoint(start_proxy: ProxyFactory, echo_backend: EchoBackend) ->
         assert f"# TYPE {name} " in metrics.text
     assert httpx.get(f"{admin}/nope").status_code == 404
     assert httpx.delete(f"{admin}/config").status_code == 405
-    rejected = httpx.put(f"{admin}/config", content="listeners: [{address: 1.2.3}]")
+    rejected = httpx.put(f"{admin}/config", content="listeners: [{address: 1.2.3}]",
+                         headers={"content-type": "application/yaml"})
     assert rejected.status_code == 400
     assert rejected.json()["error"]["path"] == "listeners[0].address"
     # Latency buckets start at 50 µs (sub-millisecond hops need resolution below 1 ms).

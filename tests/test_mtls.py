@@ -899,3 +899,51 @@ def test_connection_cannot_strip_protected_headers(native: ProxyStarter, backend
     seen = response.json()["headers"]
     assert {name: seen.get(name) for name in protected} == protected
     assert "x-private" not in seen  # what Connection may name still goes
+
+
+def test_the_admin_endpoint_cannot_change_trust(mesh: Mesh, native: ProxyStarter, backend: EchoBackend) -> None:
+    """The reproduced attack: one `POST /config` added the attacker's CA to the trust anchors,
+    after which its own certificate claiming the client's identity passed STRICT. Now the
+    admin endpoint is read-only by default, and with changes enabled it still refuses what a
+    browser page or DNS rebinding can send."""
+    evil_key, evil_ca = self_signed_ca("attacker")
+    key, cert = leaf(CLIENT_ID, evil_key, evil_ca)
+    anchors = mesh.tmp / "anchors-and-attacker.pem"
+    anchors.write_bytes(mesh.anchors.read_bytes() + evil_ca.public_bytes(serialization.Encoding.PEM))
+
+    def attack(proxy: NativeProxy, **headers: str) -> httpx.Response:
+        config = proxy_config(proxy)
+        config["identity"]["trustAnchorsFile"] = str(anchors)
+        return httpx.post(f"http://{proxy.admin}/config", content=json.dumps(config), timeout=10,
+                          headers={"content-type": "application/json", **headers})
+
+    def attacker_passes(proxy: NativeProxy) -> bool:
+        attempt = mesh_tls_client(mesh, key, [cert], proxy)
+        with attempt as tls:
+            return not refused(lambda: (tls.sendall(b"GET /echo HTTP/1.1\r\nHost: app\r\n"
+                                                    b"Connection: close\r\n\r\n"), read_all(tls))[1])
+
+    default = native("default", {**server_config(mesh, backend.address), "admin": {"address": "127.0.0.1:0",
+                                                                                  "enableMutations": False}})
+    ready(default)
+    assert attack(default).status_code == 403
+    assert httpx.put(f"http://{default.admin}/config", content=json.dumps(proxy_config(default)), timeout=10,
+                     headers={"content-type": "application/json"}).status_code == 403
+    assert httpx.post(f"http://{default.admin}/shutdown", timeout=10).status_code == 403
+    assert default.process.poll() is None
+    assert not attacker_passes(default)
+
+    enabled = native("enabled", server_config(mesh, backend.address))  # the harness enables changes
+    ready(enabled)
+    csrf = httpx.post(f"http://{enabled.admin}/config", content=json.dumps(proxy_config(enabled)), timeout=10,
+                      headers={"content-type": "text/plain"})
+    assert csrf.status_code == 415
+    assert attack(enabled, origin="http://evil.example").status_code == 403
+    assert attack(enabled, host="evil.example").status_code == 403  # DNS rebinding: the page's own name
+    assert httpx.post(f"http://{enabled.admin}/shutdown", headers={"origin": "http://evil.example"},
+                      timeout=10).status_code == 403
+    assert enabled.process.poll() is None
+    assert not attacker_passes(enabled)
+    # What the operator sends on the machine itself still works.
+    assert attack(enabled).status_code == 200
+    assert attacker_passes(enabled)

@@ -1,5 +1,7 @@
-//! The admin endpoint (loopback by default): `/metrics`, `/live`, `/ready`,
-//! `/config` (GET the running config; PUT a new one to reload) and `POST /shutdown`.
+//! The admin endpoint (loopback by default): `/metrics`, `/live`, `/ready`, `/listeners`
+//! and `GET /config`, read-only; `PUT /config` (reload) and `POST /shutdown` only when
+//! `admin.enableMutations` is on, and then only for requests no browser page or DNS
+//! rebinding can make (see [`refuse_mutation`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -99,11 +101,17 @@ async fn handle(
                 serde_json::Value::from(listeners).to_string(),
             )
         }
-        (&Method::PUT | &Method::POST, "/config") => reload(&proxy, req).await,
-        (&Method::POST, "/shutdown") => {
-            proxy.request_stop();
-            text(StatusCode::OK, "shutting down\n")
-        }
+        (&Method::PUT | &Method::POST, "/config") => match refuse_mutation(&proxy, &req, true) {
+            Some(refused) => refused,
+            None => reload(&proxy, req).await,
+        },
+        (&Method::POST, "/shutdown") => match refuse_mutation(&proxy, &req, false) {
+            Some(refused) => refused,
+            None => {
+                proxy.request_stop();
+                text(StatusCode::OK, "shutting down\n")
+            }
+        },
         (_, "/metrics" | "/live" | "/ready" | "/config" | "/listeners" | "/shutdown") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
@@ -113,6 +121,73 @@ async fn handle(
         ),
     };
     Ok(response)
+}
+
+/// Why a request that would change the proxy is refused, if it is: mutations are off;
+/// its `Host` is not a loopback address (a page on another name, DNS rebinding); it has an
+/// `Origin` (every browser's cross-site request does); a config that is not JSON or YAML
+/// (`text/plain` is what a form can send without a preflight).
+fn refuse_mutation(
+    proxy: &crate::Proxy,
+    req: &Request<Incoming>,
+    has_config: bool,
+) -> Option<Response<Full<Bytes>>> {
+    if !proxy.admin_mutations() {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "the admin endpoint is read-only: set admin.enableMutations to reload or stop the proxy through it (or edit its config file)\n",
+        ));
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !is_loopback_host(host) {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "a change needs a loopback Host (127.0.0.1, [::1] or localhost)\n",
+        ));
+    }
+    if req.headers().contains_key(header::ORIGIN) {
+        return Some(text(
+            StatusCode::FORBIDDEN,
+            "a change is not taken from a browser page (the request has an Origin)\n",
+        ));
+    }
+    if has_config {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        let accepted = [
+            "application/json",
+            "application/yaml",
+            "application/x-yaml",
+            "text/yaml",
+        ];
+        if !accepted.iter().any(|t| essence.eq_ignore_ascii_case(t)) {
+            return Some(text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "a config is sent as application/json or application/yaml\n",
+            ));
+        }
+    }
+    None
+}
+
+/// `Host` names this machine's loopback: `localhost`, or a loopback IP, with any port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn reload(proxy: &crate::Proxy, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -162,4 +237,33 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn error_json(status: StatusCode, path: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": { "path": path, "message": message } });
     json(status, body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_may_change_the_proxy() {
+        for ok in [
+            "127.0.0.1:4191",
+            "127.0.0.9",
+            "localhost:80",
+            "LOCALHOST",
+            "[::1]:4191",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example:4191",
+            "10.0.0.1:4191",
+            "localhost.evil.example",
+            "[::2]:1",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }

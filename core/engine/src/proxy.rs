@@ -242,6 +242,11 @@ impl Proxy {
         state.metrics.render()
     }
 
+    /// Whether the admin endpoint may change the proxy (`admin.enableMutations`).
+    pub(crate) fn admin_mutations(&self) -> bool {
+        self.inner.state.snapshot().settings.admin_mutations
+    }
+
     /// The running config in the protobuf JSON mapping.
     pub fn config_json(&self) -> String {
         crate::config::to_json(&self.inner.state.snapshot().settings.source)

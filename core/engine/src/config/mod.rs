@@ -97,6 +97,8 @@ pub(crate) struct Settings {
     pub(crate) listeners: Vec<Arc<ListenerSettings>>,
     pub(crate) services: Vec<Arc<ServiceSettings>>,
     pub(crate) admin: SocketAddr,
+    /// The admin endpoint serves `PUT /config` and `POST /shutdown`.
+    pub(crate) admin_mutations: bool,
     pub(crate) limits: Limits,
     /// Proxy-wide timeouts (detection uses these; services start from them).
     pub(crate) timeouts: Timeouts,
@@ -346,6 +348,7 @@ impl Settings {
             listeners,
             services,
             admin,
+            admin_mutations: config.admin.as_ref().is_some_and(|a| a.enable_mutations),
             limits,
             timeouts: defaults,
             control_plane,
