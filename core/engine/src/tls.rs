@@ -442,6 +442,49 @@ mod tests {
         assert!(ServerName::try_from(sni_name("spiffe://cluster.local/ns/a/sa/b")).is_ok());
     }
 
+    fn leaf_with_uris(uris: &[&str]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| rcgen::SanType::URI((*u).try_into().expect("an IA5 URI")))
+            .collect();
+        params.self_signed(&key).expect("certificate").der().clone()
+    }
+
+    #[test]
+    fn a_peer_has_exactly_one_mesh_identity_of_this_trust_domain() {
+        let one = leaf_with_uris(&["spiffe://cluster.local/ns/shop/sa/web"]);
+        let id = peer_identity(Some(&[one])).expect("one identity");
+        assert_eq!(&*id, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(trust_domain_of(&id), "cluster.local");
+
+        let two = leaf_with_uris(&[
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/ops/sa/admin",
+        ]);
+        assert!(
+            peer_identity(Some(&[two])).is_err(),
+            "two identities in one leaf"
+        );
+        assert!(peer_identity(Some(&[leaf_with_uris(&[])])).is_err());
+        assert!(peer_identity(None).is_err());
+        for shape in [
+            "spiffe://cluster.local/web",
+            "spiffe://cluster.local/ns/shop/sa/web/extra",
+            "spiffe://cluster.local/ns//sa/web",
+        ] {
+            assert!(
+                crate::config::security::check_spiffe_id(shape).is_err(),
+                "{shape}"
+            );
+        }
+        assert_ne!(
+            trust_domain_of("spiffe://evil.example/ns/shop/sa/web"),
+            "cluster.local"
+        );
+    }
+
     #[test]
     fn plaintext_is_not_tls() {
         assert_eq!(peek_client_hello(b"GET / HTTP/1.1\r\n"), Hello::NotTls);
