@@ -128,16 +128,72 @@ fn matches(
             .methods
             .iter()
             .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str())))
-        && (policy.paths.is_empty()
-            || policy.paths.iter().any(|p| match p {
-                PathMatch::Exact(exact) => exact == path,
-                PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
-            }))
+        && (policy.paths.is_empty() || path_matches(policy, path))
 }
 
-/// The path as an application would resolve it: percent-decoded (`%2F` and `%5C`
-/// included), backslashes as slashes, repeated slashes merged, `.` and `..` resolved.
-pub(crate) fn normalise_path(path: &str) -> String {
+fn path_matches(policy: &PolicySettings, path: &str) -> bool {
+    let lowered;
+    let path = if policy.ignore_case {
+        lowered = path.to_lowercase();
+        lowered.as_str()
+    } else {
+        path
+    };
+    let unslashed = match path.strip_suffix('/') {
+        Some(p) if policy.ignore_trailing_slash && !p.is_empty() => p,
+        _ => path,
+    };
+    policy.paths.iter().any(|p| match p {
+        PathMatch::Exact(exact) => exact == path || exact == unslashed,
+        PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+    })
+}
+
+/// Whether any policy for `listener` reads paths: then paths must be unambiguous.
+pub(crate) fn reads_paths(settings: &AuthorizationSettings, listener: &str) -> bool {
+    settings.policies.iter().any(|p| {
+        !p.paths.is_empty() && (p.listeners.is_empty() || p.listeners.iter().any(|l| l == listener))
+    })
+}
+
+/// What makes `path` readable in more than one way, if anything. Path policies decide on
+/// one reading, and the application may resolve another (Werkzeug `/admin/..%2fx`, Tomcat
+/// `/static/..;/admin`, Windows `/admin.`), so such a path is refused, not forwarded.
+pub(crate) fn ambiguous_path(path: &str) -> Option<&'static str> {
+    let lower = path.to_ascii_lowercase();
+    let checks: [(bool, &'static str); 8] = [
+        (path.contains('\\'), "a backslash"),
+        (path.contains(';'), "a `;` (path parameters)"),
+        (lower.contains("%2e"), "an encoded `.`"),
+        (
+            lower.contains("%2f") || lower.contains("%5c"),
+            "an encoded slash",
+        ),
+        (lower.contains("%00"), "an encoded NUL"),
+        (path.contains("//"), "an empty segment (`//`)"),
+        (
+            path.split('/').any(|s| s == "." || s == ".."),
+            "a dot segment",
+        ),
+        (
+            path.split('/').any(|s| s.len() > 1 && s.ends_with('.')),
+            "a segment ending in `.`",
+        ),
+    ];
+    if let Some((_, what)) = checks.iter().find(|(found, _)| *found) {
+        return Some(what);
+    }
+    let decoded = percent_decode(path);
+    if decoded.iter().any(|b| b.is_ascii_control()) {
+        return Some("a control character");
+    }
+    if std::str::from_utf8(&decoded).is_err() {
+        return Some("bytes that are not UTF-8");
+    }
+    None
+}
+
+fn percent_decode(path: &str) -> Vec<u8> {
     let bytes = path.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -152,16 +208,19 @@ pub(crate) fn normalise_path(path: &str) -> String {
                 decoded.push((hi * 16 + lo) as u8);
                 i += 3;
             }
-            (b'\\', _, _) => {
-                decoded.push(b'/');
-                i += 1;
-            }
             (b, _, _) => {
                 decoded.push(b);
                 i += 1;
             }
         }
     }
+    decoded
+}
+
+/// The path as an application would resolve it: percent-decoded (`%2F` and `%5C`
+/// included), backslashes as slashes, repeated slashes merged, `.` and `..` resolved.
+pub(crate) fn normalise_path(path: &str) -> String {
+    let decoded = percent_decode(path);
     let decoded = String::from_utf8_lossy(&decoded).replace('\\', "/");
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
@@ -257,6 +316,56 @@ mod tests {
 
     const WEB: &str = "spiffe://cluster.local/ns/web/sa/api";
     const OPS: &str = "spiffe://cluster.local/ns/ops/sa/admin";
+
+    #[test]
+    fn ambiguous_paths_are_named_and_plain_ones_pass() {
+        for path in [
+            "/admin/../x",
+            "/admin/%2E%2e/x",
+            "/admin/..%2fx",
+            "/a;b",
+            "/x\\admin",
+            "//admin",
+            "/internal.",
+            "/internal%00",
+            "/%ff",
+            "/a/./b",
+        ] {
+            assert!(ambiguous_path(path).is_some(), "{path}");
+        }
+        for path in [
+            "/",
+            "/admin",
+            "/files/my%20doc",
+            "/v1.2/x",
+            "/%61dmin",
+            "/a-b_c~d",
+        ] {
+            assert_eq!(ambiguous_path(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn case_and_trailing_slash_options_widen_exact_paths() {
+        let get = Method::GET;
+        let policy = |ignore: bool| api::AuthorizationPolicy {
+            name: "no-internal".into(),
+            action: 1,
+            paths: vec!["/Internal".into()],
+            ignore_case: ignore,
+            ignore_trailing_slash: ignore,
+            ..Default::default()
+        };
+        let exact = settings(0, vec![policy(false)]);
+        let wide = settings(0, vec![policy(true)]);
+        for path in ["/internal", "/INTERNAL/", "/Internal/"] {
+            assert!(decide(&exact, &http(None, &get, path)).allowed, "{path}");
+            assert!(!decide(&wide, &http(None, &get, path)).allowed, "{path}");
+        }
+        assert!(!decide(&exact, &http(None, &get, "/Internal")).allowed);
+        assert!(decide(&wide, &http(None, &get, "/internal/x")).allowed);
+        assert!(reads_paths(&wide, "in") && !reads_paths(&settings(0, vec![]), "in"));
+    }
 
     #[test]
     fn defaults_decide_without_policies() {

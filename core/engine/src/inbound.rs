@@ -148,6 +148,11 @@ async fn request(conn: Arc<HttpConn>, mut req: Request<Incoming>) -> Response<Pr
     let start = Instant::now();
     let grpc = is_grpc(&req);
     let snapshot = conn.state.snapshot();
+    if crate::authz::reads_paths(&snapshot.settings.authorization, &conn.listener) {
+        if let Some(problem) = crate::authz::ambiguous_path(req.uri().path()) {
+            return bad_path(&conn, problem, grpc, start);
+        }
+    }
     let decision = authorize(
         &conn.state,
         &snapshot.settings.authorization,
@@ -169,6 +174,20 @@ async fn request(conn: Arc<HttpConn>, mut req: Request<Incoming>) -> Response<Pr
     };
     drop(snapshot);
     forward(&conn, route, req, start, grpc).await
+}
+
+/// 400 for a path that path policies could read one way and the application another.
+fn bad_path(conn: &HttpConn, problem: &str, grpc: bool, start: Instant) -> Response<ProxyBody> {
+    crate::record::unrouted(
+        &conn.state.metrics,
+        conn.direction,
+        Reason::BadPath,
+        grpc,
+        conn.client_id.clone(),
+        start.elapsed(),
+    );
+    let detail = format!("the path has {problem}, which an application may resolve past this listener's path policies");
+    crate::http::local::respond(Reason::BadPath, &detail, grpc)
 }
 
 /// Headers that claim who the client is; only this proxy, which verified it, may say so.

@@ -101,6 +101,10 @@ pub(crate) struct PolicySettings {
     pub(crate) identities: Vec<IdentityMatch>,
     pub(crate) unauthenticated: bool,
     pub(crate) paths: Vec<PathMatch>,
+    /// `paths` (stored lowercased) match the lowercased path.
+    pub(crate) ignore_case: bool,
+    /// An exact path also matches with a `/` at the end.
+    pub(crate) ignore_trailing_slash: bool,
     pub(crate) methods: Vec<Method>,
 }
 
@@ -390,6 +394,11 @@ pub(crate) fn authorization(
                     format!("{path:?} is not a path; expected /exact or /prefix/*"),
                 ));
             }
+            let path = if p.ignore_case {
+                path.to_lowercase()
+            } else {
+                path.to_owned()
+            };
             paths.push(match path.strip_suffix('*') {
                 Some(prefix) => PathMatch::Prefix(prefix.to_owned()),
                 None => PathMatch::Exact(path.to_owned()),
@@ -423,6 +432,8 @@ pub(crate) fn authorization(
             identities,
             unauthenticated: p.unauthenticated,
             paths,
+            ignore_case: p.ignore_case,
+            ignore_trailing_slash: p.ignore_trailing_slash,
             methods,
         }));
     }

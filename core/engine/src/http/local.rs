@@ -21,6 +21,8 @@ pub(crate) enum Reason {
     /// An authorization policy refused the client.
     Denied,
     RateLimited,
+    /// A path that path policies and the application could read differently.
+    BadPath,
 }
 
 impl Reason {
@@ -34,6 +36,7 @@ impl Reason {
             Reason::Shed => "shed",
             Reason::RateLimited => "rate-limited",
             Reason::Denied => "denied",
+            Reason::BadPath => "bad-path",
         }
     }
 
@@ -43,6 +46,7 @@ impl Reason {
             Reason::NoEndpoints | Reason::Shed => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Denied => StatusCode::FORBIDDEN,
+            Reason::BadPath => StatusCode::BAD_REQUEST,
             Reason::ConnectFailed | Reason::UpstreamError => StatusCode::BAD_GATEWAY,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -57,6 +61,7 @@ impl Reason {
             } // UNAVAILABLE
             Reason::RateLimited => 8,     // RESOURCE_EXHAUSTED
             Reason::Denied => 7,          // PERMISSION_DENIED
+            Reason::BadPath => 3,         // INVALID_ARGUMENT
             Reason::Timeout => 4,         // DEADLINE_EXCEEDED
         }
     }
