@@ -133,7 +133,7 @@ BAD = [
      "DENY"),
     ({"policies": [{**HEALTH, "server": ["*"]}]},
      "policy.yaml: authorization.policies[0].server: unknown field; expected one of name, action, listeners, "
-     "identities, unauthenticated, paths, methods, servers"),
+     "identities, unauthenticated, paths, ignoreCase, ignoreTrailingSlash, methods, servers"),
 ]
 
 
