@@ -15,6 +15,7 @@ import uvloop
 
 import pymesh
 
+from .backoff import Backoff
 from .http import AdminServer
 from .identity.service import identity_service
 from .identity.spiffe import SpiffeId, check_trust_domain, parse_spiffe_id
@@ -30,21 +31,16 @@ INTERNAL_ADDRESS = "127.0.0.1:0"
 
 log = logging.getLogger("pymesh.control")
 
-#: bounds of the delay before the source is read again after it failed
-RETRY_BASE = 0.1
-RETRY_MAX = 5.0
-
-
 async def run_source(source: Source, state: MeshState) -> None:
     """Loads the source into the state and follows its changes, for ever. When the source
     fails, the state keeps what it had (proxies are served their last good state) while the
     source is tried again with a growing delay."""
-    delay = RETRY_BASE
+    backoff = Backoff()
     while True:
         try:
             await source.load(state)
             state.mark_loaded()
-            delay = RETRY_BASE
+            backoff.reset()
             await source.watch(state)
             continue  # the source asked to be read again from scratch
         except SourceError as e:
@@ -52,8 +48,7 @@ async def run_source(source: Source, state: MeshState) -> None:
         except Exception:  # a bug; keep serving the last state and try again
             log.exception("the source %s failed", source.name)
             state.report_errors({**state.source_errors, "": "internal error; see the control plane's log"})
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX)
+        await backoff.wait()
 
 
 async def serve(settings: ControlSettings, announce: Callable[[str], None] | None = None,

@@ -33,6 +33,7 @@ import aetcd.exceptions
 import pymesh
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
+from ..backoff import Backoff
 from ..policy import check_authorization
 from ..state import Delta, Snapshot
 from .base import (
@@ -60,9 +61,6 @@ _CHANNEL_OPTIONS = {
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.max_receive_message_length": 256 * 1024 * 1024,
 }
-#: reconnect backoff bounds, seconds
-BACKOFF_BASE = 0.1
-BACKOFF_MAX = 5.0
 #: how long Register/Deregister wait for their own change to come back through the watch
 APPLY_WAIT = 5.0
 _CONNECTION = "connection"
@@ -110,7 +108,7 @@ class EtcdSource(Source):
                  sum(len(e) for e in self._endpoints.values()), self.name, self._revision)
 
     async def watch(self, sink: Sink) -> None:
-        delay = BACKOFF_BASE
+        backoff = Backoff()
         while True:
             try:
                 client = await self._connected()
@@ -118,7 +116,7 @@ class EtcdSource(Source):
                 stream = await client.watch_prefix(self.prefix.encode(), start_revision=self._revision)
                 if self._errors.pop(_CONNECTION, None) is not None:
                     sink.report_errors(self._errors)
-                delay = BACKOFF_BASE
+                backoff.reset()
                 async for event in stream:
                     self._on_event(event, sink)
                     await self._advance(event.kv.mod_revision)
@@ -133,8 +131,7 @@ class EtcdSource(Source):
                 self._errors[_CONNECTION] = (
                     f"watch interrupted: {error_reason(e)}; resuming from revision {self._revision}")
                 sink.report_errors(self._errors)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            await backoff.wait()
 
     async def register(self, service: str, endpoint: proxy_pb2.Endpoint, ttl: float | None) -> None:
         if endpoint.address in self._endpoints.get(service, {}):

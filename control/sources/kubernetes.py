@@ -43,6 +43,7 @@ import yaml
 import pymesh
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
+from ..backoff import Backoff
 from ..state import Delta, Snapshot
 from .base import (
     RegistrationError,
@@ -64,8 +65,6 @@ SERVICE_LABEL = "kubernetes.io/service-name"
 SERVICES_PATH = "/api/v1/services"
 SLICES_PATH = "/apis/discovery.k8s.io/v1/endpointslices"
 IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-BACKOFF_BASE = 0.1
-BACKOFF_MAX = 5.0
 #: the API server ends a watch after this; it is then resumed
 WATCH_SECONDS = 240
 #: one watch event larger than this is refused (bounded buffers)
@@ -252,12 +251,12 @@ class KubernetesSource(Source):
 
     async def _follow(self, path: str, sink: Sink) -> None:
         """Watches ``path`` from the last resourceVersion, for ever (raises _Expired)."""
-        delay = BACKOFF_BASE
+        backoff = Backoff()
         handle = self._on_service if path == SERVICES_PATH else self._on_slice
         while True:
             try:
                 await self._watch_once(path, handle, sink)
-                delay = BACKOFF_BASE
+                backoff.reset()
                 if self._errors.pop(_CONNECTION, None) is not None:
                     sink.report_errors(self._errors)
                 continue
@@ -265,8 +264,7 @@ class KubernetesSource(Source):
                 self._errors[_CONNECTION] = (f"watching {path} interrupted: {error_reason(e)}; resuming from "
                                              f"resourceVersion {self._versions.get(path)}")
                 sink.report_errors(self._errors)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            await backoff.wait()
 
     async def _watch_once(self, path: str, handle: Callable[[str, dict[str, Any], Sink], None], sink: Sink) -> None:
         params = {"watch": "1", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_SECONDS),
