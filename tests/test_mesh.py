@@ -97,9 +97,10 @@ def test_endpoints_change_under_traffic_without_failures(
             time.sleep(0.5)  # let traffic flow on this set
         reports = [json.loads(load.communicate(timeout=30)[0]) for load in loads]
         # Counts, not rates: the rate a shared machine reaches is perf/'s business.
-        for report in reports:
-            assert report["errors"] == 0, report
-            assert report["requests"] > 0 and report["status_counts"] == {"200": report["requests"]}, report
+        for report, proxy in zip(reports, proxies, strict=True):
+            seen = {k: report.get(k) for k in ("requests", "errors", "status_counts", "error_counts")}
+            assert report["errors"] == 0, (seen, proxy.logs[-3000:])
+            assert report["requests"] > 0 and report["status_counts"] == {"200": report["requests"]}, seen
         assert all(backend.connections > 0 for backend in echo_backends)
     finally:
         control.stop()
