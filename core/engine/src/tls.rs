@@ -130,11 +130,27 @@ impl MeshTls {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let configs = self.configs.load_full().ok_or(TlsError::NotCertified)?;
+        self.handshake(&configs.client, stream, expected, timeout)
+            .await
+    }
+
+    /// TLS through `connector` to the peer whose SNI name stands for `expected`, which
+    /// its certificate must then name exactly.
+    async fn handshake<S>(
+        &self,
+        connector: &TlsConnector,
+        stream: S,
+        expected: &str,
+        timeout: Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let name = ServerName::try_from(sni_name(expected)).map_err(|e| TlsError::BadName {
             expected: expected.to_owned(),
             reason: e.to_string(),
         })?;
-        let tls = tokio::time::timeout(timeout, configs.client.connect(name, stream))
+        let tls = tokio::time::timeout(timeout, connector.connect(name, stream))
             .await
             .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
@@ -197,23 +213,8 @@ impl MeshTls {
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
-        let name = ServerName::try_from(sni_name(expected)).map_err(|e| TlsError::BadName {
-            expected: expected.to_owned(),
-            reason: e.to_string(),
-        })?;
         let connector = TlsConnector::from(Arc::new(config));
-        let tls = tokio::time::timeout(timeout, connector.connect(name, stream))
-            .await
-            .map_err(|_| TlsError::HandshakeTimeout(timeout))?
-            .map_err(TlsError::Handshake)?;
-        let found = self.peer_identity(tls.get_ref().1.peer_certificates())?;
-        if &*found != expected {
-            return Err(TlsError::WrongIdentity {
-                expected: expected.to_owned(),
-                found: found.to_string(),
-            });
-        }
-        Ok(tls)
+        self.handshake(&connector, stream, expected, timeout).await
     }
 
     /// Checks a chain the CA issued to this proxy: its leaf must chain to the trust
