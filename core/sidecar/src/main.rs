@@ -3,15 +3,17 @@
 //! `pymesh-proxy init` installs the redirect rules of a transparent sidecar instead (see init.rs).
 
 mod init;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use pymesh_engine::{config, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
+use watch::{FileWatch, Stamp};
 
 #[derive(Parser, Debug)]
 #[command(name = "pymesh-proxy", version, about = "The pymesh sidecar proxy")]
@@ -128,7 +130,7 @@ async fn run(args: Args) -> Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut last_modified = modified(&config_path);
+    let mut file = FileWatch::new(Stamp::of(&config_path));
     let mut watch = tokio::time::interval(if args.watch_interval.is_zero() {
         Duration::from_secs(3600 * 24 * 365)
     } else {
@@ -136,11 +138,12 @@ async fn run(args: Args) -> Result<()> {
     });
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&proxy, &config_path).await,
+            _ = hangup.recv() => {
+                file.applied(Stamp::of(&config_path));
+                reload(&proxy, &config_path).await;
+            }
             _ = watch.tick(), if !args.watch_interval.is_zero() => {
-                let now = modified(&config_path);
-                if now != last_modified {
-                    last_modified = now;
+                if file.poll(Stamp::of(&config_path)) {
                     reload(&proxy, &config_path).await;
                 }
             }
@@ -167,8 +170,4 @@ async fn reload(proxy: &Proxy, path: &Path) {
             tracing::warn!(path = %path.display(), error = %e, "cannot read the config; the running one stays")
         }
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
