@@ -54,6 +54,10 @@ class ControlMetrics:
         self.issuer_expiry = Gauge(
             "identity_issuer_expiry_timestamp_seconds",
             "When the CA's current issuer certificate expires (Unix time); rotate it before.", registry=r)
+        self.issuer_rejected = Counter(
+            "identity_issuer_reload_rejected_total",
+            "Checks that found changed issuer files that cannot be used (the current issuer stays).",
+            registry=r)
         for result in CERTIFY_RESULTS:
             self.certify.labels(result)
         for kind in ("config", "endpoints"):

@@ -17,6 +17,8 @@ trustAnchorFile: /etc/pymesh/trust-anchors.pem   # PEM, one or more anchors (old
 issuerCertFile: /etc/pymesh/issuer.pem           # PEM, the issuer first (then any intermediates)
 issuerKeyFile: /etc/pymesh/issuer.key            # PEM, unencrypted
 certLifetime: 24h                      # of a workload's leaf certificate
+certRateLimit: 200                     # certificates a second from the whole CA (its ceiling)
+certRateBurst: 400                     # saved up; a quarter of it is kept for renewals
 tokenSecretFile: /etc/pymesh/token-secret        # default: stateDir/token-secret, generated
 # The control plane's own transport and identity (see pymesh.control.tls).
 identity: spiffe://cluster.local/ns/pymesh-system/sa/pymesh-control  # default: in trustDomain
@@ -41,6 +43,10 @@ DEFAULT_LISTEN = "127.0.0.1:4200"
 DEFAULT_ADMIN = "127.0.0.1:4290"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_CERT_LIFETIME = 24 * 3600.0
+#: the CA's overall ceiling: certificates a second, and how many may be saved up
+DEFAULT_CERT_RATE_LIMIT = 200.0
+DEFAULT_CERT_RATE_BURST = 400.0
+MIN_CERT_RATE_BURST = 4.0
 #: the control plane's own identity is this service account in this namespace of its trust domain
 CONTROL_NAMESPACE = "pymesh-system"
 CONTROL_SERVICE_ACCOUNT = "pymesh-control"
@@ -66,6 +72,8 @@ class ControlSettings:
     issuer_cert_file: str = ""
     issuer_key_file: str = ""
     cert_lifetime: float = DEFAULT_CERT_LIFETIME
+    cert_rate_limit: float = DEFAULT_CERT_RATE_LIMIT
+    cert_rate_burst: float = DEFAULT_CERT_RATE_BURST
     token_secret_file: str = ""
     identity: str = ""
     plaintext: bool = False
@@ -97,6 +105,7 @@ _KEYS = {"".join(w.capitalize() if i else w for i, w in enumerate(f.name.split("
          for f in fields(ControlSettings)}
 _DURATIONS = {"poll_interval", "shutdown_grace", "cert_lifetime"}
 _BOOLEANS = {"plaintext", "allow_register"}
+_RATES = {"cert_rate_limit", "cert_rate_burst"}
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -137,6 +146,14 @@ def load_settings(path: Path | None) -> ControlSettings:
             raise pymesh.ConfigError(str(key), f"unknown setting; expected one of {', '.join(sorted(_KEYS))}")
         if name in _DURATIONS:
             value = parse_duration(value, str(key))
+        elif name in _RATES:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1_000_000:
+                raise pymesh.ConfigError(str(key), f"expected a positive number up to 1000000, found {value!r}")
+            value = float(value)
+            if name == "cert_rate_burst" and value < MIN_CERT_RATE_BURST:
+                raise pymesh.ConfigError(str(key), f"expected at least {MIN_CERT_RATE_BURST:g}: a quarter of "
+                                                   "the burst is kept for renewals, and first certificates "
+                                                   "need the rest")
         elif name == "max_pending_updates":
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
                 raise pymesh.ConfigError(str(key), "expected a whole number from 1 to 1000000")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from pymesh._proto.pymesh.config.v1 import proxy_pb2
-from pymesh._proto.pymesh.mesh.v1 import discovery_pb2
+from pymesh._proto.pymesh.mesh.v1 import discovery_pb2, discovery_pb2_grpc
 from pymesh.control.metrics import ControlMetrics
 from pymesh.control.state import Delta, MeshState, Snapshot
 
@@ -542,3 +543,45 @@ def test_a_watcher_that_stops_reading_gets_one_fresh_full_state(start_control: S
     finally:
         endpoints.close()
         config.close()
+
+
+def _refuses_new_calls(address: str) -> bool:
+    """Whether a new call to ``address`` is refused (the server stopped taking RPCs)."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = discovery_pb2_grpc.DiscoveryStub(channel)
+        try:
+            stub.Status(discovery_pb2.StatusRequest(), timeout=2)
+        except grpc.RpcError:
+            return True
+    return False
+
+
+def test_shutdown_waits_its_grace_for_calls_in_flight(start_control: StartControl, services_dir: Path,
+                                                      tmp_path: Path) -> None:
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("shutdownGrace: 60s\n")
+    control = start_control(f"file:{services_dir}", "--config", str(settings))
+    watch = control.watch_endpoints("web")
+    assert {e.address for e in watch.next().added} == {"127.0.0.1:8080", "127.0.0.1:8081"}
+    control.process.send_signal(signal.SIGTERM)
+    # New calls are refused at once; the stream in flight is still open, and so is the process.
+    assert wait_for(lambda: _refuses_new_calls(control.address), timeout=10), control.logs
+    assert control.process.poll() is None and watch.error is None, control.logs
+    # Once the last call ends, the control plane exits cleanly: it does not sit out the grace.
+    watch.call.cancel()
+    assert control.process.wait(timeout=30) == 0, control.logs
+
+
+def test_shutdown_ends_calls_still_open_when_the_grace_is_over(start_control: StartControl, services_dir: Path,
+                                                               tmp_path: Path) -> None:
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("shutdownGrace: 200ms\n")
+    control = start_control(f"file:{services_dir}", "--config", str(settings))
+    watch = control.watch_endpoints("web")
+    watch.next()
+    control.process.send_signal(signal.SIGTERM)
+    # The client holds its stream open; the grace ends it, and the process exits 0.
+    assert control.process.wait(timeout=30) == 0, control.logs
+    assert wait_for(lambda: watch.error is not None, timeout=10), "the stream was never ended"

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import yaml
 from cryptography import x509
@@ -430,6 +431,52 @@ def test_issuance_cannot_be_starved(start_tls: StartTls, services_dir: Path) -> 
     assert any("too many certificate requests for namespace 'evil'" in r for r in refusals)
     everyone_else_is_served(2)
 
+
+
+def test_the_cas_overall_ceiling_keeps_a_reserve_for_renewals(start_tls: StartTls, services_dir: Path,
+                                                              tmp_path: Path) -> None:
+    # Set from a settings file (`pymesh control run --config`): 8 saved up, one more every 1,000 s,
+    # so nothing refills while the test runs. A quarter of the 8 is kept for renewals.
+    settings = tmp_path / "control-settings.yaml"
+    settings.write_text(yaml.safe_dump({"certRateLimit": 0.001, "certRateBurst": 8}))
+    mesh = start_tls(f"file:{services_dir}", "--config", str(settings))
+    secret = (mesh.state_dir / "token-secret").read_bytes().strip()
+    # Each first certificate is for another namespace and identity: only the overall bucket binds.
+    firsts = [spiffe(f"team{i}", "app") for i in range(8)]
+    issued = {}
+    for identity in firsts[:6]:
+        issued[identity] = mesh.client.certify(identity, mint_token(secret, identity))
+    for identity in firsts[6:]:
+        refusal = rpc_error(lambda i=identity: mesh.client.certify(i, mint_token(secret, i)))
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
+        assert refusal.details() == "too many certificate requests to this control plane: at most 0.001/s; " \
+                                    "retry later"
+    # The reserve: identities already issued still renew, until the bucket is empty.
+    first, second, third = list(issued.values())[:3]
+    mesh.client.certify(first.identity, "", current=first)
+    mesh.client.certify(second.identity, "", current=second)
+    refusal = rpc_error(lambda: mesh.client.certify(third.identity, "", current=third))
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
+    assert "too many certificate requests to this control plane" in refusal.details()
+    text = httpx.get(f"http://{mesh.control.admin}/metrics", timeout=5).text
+    assert 'identity_certify_total{result="rate_limited"} 3.0' in text.splitlines(), text
+
+
+def test_ca_rate_settings_are_checked(tmp_path: Path) -> None:
+    from pymesh import ConfigError
+    from pymesh.control.settings import load_settings
+
+    path = tmp_path / "control.yaml"
+    for text, key, words in [("certRateLimit: 0\n", "certRateLimit", "positive number"),
+                             ("certRateLimit: fast\n", "certRateLimit", "positive number"),
+                             ("certRateBurst: 2\n", "certRateBurst", "at least 4")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            load_settings(path)
+        assert caught.value.path == key and words in str(caught.value), (text, caught.value)
+    path.write_text("certRateLimit: 50\ncertRateBurst: 100\n")
+    loaded = load_settings(path)
+    assert (loaded.cert_rate_limit, loaded.cert_rate_burst) == (50.0, 100.0)
 
 # -- 10. The CA's files, the limiter's tables ---------------------------------------------------
 

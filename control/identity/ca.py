@@ -360,12 +360,14 @@ class CertificateAuthority:
     """Signs workload certificates with the current issuer; follows the issuer files."""
 
     def __init__(self, files: CAFiles, lifetime: float,
-                 on_issuer: Callable[[Issuer], None] | None = None) -> None:
+                 on_issuer: Callable[[Issuer], None] | None = None,
+                 on_rejected: Callable[[], None] | None = None) -> None:
         if lifetime <= 0:
             raise pymesh.ConfigError("certLifetime", "must be positive")
         self.files = files
         self.lifetime = timedelta(seconds=lifetime)
         self.on_issuer = on_issuer
+        self.on_rejected = on_rejected
         if files.generated:
             prepare_state_dir(files)
         stamp = self._stamp()
@@ -377,9 +379,9 @@ class CertificateAuthority:
         self._announce()
 
     @classmethod
-    def from_settings(cls, settings: ControlSettings, on_issuer: Callable[[Issuer], None] | None = None
-                      ) -> CertificateAuthority:
-        return cls(CAFiles.from_settings(settings), settings.cert_lifetime, on_issuer)
+    def from_settings(cls, settings: ControlSettings, on_issuer: Callable[[Issuer], None] | None = None,
+                      on_rejected: Callable[[], None] | None = None) -> CertificateAuthority:
+        return cls(CAFiles.from_settings(settings), settings.cert_lifetime, on_issuer, on_rejected)
 
     def _announce(self) -> None:
         log.info("issuer %s (serial %x) valid until %s, chaining to %s", _name(self.issuer.certificate),
@@ -416,6 +418,8 @@ class CertificateAuthority:
         try:
             issuer = load_issuer(self.files)
         except pymesh.ConfigError as e:
+            if self.on_rejected is not None:
+                self.on_rejected()
             if str(e) != self._last_error:
                 self._last_error = str(e)
                 log.warning("the issuer files changed but cannot be used; keeping the current issuer: %s", e)

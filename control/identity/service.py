@@ -134,8 +134,10 @@ def identity_service(settings: ControlSettings, source: Source, metrics: Control
     def on_issuer(issuer: Issuer) -> None:
         metrics.issuer_expiry.set(issuer.not_after.timestamp())
 
-    ca = CertificateAuthority.from_settings(settings, on_issuer)
+    ca = CertificateAuthority.from_settings(settings, on_issuer, metrics.issuer_rejected.inc)
     verifier = make_verifier(settings, source)
     log.info("CA for trust domain %s, proofs by %s, leaf lifetime %gs", trust_domain, verifier.kind,
              settings.cert_lifetime)
-    return IdentityService(ca, verifier, trust_domain, metrics, peers=PeerVerifier(ca, trust_domain))
+    limiter = RateLimiter(global_rate=settings.cert_rate_limit, global_burst=settings.cert_rate_burst)
+    return IdentityService(ca, verifier, trust_domain, metrics, limiter=limiter,
+                           peers=PeerVerifier(ca, trust_domain))
