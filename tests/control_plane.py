@@ -287,8 +287,9 @@ def kube_apiserver_binary() -> str:
 
 
 class KubeApiServer:
-    """A real kube-apiserver on a free port, storing into ``etcd``, with a static token and a
-    kubeconfig for clients. Nothing else of Kubernetes runs: objects are written by tests."""
+    """A real kube-apiserver on a free port, storing into ``etcd``, with RBAC on, a static admin
+    token (``system:masters``) and a kubeconfig for it. Nothing else of Kubernetes runs: objects
+    are written by tests."""
 
     TOKEN = "pymesh-test-token"
 
@@ -313,7 +314,7 @@ class KubeApiServer:
                  "--cert-dir", str(directory / "certs"), "--service-account-key-file", str(directory / "sa.key"),
                  "--service-account-signing-key-file", str(directory / "sa.key"),
                  "--service-account-issuer", "https://kubernetes.default.svc",
-                 "--token-auth-file", str(directory / "tokens.csv"), "--authorization-mode", "AlwaysAllow",
+                 "--token-auth-file", str(directory / "tokens.csv"), "--authorization-mode", "RBAC",
                  "--service-cluster-ip-range", "10.96.0.0/16", "--endpoint-reconciler-type", "none"],
                 stdout=log, stderr=log,
             )
@@ -342,7 +343,7 @@ class KubeApiServer:
         }))
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Creates or replaces a namespaced object (Service or EndpointSlice)."""
+        """Creates or replaces an object (of a kind `_path` knows)."""
         path = self._path(obj)
         name = obj["metadata"]["name"]
         current = self.client.get(f"{path}/{name}")
@@ -365,14 +366,31 @@ class KubeApiServer:
         if response.status_code >= 300:
             raise AssertionError(f"kube-apiserver refused to delete {kind} {name}: {response.text}")
 
+    def kubeconfig_for(self, user: str, token: str, path: Path) -> Path:
+        """A kubeconfig at ``path`` that talks to this API server as ``token``."""
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": user,
+            "clusters": [{"name": "test", "cluster": {
+                "server": self.server, "certificate-authority": str(self.directory / "certs" / "apiserver.crt")}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": user, "context": {"cluster": "test", "user": user}}],
+        }))
+        return path
+
     @staticmethod
     def _path(obj: dict[str, Any]) -> str:
         namespace = obj["metadata"].get("namespace", "default")
-        if obj["kind"] == "Service":
-            return f"/api/v1/namespaces/{namespace}/services"
-        if obj["kind"] == "EndpointSlice":
-            return f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
-        raise ValueError(obj["kind"])
+        paths = {
+            "Service": f"/api/v1/namespaces/{namespace}/services",
+            "ServiceAccount": f"/api/v1/namespaces/{namespace}/serviceaccounts",
+            "EndpointSlice": f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+            "Namespace": "/api/v1/namespaces",
+            "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        }
+        if obj["kind"] not in paths:
+            raise ValueError(f"no API path known for kind {obj['kind']}")
+        return paths[obj["kind"]]
 
     def stop(self) -> None:
         self.client.close()
