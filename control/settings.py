@@ -39,13 +39,15 @@ import yaml
 
 import pymesh
 
+from .identity.limits import GLOBAL_BURST, GLOBAL_RATE
+
 DEFAULT_LISTEN = "127.0.0.1:4200"
 DEFAULT_ADMIN = "127.0.0.1:4290"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 DEFAULT_CERT_LIFETIME = 24 * 3600.0
-#: the CA's overall ceiling: certificates a second, and how many may be saved up
-DEFAULT_CERT_RATE_LIMIT = 200.0
-DEFAULT_CERT_RATE_BURST = 400.0
+#: the CA's overall ceiling (certificates a second, and how many may be saved up): the limiter's
+DEFAULT_CERT_RATE_LIMIT = GLOBAL_RATE
+DEFAULT_CERT_RATE_BURST = GLOBAL_BURST
 MIN_CERT_RATE_BURST = 4.0
 #: the control plane's own identity is this service account in this namespace of its trust domain
 CONTROL_NAMESPACE = "pymesh-system"

@@ -21,7 +21,7 @@ from pymesh.control.metrics import ControlMetrics
 from pymesh.control.state import Delta, MeshState, Snapshot
 
 from .console import plain_env
-from .control_plane import Etcd, StartControl, free_port, wait_for, write_services
+from .control_plane import ControlPlane, Etcd, StartControl, Watch, free_port, wait_for, write_services
 
 #: a generous deadline for a change to reach watchers (the file source polls every 200 ms):
 #: how fast a push is, is perf/bench_control.py's to measure
@@ -558,13 +558,21 @@ def _refuses_new_calls(address: str) -> bool:
     return False
 
 
-def test_shutdown_waits_its_grace_for_calls_in_flight(start_control: StartControl, services_dir: Path,
-                                                      tmp_path: Path) -> None:
+def _watched_control(start_control: StartControl, services_dir: Path, tmp_path: Path,
+                     grace: str) -> tuple[ControlPlane, Watch]:
+    """A control plane with ``shutdownGrace: grace`` (from a settings file) and an endpoints
+    watch that has had its first update."""
     settings = tmp_path / "settings.yaml"
-    settings.write_text("shutdownGrace: 60s\n")
+    settings.write_text(f"shutdownGrace: {grace}\n")
     control = start_control(f"file:{services_dir}", "--config", str(settings))
     watch = control.watch_endpoints("web")
     assert {e.address for e in watch.next().added} == {"127.0.0.1:8080", "127.0.0.1:8081"}
+    return control, watch
+
+
+def test_shutdown_waits_its_grace_for_calls_in_flight(start_control: StartControl, services_dir: Path,
+                                                      tmp_path: Path) -> None:
+    control, watch = _watched_control(start_control, services_dir, tmp_path, "60s")
     control.process.send_signal(signal.SIGTERM)
     # New calls are refused at once; the stream in flight is still open, and so is the process.
     assert wait_for(lambda: _refuses_new_calls(control.address), timeout=10), control.logs
@@ -576,11 +584,7 @@ def test_shutdown_waits_its_grace_for_calls_in_flight(start_control: StartContro
 
 def test_shutdown_ends_calls_still_open_when_the_grace_is_over(start_control: StartControl, services_dir: Path,
                                                                tmp_path: Path) -> None:
-    settings = tmp_path / "settings.yaml"
-    settings.write_text("shutdownGrace: 200ms\n")
-    control = start_control(f"file:{services_dir}", "--config", str(settings))
-    watch = control.watch_endpoints("web")
-    watch.next()
+    control, watch = _watched_control(start_control, services_dir, tmp_path, "200ms")
     control.process.send_signal(signal.SIGTERM)
     # The client holds its stream open; the grace ends it, and the process exits 0.
     assert control.process.wait(timeout=30) == 0, control.logs
