@@ -26,8 +26,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1.0)]
     pub warmup: f64,
 
-    /// Seconds to wait after the last send for outstanding responses; those still
-    /// outstanding then count as errors ("timeout").
+    /// Seconds after the stop to wait for outstanding responses (and to send, late, requests
+    /// a lagging connection still owes); those still unsent or unanswered then count as
+    /// errors ("timeout").
     #[arg(long, default_value_t = 1.0)]
     pub drain: f64,
 

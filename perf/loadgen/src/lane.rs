@@ -57,8 +57,9 @@ enum Step {
     Failed(Failure),
 }
 
-/// Run the lane until the schedule's stop, then wait for outstanding responses until its
-/// hard stop; measured requests still unanswered then are counted as timeouts.
+/// Run the lane until the schedule's stop (an open loop: until it has sent every request due
+/// before the stop), then wait for outstanding responses until its hard stop; measured
+/// requests still unsent or unanswered then are counted as timeouts.
 pub async fn run(task: LaneTask) -> Stats {
     let LaneTask {
         link,
@@ -83,8 +84,13 @@ pub async fn run(task: LaneTask) -> Stats {
     // Closed loop only: do not reconnect before this.
     let mut not_before: Option<Instant> = None;
 
+    // A closed loop sends until the stop. An open loop sends every request due before the
+    // stop, late if the connection fell behind (its latency runs from when it was due), and
+    // only gives up at the hard stop: a generator that lags is not the system's error.
     let stop = tokio::time::sleep_until(schedule.stop().into());
     tokio::pin!(stop);
+    let hard_stop = tokio::time::sleep_until(schedule.hard_stop().into());
+    tokio::pin!(hard_stop);
     loop {
         let due = schedule.due(next);
         if due.is_some_and(|due| due >= schedule.stop()) {
@@ -93,7 +99,8 @@ pub async fn run(task: LaneTask) -> Stats {
         let room = inflight.len() < max_inflight;
         tokio::select! {
             biased;
-            () = &mut stop => break,
+            () = &mut hard_stop => break,
+            () = &mut stop, if due.is_none() => break,
             Some(done) = inflight.next(), if !inflight.is_empty() => {
                 settle(&mut stats, &mut outstanding, &done);
             }
@@ -144,8 +151,6 @@ pub async fn run(task: LaneTask) -> Stats {
     }
 
     // Drain: no more sends; wait for what is out, but not past the hard stop.
-    let hard_stop = tokio::time::sleep_until(schedule.hard_stop().into());
-    tokio::pin!(hard_stop);
     while !inflight.is_empty() {
         tokio::select! {
             biased;

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 /// The phases of a run: warm-up `[start, window_start)`, measured `[window_start, stop)`,
-/// then a drain until `hard_stop` in which only outstanding responses are awaited.
+/// then a drain until `hard_stop` in which outstanding responses are awaited (and requests
+/// due before `stop` that a lagging connection still owes are sent, late).
 #[derive(Clone, Copy, Debug)]
 pub struct Schedule {
     start: Instant,
@@ -43,7 +44,8 @@ impl Schedule {
         at >= self.window_start && at < self.stop
     }
 
-    /// No request is sent at or after this instant.
+    /// No request due at or after this instant is sent. One due before it may still be sent
+    /// after it, late, by a connection that fell behind.
     pub fn stop(&self) -> Instant {
         self.stop
     }

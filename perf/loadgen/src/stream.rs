@@ -161,8 +161,13 @@ pub async fn run(task: StreamTask) -> Stats {
     // Closed loop only: do not try again before this.
     let mut not_before: Option<Instant> = None;
 
+    // A closed loop sends until the stop. An open loop sends every request due before the
+    // stop, late if the connection fell behind (its latency runs from when it was due), and
+    // only gives up at the hard stop: a generator that lags is not the system's error.
     let stop = tokio::time::sleep_until(schedule.stop().into());
     tokio::pin!(stop);
+    let hard_stop = tokio::time::sleep_until(schedule.hard_stop().into());
+    tokio::pin!(hard_stop);
     loop {
         let due = schedule.due(next);
         if due.is_some_and(|due| due >= schedule.stop()) {
@@ -182,7 +187,8 @@ pub async fn run(task: StreamTask) -> Stats {
         };
         tokio::select! {
             biased;
-            () = &mut stop => break,
+            () = &mut hard_stop => break,
+            () = &mut stop, if due.is_none() => break,
             event = receive(&mut call.inbound, &mut call.counter), if call.inbound.is_some() => match event {
                 Event::Echoed(count) => call.echoed(count, &mut stats),
                 Event::Ended => call.end(Failure::Transport, &mut stats),
@@ -232,8 +238,6 @@ pub async fn run(task: StreamTask) -> Stats {
     // Drain: half-close the call so the server can finish it, and wait for the echoes still
     // out, but not past the hard stop.
     call.outbound = None;
-    let hard_stop = tokio::time::sleep_until(schedule.hard_stop().into());
-    tokio::pin!(hard_stop);
     while !call.out.is_empty() && call.is_open() {
         tokio::select! {
             biased;

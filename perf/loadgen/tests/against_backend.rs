@@ -174,6 +174,38 @@ fn a_stalled_server_shows_up_as_latency_and_timeouts() {
 }
 
 #[test]
+fn requests_a_lagging_connection_owes_are_sent_late_in_the_drain_not_dropped() {
+    // Every response takes 50 ms, so one HTTP/1.1 connection does ~20 rps; 50 rps for 0.4 s
+    // asks it for 20 requests. By the stop it has sent only about 8: the rest are sent late
+    // in the drain (their latency runs from when they were due) and all are answered. A
+    // generator that falls behind is not an error of the system under test.
+    let addr = start_backend(pymesh_backend::Config {
+        delay: Duration::from_millis(50),
+        ..Default::default()
+    });
+    let url = format!("http://{addr}/");
+    let report = loadgen(&[
+        "--url",
+        &url,
+        "--rate",
+        "50",
+        "--duration",
+        "0.4",
+        "--warmup",
+        "0",
+        "--connections",
+        "1",
+        "--drain",
+        "5",
+    ]);
+    assert_eq!(u(&report, "/requests"), 20, "{report}");
+    assert_eq!(u(&report, "/errors"), 0, "{report}");
+    assert_eq!(u(&report, "/status_counts/200"), 20, "{report}");
+    // The last request was due at 0.38 s and could not be answered before ~1 s.
+    assert!(u(&report, "/latency_us/max") > 400_000, "{report}");
+}
+
+#[test]
 fn closed_loop_runs_flat_out() {
     let addr = start_backend(pymesh_backend::Config::default());
     let url = format!("http://{addr}/");
