@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import random
@@ -350,6 +351,73 @@ def test_streamed_response_body(start_proxy: ProxyFactory, h2_backend: H2Backend
             whole = first + b"".join(pieces)
     assert whole == b"first chunk;last chunk", whole
 
+
+
+class HeldConnect:
+    """A listener whose accept queue is kept full, so a proxy's connect to it waits (its SYNs
+    are dropped) until :meth:`release`; then what the proxy sends is relayed to ``target``."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        host, port = self.listener.getsockname()
+        self.address = f"{host}:{port}"
+        # Backlog 0 holds one connection not yet accepted: this one fills it.
+        self.filler = socket.create_connection(self.listener.getsockname(), timeout=5)
+        self.threads: list[threading.Thread] = []
+
+    def release(self) -> None:
+        self.listener.accept()[0].close()  # the filler: the proxy's next SYN gets in
+        self.listener.settimeout(15)
+        client, _ = self.listener.accept()
+        host, port = self.target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)), timeout=15)
+        for a, b in ((client, upstream), (upstream, client)):
+            thread = threading.Thread(target=self._pipe, args=(a, b), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for s in (self.filler, self.listener):
+            s.close()
+
+
+def test_max_pending_sheds_requests_past_those_waiting_for_a_connection(
+        start_proxy: ProxyFactory, h2_backend: H2Backend) -> None:
+    """`limits.maxPending: 2`: while the upstream HTTP/2 connection is still being opened, two
+    requests wait for it and a third is shed at once (503 `shed`, counted under
+    `max_pending`); once the connection is up the two waiting requests are served."""
+    held = HeldConnect(h2_backend.address)
+    config = make_config({SERVICE: [held.address]})
+    config["services"][0].update(limits={"maxPending": 2}, timeouts={"connect": "20s", "request": "30s"})
+    proxy = start_proxy(config)
+    try:
+        # A client (a connection to the proxy) per request, so that nothing queues client side.
+        with h2_client(proxy) as one, h2_client(proxy) as two, h2_client(proxy) as client, \
+                concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(c.get, "/info") for c in (one, two)]
+            deadline = time.monotonic() + 10
+            while total(proxy.metrics(), "request_total", dst_service=SERVICE) < 2:
+                assert time.monotonic() < deadline, "the two requests never reached the proxy"
+                time.sleep(0.05)
+            third = client.get("/info", timeout=10)
+            assert third.status_code == 503 and third.headers.get("pymesh-reason") == "shed", third.headers
+            assert not any(f.done() for f in waiting), "a waiting request was answered before the connection"
+            assert total(proxy.metrics(), "requests_shed_total", dst_service=SERVICE, limit="max_pending") >= 1
+            held.release()
+            assert [f.result(timeout=30).status_code for f in waiting] == [200, 200]
+    finally:
+        held.close()
 
 @dataclass
 class RawH2Response:

@@ -116,17 +116,24 @@ def test_native_reloads_on_file_change_and_sighup(native_proxy, tmp_path) -> Non
             traffic.wait_for(traffic.sent + 50)
             assert new.connections >= max(served_before, 1)
 
-            # A broken file is rejected and logged; traffic carries on.
-            proxy.config_path.write_text("listeners: [{address: nope}]\n")
+            # A broken file is rejected and logged; traffic carries on. (Padded with a comment
+            # so that the next version can be given exactly its length.)
+            broken = "listeners: [{address: nope}]\n#" + "-" * 4096 + "\n"
+            proxy.config_path.write_text(broken)
             assert wait_until(lambda: reloads("rejected") == 1, timeout=10)
             traffic.wait_for(traffic.sent + 50)
 
-            # SIGHUP re-reads the file even when the watcher sees no change: new content
-            # renamed into place with the old modification time (so only the signal applies it).
+            # SIGHUP re-reads the file even when the watcher sees no change: new content of
+            # the same length renamed into place with the old modification time, so the
+            # watcher's stamp (modification time, length) is unchanged and only the signal
+            # applies it.
             mtime = proxy.config_path.stat().st_mtime_ns
             config["services"][0]["endpoints"] = [{"address": old.address}]
+            text = yaml.safe_dump(config)
+            text += "#" + "-" * (len(broken) - len(text) - 2) + "\n"
+            assert len(text.encode()) == proxy.config_path.stat().st_size
             staged = proxy.config_path.with_name("staged.yaml")
-            staged.write_text(yaml.safe_dump(config))
+            staged.write_text(text)
             os.utime(staged, ns=(mtime, mtime))
             staged.replace(proxy.config_path)
             proxy.process.send_signal(signal.SIGHUP)
