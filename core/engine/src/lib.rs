@@ -8,7 +8,8 @@
 //! `service` (authority → service, and what survives a reload), `http` (serving,
 //! admitting, the tries), `tcp`, `balance` (endpoint load and health), `connect` (TCP,
 //! mesh TLS, connection caps), `authz`, `record` (golden metrics), and the lifecycle in
-//! `proxy` with `discover` and `identity` feeding it. `docs/architecture.md` draws it.
+//! `proxy` with `discover` and `identity` feeding it, and `memory` handing back what a
+//! burst freed. `docs/architecture.md` draws it.
 //!
 //! The public surface is small: [`Proxy`] to run one, and [`config`] to read and
 //! check the configuration it runs.
@@ -32,6 +33,7 @@ mod inbound;
 mod io;
 mod limit;
 mod listen;
+mod memory;
 mod metrics;
 mod outbound;
 mod proxy;

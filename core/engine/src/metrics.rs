@@ -217,6 +217,8 @@ pub(crate) struct Metrics {
     pub(crate) endpoints: Family<EndpointStateLabels, Gauge>,
     pub(crate) authz: Family<AuthzLabels, Counter>,
     pub(crate) identity: IdentityMetrics,
+    /// Resident bytes the allocator handed back to the OS after connections freed them.
+    pub(crate) memory_returned: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -276,6 +278,7 @@ impl Metrics {
         let shed = Family::<ShedLabels, Counter>::default();
         let rate_limited = Family::<ServiceLabels, Counter>::default();
         let endpoints = Family::<EndpointStateLabels, Gauge>::default();
+        let memory_returned = Counter::default();
         let authz = Family::<AuthzLabels, Counter>::default();
         let identity = IdentityMetrics::default();
 
@@ -348,6 +351,11 @@ impl Metrics {
             "Certificate requests to the mesh CA, by result",
             identity.refreshes.clone(),
         );
+        registry.register(
+            "memory_returned_bytes",
+            "Freed memory handed back to the operating system (resident bytes)",
+            memory_returned.clone(),
+        );
 
         Self {
             registry,
@@ -367,6 +375,7 @@ impl Metrics {
             endpoints,
             authz,
             identity,
+            memory_returned,
         }
     }
 

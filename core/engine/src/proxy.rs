@@ -130,6 +130,10 @@ impl Proxy {
             proxy.downgrade(),
             state.shutdown.clone(),
         ));
+        tokio::spawn(crate::memory::run(
+            state.metrics.memory_returned.clone(),
+            state.shutdown.clone(),
+        ));
         if let (Some(mesh), Some(identity)) = (&state.mesh, &settings.identity) {
             tokio::spawn(crate::identity::run(
                 mesh.clone(),
