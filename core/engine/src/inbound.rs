@@ -57,12 +57,14 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
         conn.record.read_bytes.clone(),
         conn.record.write_bytes.clone(),
     );
+    // The handshake and the TLS session are boxed: a plaintext connection's task does not
+    // carry their size, and a mesh one holds the session (kilobytes) only while it lives.
     let (protocol, client) = match mesh {
-        Some(mesh) if meshed => match mesh.accept(io, HANDSHAKE_TIMEOUT).await {
+        Some(mesh) if meshed => match Box::pin(mesh.accept(io, HANDSHAKE_TIMEOUT)).await {
             Ok((tls, client)) => {
                 let io = Prefixed::new(Bytes::new(), tls);
                 (
-                    carry_on(&conn, io, Some(client.clone())).await,
+                    Box::pin(carry_on(&conn, io, Some(client.clone()))).await,
                     Some(client),
                 )
             }
@@ -136,7 +138,8 @@ where
     }
     let default_service = conn.listener.default_service.as_deref();
     match conn.snapshot.router.route(None, default_service) {
-        Some(route) => crate::tcp::forward(io, route).await,
+        // Boxed: only opaque connections carry the connect and copy state.
+        Some(route) => Box::pin(crate::tcp::forward(io, route)).await,
         None => {
             tracing::info!(listener = %conn.name, "opaque connection closed: the listener has no default service")
         }

@@ -46,7 +46,8 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
         Some(Detected::Opaque) => {
             let default_service = conn.listener.default_service.as_deref();
             match conn.snapshot.router.route(None, default_service) {
-                Some(route) => crate::tcp::forward(io, route).await,
+                // Boxed: only opaque connections carry the connect and copy state.
+                Some(route) => Box::pin(crate::tcp::forward(io, route)).await,
                 None => {
                     tracing::info!(listener = %conn.name, "opaque connection closed: the listener has no default service")
                 }

@@ -54,17 +54,22 @@ where
     let protocol = conn.protocol;
     let shutdown = conn.state.shutdown.clone();
     let service = service_fn(move |req| {
-        let response = handler(conn.clone(), req);
+        // Boxed: hyper keeps one slot per HTTP/1 connection for the request in flight,
+        // sized by this future; a pointer there, not the whole request path, is what an
+        // idle connection then carries (about 12 KiB less each).
+        let response = Box::pin(handler(conn.clone(), req));
         async move { Ok::<_, Infallible>(response.await) }
     });
     let io = TokioIo::new(io);
+    // Each connection is boxed at its own protocol's size: the task that holds it is not
+    // as big as the larger of the two (every idle connection would carry the difference).
     let result = match protocol {
         Detected::Http2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(limits.max_header_bytes as u32)
                 .serve_connection(io, service);
-            until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await
+            Box::pin(until_drained(conn, &shutdown, |c| c.graceful_shutdown())).await
         }
         _ => {
             let conn = hyper::server::conn::http1::Builder::new()
@@ -73,7 +78,7 @@ where
                 .max_headers(limits.max_headers)
                 .serve_connection(io, service)
                 .with_upgrades();
-            until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await
+            Box::pin(until_drained(conn, &shutdown, |c| c.graceful_shutdown())).await
         }
     };
     if let Err(e) = result {
