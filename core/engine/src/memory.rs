@@ -4,11 +4,14 @@
 //! lies at the top of the main heap. After a burst (thousands of slow clients, each
 //! holding its buffers) the proxy would otherwise stay at its peak size for good, most of
 //! it free but resident. Every [`CHECK_EVERY`] this asks the allocator how much it holds
-//! free and, past [`TRIM_ABOVE`], trims it (`malloc_trim`, which also releases free pages
-//! inside the heaps). Both calls take the arenas' locks, so they run on a blocking
-//! thread, never on a worker, and never on the request path. Elsewhere (musl, or any
-//! allocator that returns memory itself) this does nothing.
+//! free and, past [`TRIM_ABOVE`] more than after the last trim, trims it (`malloc_trim`,
+//! which also releases free pages inside the heaps). Both calls take the arenas' locks, so
+//! they run on a thread of their own (`pymesh-memory`), never on a worker and never on the
+//! request path; not on the runtime's blocking pool either, whose threads carry the
+//! workers' name and would be counted as workers. Elsewhere (musl, or any allocator that
+//! returns memory itself) this does nothing.
 
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -19,39 +22,63 @@ use tokio_util::sync::CancellationToken;
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Free memory the allocator may keep for reuse without being trimmed.
 const TRIM_ABOVE: usize = 1 << 20;
+/// The trimming thread's stack: it calls two libc functions and reads one /proc file.
+const STACK_BYTES: usize = 64 * 1024;
 
-/// Trims the allocator whenever it holds more than [`TRIM_ABOVE`] free, until `shutdown`;
-/// `returned` counts the resident bytes each trim gave back.
+/// Trims the allocator whenever it holds more than [`TRIM_ABOVE`] newly free, until
+/// `shutdown`; `returned` counts the resident bytes each trim gave back.
 pub(crate) async fn run(returned: Counter, shutdown: CancellationToken) {
     if !allocator::SUPPORTED {
         return;
     }
-    let mut every = tokio::time::interval(CHECK_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        match tokio::task::spawn_blocking(trim_if_worth_it).await {
-            Ok(Some(bytes)) => {
-                returned.inc_by(bytes);
-                tracing::debug!(bytes, "returned freed memory to the operating system");
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "the memory trim task failed"),
+    // The thread sleeps on this channel; dropping the sender at shutdown wakes it to end.
+    let (stop, stopped) = mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("pymesh-memory".into())
+        .stack_size(STACK_BYTES)
+        .spawn(move || trim_until_stopped(&returned, &stopped));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "memory is not handed back after bursts: no thread for it");
+        return;
+    }
+    shutdown.cancelled().await;
+    drop(stop);
+}
+
+fn trim_until_stopped(returned: &Counter, stopped: &mpsc::Receiver<()>) {
+    let mut trimmer = Trimmer::default();
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECK_EVERY) {
+        if let Some(bytes) = trimmer.trim_if_worth_it() {
+            returned.inc_by(bytes);
+            tracing::debug!(bytes, "returned freed memory to the operating system");
         }
     }
 }
 
-/// Trims when the allocator holds enough free; the resident bytes that came back, if any.
-fn trim_if_worth_it() -> Option<u64> {
-    if allocator::free_bytes() <= TRIM_ABOVE {
-        return None;
+/// When a trim is worth its cost. `malloc_trim` hands pages back but leaves their chunks
+/// counted as free, so the free total stays high after a trim; measured against what was
+/// free right after the last one, a burst is trimmed once, not every [`CHECK_EVERY`] for
+/// good (each trim walks every arena under its lock, which the worker then waits on).
+#[derive(Debug, Default, Clone, Copy)]
+struct Trimmer {
+    /// Free bytes right after the last trim, lowered as the allocator reuses them.
+    baseline: usize,
+}
+
+impl Trimmer {
+    /// Trims when more than [`TRIM_ABOVE`] was freed since the last trim; the resident
+    /// bytes that came back, if it did.
+    fn trim_if_worth_it(&mut self) -> Option<u64> {
+        let free = allocator::free_bytes();
+        self.baseline = self.baseline.min(free);
+        if free <= self.baseline.saturating_add(TRIM_ABOVE) {
+            return None;
+        }
+        let before = resident_bytes()?;
+        allocator::trim();
+        self.baseline = allocator::free_bytes();
+        Some(before.saturating_sub(resident_bytes()?))
     }
-    let before = resident_bytes()?;
-    allocator::trim();
-    Some(before.saturating_sub(resident_bytes()?))
 }
 
 /// The process's resident memory, from /proc (Linux).
@@ -104,8 +131,16 @@ mod tests {
         let pin = blocks.pop();
         drop(blocks);
         assert!(allocator::free_bytes() > TRIM_ABOVE);
-        let returned = trim_if_worth_it().expect("a trim, with this much free");
+        let mut trimmer = Trimmer::default();
+        let returned = trimmer
+            .trim_if_worth_it()
+            .expect("a trim, with this much free");
         assert!(returned > 16 << 20, "only {returned} bytes came back");
+        assert_eq!(
+            trimmer.trim_if_worth_it(),
+            None,
+            "trimmed again with nothing newly freed"
+        );
         drop(pin);
     }
 }
