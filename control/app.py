@@ -25,6 +25,7 @@ from .settings import ControlSettings
 from .sources import Source, SourceError, make_source
 from .state import MeshState
 from .tls import ServerCertificate, TlsFront
+from .virtual_ip import parse_range
 
 #: behind the TLS front, the gRPC server listens here (the port is the OS's choice)
 INTERNAL_ADDRESS = "127.0.0.1:0"
@@ -56,7 +57,9 @@ async def serve(settings: ControlSettings, announce: Callable[[str], None] | Non
     """Runs the control plane until ``stop`` is set (or SIGTERM/SIGINT). ``announce`` gets the
     ``listening IP:PORT`` and ``admin IP:PORT`` lines once both are bound."""
     control_identity = check_control_identity(settings)
-    source = make_source(settings.source, poll_interval=settings.poll_interval, etcd_prefix=settings.etcd_prefix)
+    virtual_ip_range = parse_range(settings.virtual_ip_range)  # settings made in code are checked too
+    source = make_source(settings.source, poll_interval=settings.poll_interval, etcd_prefix=settings.etcd_prefix,
+                         virtual_ip_range=virtual_ip_range)
     metrics = ControlMetrics()
     state = MeshState(source.name, metrics, max_pending=settings.max_pending_updates)
     try:

@@ -25,6 +25,9 @@ identity: spiffe://cluster.local/ns/pymesh-system/sa/pymesh-control  # default: 
 plaintext: false                       # true: no TLS, for local development only (logged as a warning)
 allowRegister: false                   # true: Register/Deregister are served (mutual TLS only)
 tokenAudience: pymesh-control          # what tokens (and Kubernetes ServiceAccount tokens) must name
+# Where the file and etcd sources take each service's virtual IP from (see
+# pymesh.control.virtual_ip); IPv4 or IPv6, at least 256 addresses. Kubernetes uses ClusterIPs.
+virtualIpRange: 10.240.0.0/16
 ```
 """
 
@@ -40,6 +43,7 @@ import yaml
 import pymesh
 
 from .identity.limits import GLOBAL_BURST, GLOBAL_RATE
+from .virtual_ip import DEFAULT_RANGE, parse_range
 
 DEFAULT_LISTEN = "127.0.0.1:4200"
 DEFAULT_ADMIN = "127.0.0.1:4290"
@@ -81,6 +85,7 @@ class ControlSettings:
     plaintext: bool = False
     allow_register: bool = False
     token_audience: str = DEFAULT_TOKEN_AUDIENCE
+    virtual_ip_range: str = DEFAULT_RANGE
 
     def merged(self, **overrides: Any) -> ControlSettings:
         """These settings with every override that is not None."""
@@ -162,6 +167,8 @@ def load_settings(path: Path | None) -> ControlSettings:
         elif name in _BOOLEANS:
             if not isinstance(value, bool):
                 raise pymesh.ConfigError(str(key), f"expected true or false, found {value!r}")
+        elif name == "virtual_ip_range":
+            value = str(parse_range(value, str(key)))  # refused here, before anything starts
         elif not isinstance(value, str):
             raise pymesh.ConfigError(str(key), f"expected a string, found {type(value).__name__}")
         values[name] = value

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..virtual_ip import DEFAULT_RANGE, IpNetwork, parse_range
 from .base import RegistrationError, Sink, Source, SourceError, validate_endpoint, validate_services
 
 __all__ = ["RegistrationError", "Sink", "Source", "SourceError", "make_source", "parse_etcd_endpoints",
@@ -26,10 +27,13 @@ def parse_etcd_endpoints(spec: str) -> list[tuple[str, int]]:
     return endpoints
 
 
-def make_source(spec: str, *, poll_interval: float = 0.2, etcd_prefix: str = "/pymesh/") -> Source:
+def make_source(spec: str, *, poll_interval: float = 0.2, etcd_prefix: str = "/pymesh/",
+                virtual_ip_range: IpNetwork | None = None) -> Source:
     """A source from its spec: ``file:DIR``, ``etcd:HOST:PORT[,HOST:PORT]``, ``kubernetes`` or
-    ``kubernetes:KUBECONFIG``.
+    ``kubernetes:KUBECONFIG``. The file and etcd sources give services virtual IPs from
+    ``virtual_ip_range`` (default 10.240.0.0/16); Kubernetes uses ClusterIPs.
     Raises ValueError saying what would be valid."""
+    network = virtual_ip_range if virtual_ip_range is not None else parse_range(DEFAULT_RANGE)
     kind, sep, rest = spec.partition(":")
     if sep and kind == "file":
         from .file import FileSource
@@ -37,11 +41,11 @@ def make_source(spec: str, *, poll_interval: float = 0.2, etcd_prefix: str = "/p
         directory = Path(rest).expanduser()
         if not directory.is_dir():
             raise ValueError(f"file source: {rest!r} is not a directory")
-        return FileSource(directory, poll_interval=poll_interval)
+        return FileSource(directory, poll_interval=poll_interval, virtual_ip_range=network)
     if sep and kind == "etcd":
         from .etcd import EtcdSource
 
-        return EtcdSource(parse_etcd_endpoints(rest), prefix=etcd_prefix)
+        return EtcdSource(parse_etcd_endpoints(rest), prefix=etcd_prefix, virtual_ip_range=network)
     if kind == "kubernetes":
         from .kubernetes import ApiAccess, KubernetesSource
 

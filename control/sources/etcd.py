@@ -12,6 +12,11 @@ Keys, under a prefix (``/pymesh/`` by default):
   wins, and ``Deregister`` deletes registrations only, never an operator's key;
 - ``/pymesh/authorization``: the mesh-wide ``pymesh.config.v1.Authorization`` (optional).
 
+Every service gets a virtual IP (see :mod:`pymesh.control.virtual_ip`): its own ``virtualIp``,
+else one hashed from its name in the range, the same on every replica. A ``virtualIp`` that
+is not an IP address or that another service already has is reported with the key, and the
+key's last good value is kept.
+
 Several control-plane replicas on one etcd share this state; each watches the prefix and
 serves any proxy. A key whose value is invalid (the engine judges services and endpoints) is
 reported with the key and field path, and its last good value is kept. After a lost
@@ -36,6 +41,16 @@ from pymesh._proto.pymesh.config.v1 import proxy_pb2
 from ..backoff import Backoff
 from ..policy import check_authorization
 from ..state import Delta, Snapshot
+from ..virtual_ip import (
+    DEFAULT_RANGE,
+    FIELD,
+    Allocator,
+    IpNetwork,
+    check_address,
+    duplicate_message,
+    parse_range,
+    with_virtual_ip,
+)
 from .base import (
     RegistrationError,
     Sink,
@@ -69,7 +84,8 @@ _CONNECTION = "connection"
 class EtcdSource(Source):
     """State shared through etcd."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], *, prefix: str = "/pymesh/", timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: list[tuple[str, int]], *, prefix: str = "/pymesh/", timeout: float = 5.0,
+                 virtual_ip_range: IpNetwork | None = None) -> None:
         if not prefix.endswith("/"):
             prefix += "/"
         self.endpoints = endpoints
@@ -80,7 +96,11 @@ class EtcdSource(Source):
         self._client: aetcd.Client | None = None
         self._revision = 0
         self._applied = asyncio.Condition()
+        #: services as etcd defines them (an explicit virtual IP or none)
         self._services: dict[str, proxy_pb2.Service] = {}
+        #: as served: every one with its virtual IP
+        self._published: dict[str, proxy_pb2.Service] = {}
+        self._virtual_ips = Allocator(virtual_ip_range or parse_range(DEFAULT_RANGE))
         self._settings: dict[str, dict[str, Any]] = {}
         self._endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
         self._registrations: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
@@ -102,7 +122,7 @@ class EtcdSource(Source):
         endpoints: dict[str, dict[str, proxy_pb2.Endpoint]] = {}
         for service in self._endpoints.keys() | self._registrations.keys():
             endpoints[service] = {**self._registrations.get(service, {}), **self._endpoints.get(service, {})}
-        sink.replace(Snapshot(dict(self._services), endpoints, self._authorization))
+        sink.replace(Snapshot(dict(self._published), endpoints, self._authorization))
         sink.report_errors(self._errors)
         log.info("loaded %d services and %d endpoints from %s at revision %d", len(self._services),
                  sum(len(e) for e in self._endpoints.values()), self.name, self._revision)
@@ -275,6 +295,7 @@ class EtcdSource(Source):
                                                                               self._check_address(address, document))
             except pymesh.ConfigError as e:
                 self._errors[key] = str(e)
+        self._drop_virtual_ip_conflicts(candidates)
         for _ in range(len(candidates) + 1):
             names = sorted(candidates)
             try:
@@ -289,6 +310,8 @@ class EtcdSource(Source):
         for name, (_, service, settings) in candidates.items():
             self._services[name] = service
             self._settings[name] = settings
+        self._published = {}
+        self._republish()
         for kind, table in (("endpoints", self._endpoints), ("registrations", self._registrations)):
             for service, values in endpoint_values[kind].items():
                 for address, (key, document) in values.items():
@@ -311,7 +334,7 @@ class EtcdSource(Source):
             if kind == "services":
                 if self._services.pop(service, None) is not None:
                     self._settings.pop(service, None)
-                    delta.services[service] = None
+                    delta.services.update(self._republish())
             elif kind == "authorization":
                 if self._authorization is not None:
                     self._authorization = delta.authorization = None
@@ -322,10 +345,11 @@ class EtcdSource(Source):
                 document = _json(event.kv.value)
                 if kind == "services":
                     checked, settings = self._check_service(service, document)
+                    self._check_virtual_ip(service, checked)
                     self._check_merged(service, settings)
                     self._services[service] = checked
                     self._settings[service] = settings
-                    delta.services[service] = checked
+                    delta.services.update(self._republish())
                 elif kind == "authorization":
                     self._authorization = delta.authorization = check_authorization(document, "")
                 else:
@@ -353,7 +377,58 @@ class EtcdSource(Source):
             services, normalised = check_services([{**document, "name": name}])
         except pymesh.ConfigError as e:
             raise pymesh.ConfigError(strip_path(e.path, "services[0]"), e.message) from None
+        if services[0].virtual_ip:
+            services[0].virtual_ip = check_address(services[0].virtual_ip)
         return services[0], normalised[0]
+
+    def _check_virtual_ip(self, name: str, service: proxy_pb2.Service) -> None:
+        """A changed service's virtual IP is no other service's, and the range has room for it.
+        Raises :class:`pymesh.ConfigError` at ``virtualIp``."""
+        explicit = {n: s.virtual_ip for n, s in self._services.items() if n != name}
+        if service.virtual_ip:
+            other = next((n for n, address in sorted(explicit.items()) if address == service.virtual_ip), None)
+            if other is not None:
+                raise pymesh.ConfigError(FIELD, duplicate_message(service.virtual_ip, other,
+                                                                   f"{self.prefix}services/{other}"))
+        if self._virtual_ips.left_out({**explicit, name: service.virtual_ip}):
+            raise pymesh.ConfigError(FIELD, f"no virtual IP is left in {self._virtual_ips.network} for this "
+                                            "service; make virtualIpRange larger")
+
+    def _drop_virtual_ip_conflicts(self, candidates: dict[str, tuple[str, proxy_pb2.Service, dict[str, Any]]]) -> None:
+        """On a full read: of two services with the same virtual IP the one whose name sorts
+        first is kept, and services the range has no room for are left out; each one left
+        out is reported at its key."""
+        owners: dict[str, str] = {}
+        for name in sorted(candidates):
+            key, service, _ = candidates[name]
+            if not service.virtual_ip:
+                continue
+            other = owners.setdefault(service.virtual_ip, name)
+            if other != name:
+                del candidates[name]
+                where = f"{self.prefix}services/{other}"
+                self._errors[key] = f"{FIELD}: {duplicate_message(service.virtual_ip, other, where)}"
+        for name in self._virtual_ips.left_out({n: c[1].virtual_ip for n, c in candidates.items()}):
+            key = candidates.pop(name)[0]
+            self._errors[key] = (f"{FIELD}: no virtual IP is left in {self._virtual_ips.network} for this "
+                                 "service; make virtualIpRange larger")
+
+    def _republish(self) -> dict[str, proxy_pb2.Service | None]:
+        """Gives every service its virtual IP; returns the served services that changed (None:
+        removed). One service's change may move another's hashed address (a collision)."""
+        assigned, _ = self._virtual_ips.assign({n: s.virtual_ip for n, s in self._services.items()})
+        changes: dict[str, proxy_pb2.Service | None] = {n: None for n in self._published.keys()
+                                                         - self._services.keys()}
+        for name, service in self._services.items():
+            published = with_virtual_ip(service, assigned.get(name, ""))
+            if self._published.get(name) != published:
+                changes[name] = published
+        for name, published in changes.items():
+            if published is None:
+                del self._published[name]
+            else:
+                self._published[name] = published
+        return changes
 
     def _check_merged(self, name: str, settings: dict[str, Any]) -> None:
         """The engine's verdict on every service together with this one (authorities unique)."""

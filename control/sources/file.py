@@ -11,6 +11,11 @@ two services (the engine catches that once the files are merged) or a second
 ``authorization:`` is a conflict: the file that changed is reported and its previous content
 kept.
 
+Every service gets a virtual IP (see :mod:`pymesh.control.virtual_ip`): its own ``virtualIp``,
+else one hashed from its name in the range. A ``virtualIp`` that is not an IP address, or one
+two services give (in one file or across files), is reported like any other bad input, and so
+is a range with no address left for a file's new services.
+
 Endpoints registered through the Discovery API live in this process only (they are not
 written to the files) and are lost on restart; use the etcd source to share them. A file's
 endpoint always wins over a registration of the same address, and cannot be deregistered.
@@ -32,6 +37,15 @@ from pymesh._proto.pymesh.config.v1 import proxy_pb2
 
 from ..policy import check_authorization
 from ..state import Delta, Snapshot, split_endpoints
+from ..virtual_ip import (
+    DEFAULT_RANGE,
+    Allocator,
+    IpNetwork,
+    check_address,
+    duplicate_message,
+    parse_range,
+    with_virtual_ip,
+)
 from .base import (
     RegistrationError,
     Sink,
@@ -78,8 +92,10 @@ class _File:
 class FileSource(Source):
     """A directory of YAML files, polled for changes."""
 
-    def __init__(self, directory: Path, *, poll_interval: float = 0.2) -> None:
+    def __init__(self, directory: Path, *, poll_interval: float = 0.2,
+                 virtual_ip_range: IpNetwork | None = None) -> None:
         self.directory = directory
+        self._virtual_ips = Allocator(virtual_ip_range or parse_range(DEFAULT_RANGE))
         self.name = f"file:{directory}"
         self.poll_interval = poll_interval
         self._files: dict[str, _File] = {}
@@ -236,6 +252,7 @@ class FileSource(Source):
         try:
             services, authorization = self._parse(self.directory / name)
             checked, normalised = check_services(services)
+            _check_virtual_ips(checked)
             policy = check_authorization(authorization) if authorization is not None else None
         except _FileError as e:
             entry.error = str(e)
@@ -297,7 +314,10 @@ class FileSource(Source):
             return
         for name, entry in self._files.items():
             entry.accepted = candidates.get(name)
-        self._file_snapshot = split_endpoints(s for content in candidates.values() for s in content.services)
+        snapshot = split_endpoints(s for content in candidates.values() for s in content.services)
+        assigned, _ = self._virtual_ips.assign({n: s.virtual_ip for n, s in snapshot.services.items()})
+        snapshot.services = {n: with_virtual_ip(s, assigned.get(n, "")) for n, s in snapshot.services.items()}
+        self._file_snapshot = snapshot
         self._file_snapshot.authorization = next(
             (c.authorization for c in candidates.values() if c.authorization is not None), None)
 
@@ -324,6 +344,8 @@ class FileSource(Source):
                 owners[service.name] = (name, index)
             merged.extend(normalised)
             origin.extend((name, i) for i in range(len(normalised)))
+        if (conflict := self._virtual_ip_conflict(candidates)) is not None:
+            return conflict
         try:
             validate_merged(merged)
         except pymesh.ConfigError as e:
@@ -341,6 +363,32 @@ class FileSource(Source):
             return name, f"services[{local}]{'.' + rest if rest else ''}: {e.message}{suffix}"
         return None
 
+    def _virtual_ip_conflict(self, candidates: dict[str, _Content]) -> tuple[str, str] | None:
+        """A virtual IP two files' services both give, or a range too small for the services
+        that need one hashed, as (file to blame, message); None when there is neither."""
+        owners: dict[str, tuple[str, int, str]] = {}
+        for name, content in candidates.items():
+            for index, service in enumerate(content.services):
+                if not service.virtual_ip:
+                    continue
+                first = owners.setdefault(service.virtual_ip, (name, index, service.name))
+                if first[0] == name:
+                    continue  # one file's own duplicates are refused when it is read
+                blamed, _ = self._blame(name, first[0])
+                here, there = ((name, index, service.name), first) if blamed == name else \
+                    (first, (name, index, service.name))
+                message = duplicate_message(service.virtual_ip, there[2], f"{there[0]} services[{there[1]}]")
+                return blamed, f"services[{here[1]}].virtualIp: {message} (service {here[2]!r})"
+        explicit = {s.name: s.virtual_ip for content in candidates.values() for s in content.services}
+        left_out = self._virtual_ips.left_out(explicit)
+        if not left_out:
+            return None
+        changed = [n for n, c in candidates.items() if self._files[n].accepted is not c]
+        blamed = changed[-1] if changed else next(reversed(candidates))
+        return blamed, (f"services: no virtual IP is left in {self._virtual_ips.network} for {len(left_out)} "
+                        f"service(s) ({', '.join(repr(n) for n in left_out[:3])}{', …' if len(left_out) > 3 else ''});"
+                        " make virtualIpRange larger")
+
     def _blame(self, a: str, b: str) -> tuple[str, str]:
         """Of two files in conflict, the one whose content changed (else the later name)."""
         a_changed = self._files[a].accepted is not self._files[a].parsed
@@ -352,6 +400,20 @@ class FileSource(Source):
 
 class _FileError(Exception):
     """A file that is not a valid source file, with a message saying where."""
+
+
+def _check_virtual_ips(services: list[proxy_pb2.Service]) -> None:
+    """Explicit virtual IPs are IP addresses (written back canonical), each given once in the
+    file. Raises :class:`pymesh.ConfigError` at the field."""
+    owners: dict[str, int] = {}
+    for index, service in enumerate(services):
+        if not service.virtual_ip:
+            continue
+        service.virtual_ip = check_address(service.virtual_ip, f"services[{index}].virtualIp")
+        first = owners.setdefault(service.virtual_ip, index)
+        if first != index:
+            raise pymesh.ConfigError(f"services[{index}].virtualIp", duplicate_message(
+                service.virtual_ip, services[first].name, f"services[{first}]"))
 
 
 def _settings(service: dict[str, Any]) -> dict[str, Any]:

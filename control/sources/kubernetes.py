@@ -8,7 +8,9 @@
   ``<x>.<ns>.svc.<cluster-domain>``) that no other Service has as its own name or cluster IP:
   one namespace can never take another's names, and a canonical name always wins. An extra
   authority that cannot be had is dropped and reported; the Service is served without it.
-  ExternalName Services are skipped.
+  ExternalName Services are skipped. Its virtual IP is its ClusterIP (the first of
+  ``clusterIPs``, else ``clusterIP``); a headless Service (``None``) has none, and the
+  annotation cannot set one: Kubernetes allocates them.
 - Its endpoints are the ready addresses of its EndpointSlices, on the target port of one
   Service port: the annotation ``config.pymesh.io/port`` names it (name or number), else the
   first port.
@@ -466,7 +468,7 @@ class KubernetesSource(Source):
                 raise pymesh.ConfigError(field, f"malformed JSON/YAML: {e}") from None
             if not isinstance(settings, dict):
                 raise pymesh.ConfigError(field, "expected a mapping of pymesh.config.v1.Service fields")
-            for forbidden in ("name", "endpoints"):
+            for forbidden in ("name", "endpoints", "virtualIp", "virtual_ip"):
                 if forbidden in settings:
                     raise pymesh.ConfigError(f"{field}.{forbidden}", "set by Kubernetes; remove it")
         spec = obj.get("spec") or {}
@@ -478,6 +480,8 @@ class KubernetesSource(Source):
             elif extra not in authorities:
                 authorities.append(extra)
         document = {**settings, "name": self.service_name(namespace, name), "authorities": authorities}
+        if (virtual_ip := _cluster_ip(spec)):
+            document["virtualIp"] = virtual_ip
         try:
             services, normalised = check_services([document])
         except pymesh.ConfigError as e:
@@ -522,6 +526,14 @@ class KubernetesSource(Source):
                 address = f"[{ip}]:{number}" if ":" in ip else f"{ip}:{number}"
                 endpoints[address] = proxy_pb2.Endpoint(address=address)
         return endpoints
+
+
+def _cluster_ip(spec: dict[str, Any]) -> str:
+    """A Service's ClusterIP, the address applications dial for it: the first of
+    ``clusterIPs`` (the primary family), else ``clusterIP``; "" for a headless Service."""
+    ips = spec.get("clusterIPs") or [spec.get("clusterIP")]
+    ip = ips[0] if ips and isinstance(ips[0], str) else ""
+    return "" if ip in ("", "None") else ip
 
 
 def _key(obj: dict[str, Any]) -> tuple[str, str]:

@@ -9,9 +9,12 @@
 //!
 //! Mesh TLS (recognised by its SNI) is terminated with client certificates required,
 //! so the client's identity is known to authorization and metrics. Any other TLS is
-//! passed through untouched as opaque bytes. Inbound traffic always goes to the
-//! listener's default service (the local application), whatever authority it names.
+//! passed through untouched as opaque bytes. Inbound traffic always goes to the local
+//! application, whatever authority it names: on a transparent listener at the address
+//! its client dialed (netfilter's original destination), else the listener's default
+//! service.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +34,8 @@ use crate::http::local::Reason;
 use crate::http::server::{is_grpc, HttpConn};
 use crate::io::{ClientIo, Prefixed};
 use crate::listen::Accepted;
+use crate::route::{Route, Toward};
+use crate::state::{Snapshot, State};
 use crate::tls::{peek_client_hello, Hello};
 
 /// The most an inbound mesh TLS handshake may take once its ClientHello is in.
@@ -93,13 +98,8 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::new();
-    let protocol = detect::protocol(
-        conn.listener.protocol,
-        &mut io,
-        &mut buf,
-        conn.detect_timeout(),
-    )
-    .await;
+    let protocol =
+        detect::protocol(conn.protocol(), &mut io, &mut buf, conn.detect_timeout()).await;
     io.unread(buf.freeze());
     match protocol? {
         Detected::Opaque => tcp(conn, io, client).await,
@@ -110,6 +110,7 @@ where
                 protocol: http,
                 listener: conn.name.clone(),
                 default_service: conn.listener.default_service.clone(),
+                destination: conn.destination,
                 client_id: client,
             });
             let limits = conn.snapshot.settings.limits;
@@ -137,9 +138,14 @@ where
         return;
     }
     let default_service = conn.listener.default_service.as_deref();
-    match conn.snapshot.router.route(None, default_service) {
+    match local_application(
+        &conn.state,
+        &conn.snapshot,
+        conn.destination,
+        default_service,
+    ) {
         // Boxed: only opaque connections carry the connect and copy state.
-        Some(route) => Box::pin(crate::tcp::forward(io, route)).await,
+        Some(route) => Box::pin(crate::tcp::forward(io, &route)).await,
         None => {
             tracing::info!(listener = %conn.name, "opaque connection closed: the listener has no default service")
         }
@@ -168,15 +174,33 @@ async fn request(conn: Arc<HttpConn>, mut req: Request<Incoming>) -> Response<Pr
     }
     set_client_identity(req.headers_mut(), conn.client_id.as_deref());
     // Inbound traffic is for the local application, whatever authority it names.
-    let Some(route) = snapshot
-        .router
-        .route(None, conn.default_service.as_deref())
-        .cloned()
-    else {
+    let route = local_application(
+        &conn.state,
+        &snapshot,
+        conn.destination,
+        conn.default_service.as_deref(),
+    );
+    let Some(route) = route else {
         return unrouted(&conn, &req, grpc, start);
     };
     drop(snapshot);
     forward(&conn, route, req, start, grpc).await
+}
+
+/// The local application: at the address the client dialed when it was redirected here,
+/// else the listener's default service.
+fn local_application(
+    state: &State,
+    snapshot: &Snapshot,
+    destination: Option<SocketAddr>,
+    default_service: Option<&str>,
+) -> Option<Arc<Route>> {
+    match destination {
+        Some(dst) => snapshot
+            .router
+            .destination(Toward::Local, dst, &state.metrics),
+        None => snapshot.router.route(None, default_service).cloned(),
+    }
 }
 
 /// 400 for a path that path policies could read one way and the application another.

@@ -35,6 +35,7 @@ mod limit;
 mod listen;
 mod memory;
 mod metrics;
+mod orig_dst;
 mod outbound;
 mod proxy;
 mod record;

@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Direction, ListenerSettings};
+use crate::config::{Direction, ListenerProtocol, ListenerSettings};
 use crate::record::ConnectionRecord;
 use crate::state::{Snapshot, State};
 
@@ -39,9 +39,23 @@ pub(crate) struct Accepted {
     pub(crate) name: Arc<str>,
     pub(crate) record: ConnectionRecord,
     pub(crate) accepted_at: Instant,
+    /// On a transparent listener, the address the client dialed, when netfilter
+    /// redirected the connection here.
+    pub(crate) destination: Option<SocketAddr>,
 }
 
 impl Accepted {
+    /// How the listener decides the protocol: a transparent listener's opaque ports skip
+    /// detection.
+    pub(crate) fn protocol(&self) -> ListenerProtocol {
+        match self.destination {
+            Some(dst) if self.listener.opaque_ports.contains(&dst.port()) => {
+                ListenerProtocol::Opaque
+            }
+            _ => self.listener.protocol,
+        }
+    }
+
     /// What is left of the detect timeout (TLS termination may have used some).
     pub(crate) fn detect_timeout(&self) -> std::time::Duration {
         self.snapshot
@@ -129,7 +143,12 @@ async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let name: Arc<str> = Arc::from(listener.name.as_str());
+    let destination = listener
+        .transparent
+        .then(|| crate::orig_dst::redirected_from(&stream))
+        .flatten();
     let accepted = Accepted {
+        destination,
         record: ConnectionRecord::open(&state.metrics, listener.direction, &name),
         snapshot: state.snapshot(),
         state,

@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! accept (listen) → detect → HTTP | TCP
-//!     HTTP, per request: route by authority → admit → attempts → (mesh TLS) upstream
-//!     TCP:               the listener's default service → connect (mesh TLS) → copy
+//!     HTTP, per request: route → admit → attempts → (mesh TLS) upstream
+//!     TCP:               route → connect (mesh TLS) → copy
 //! ```
 //!
-//! A request names its service by `Host`/`:authority` (else the listener's default
-//! service). Endpoints with an identity are reached over mutual TLS (`connect`).
+//! A connection redirected to a transparent listener goes where its client meant: a
+//! service's virtual IP to that service, one of its endpoints to that endpoint with the
+//! service's policy, any other address straight through. Otherwise a request names its
+//! service by `Host`/`:authority`, else the listener's default service, which also takes
+//! opaque TCP. Endpoints with an identity are reached over mutual TLS (`connect`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -24,6 +28,8 @@ use crate::http::forward::{forward, unrouted};
 use crate::http::server::{is_grpc, request_authority, HttpConn};
 use crate::io::ClientIo;
 use crate::listen::Accepted;
+use crate::route::{Route, Toward};
+use crate::state::Snapshot;
 
 pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
     let mut io = ClientIo::accepted(
@@ -33,21 +39,23 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
         conn.record.write_bytes.clone(),
     );
     let mut buf = BytesMut::new();
-    let protocol = detect::protocol(
-        conn.listener.protocol,
-        &mut io,
-        &mut buf,
-        conn.detect_timeout(),
-    )
-    .await;
+    let protocol =
+        detect::protocol(conn.protocol(), &mut io, &mut buf, conn.detect_timeout()).await;
     io.unread(buf.freeze());
     match protocol {
         None => {}
         Some(Detected::Opaque) => {
             let default_service = conn.listener.default_service.as_deref();
-            match conn.snapshot.router.route(None, default_service) {
+            let route = route(
+                &conn.state,
+                &conn.snapshot,
+                conn.destination,
+                None,
+                default_service,
+            );
+            match route {
                 // Boxed: only opaque connections carry the connect and copy state.
-                Some(route) => Box::pin(crate::tcp::forward(io, route)).await,
+                Some(route) => Box::pin(crate::tcp::forward(io, &route)).await,
                 None => {
                     tracing::info!(listener = %conn.name, "opaque connection closed: the listener has no default service")
                 }
@@ -60,6 +68,7 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
                 protocol: http,
                 listener: conn.name.clone(),
                 default_service: conn.listener.default_service.clone(),
+                destination: conn.destination,
                 client_id: None,
             });
             let limits = conn.snapshot.settings.limits;
@@ -70,18 +79,36 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
     record.close(&state.metrics, protocol, None);
 }
 
-/// One HTTP request: route it by its authority, then forward it.
+/// One HTTP request: route it, then forward it.
 async fn request(conn: Arc<HttpConn>, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     let grpc = is_grpc(&req);
-    let route = conn
-        .state
-        .snapshot()
-        .router
-        .route(request_authority(&req), conn.default_service.as_deref())
-        .cloned();
+    let route = route(
+        &conn.state,
+        &conn.state.snapshot(),
+        conn.destination,
+        request_authority(&req),
+        conn.default_service.as_deref(),
+    );
     match route {
         Some(route) => forward(&conn, route, req, start, grpc).await,
         None => unrouted(&conn, &req, grpc, start),
+    }
+}
+
+/// Where a connection or request goes: its original destination when it was redirected,
+/// else its authority, else the listener's default service.
+fn route(
+    state: &crate::state::State,
+    snapshot: &Snapshot,
+    destination: Option<SocketAddr>,
+    authority: Option<&str>,
+    default_service: Option<&str>,
+) -> Option<Arc<Route>> {
+    match destination {
+        Some(dst) => snapshot
+            .router
+            .destination(Toward::Outbound, dst, &state.metrics),
+        None => snapshot.router.route(authority, default_service).cloned(),
     }
 }

@@ -1,17 +1,24 @@
 //! The routing table: which service a request or connection goes to, by its
-//! `Host`/`:authority` or the listener's default service.
+//! `Host`/`:authority` or the listener's default service, or (on a transparent
+//! listener) by the original destination its client dialed.
 //!
 //! A table is built once per config, as part of its snapshot (see `state`); requests
-//! already in flight keep the table they started with. The table maps authorities to
-//! services; what survives a reload lives with the service (see `service`).
+//! already in flight keep the table they started with. The table maps authorities and
+//! virtual IPs to services; what survives a reload lives with the service (see
+//! `service`). Destinations that no virtual IP claims (an endpoint dialed directly,
+//! an address outside the mesh, the local application inbound) get a service of their
+//! own the first time they are seen, kept in a small table that is read without a lock.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::config::{Direction, Settings};
+use crate::config::{Direction, ServiceSettings, Settings, Timeouts};
 use crate::metrics::{DirectionLabel, HandleCache, Label, Metrics, RouteLabels};
 use crate::service::Service;
 use crate::tls::MeshTls;
@@ -40,10 +47,41 @@ pub(crate) fn direction_index(direction: Direction) -> usize {
     }
 }
 
+/// Destinations kept with a service of their own; past this, a new destination is
+/// served with a service built for its connection alone (no pooled connections).
+const MAX_DESTINATIONS: usize = 1024;
+/// The service name of destinations past [`MAX_DESTINATIONS`].
+const UNLISTED_DESTINATION: &str = "unlisted-destination";
+
 #[derive(Default)]
 pub(crate) struct Router {
     by_authority: HashMap<String, Arc<Route>>,
     targets: HashMap<String, Arc<Service>>,
+    /// Services by their virtual IP.
+    by_virtual_ip: HashMap<IpAddr, Arc<Route>>,
+    /// Which service each endpoint address belongs to (the first that lists it).
+    endpoint_owners: HashMap<SocketAddr, Arc<ServiceSettings>>,
+    destinations: Destinations,
+}
+
+/// How a destination is reached: as seen from the local application (outbound), or as
+/// the local application itself (inbound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Toward {
+    /// The application dialed it: a service's endpoint keeps the service's policy and
+    /// identity (mutual TLS); any other address is passed through.
+    Outbound,
+    /// The local application, at the port a peer dialed: plain, on this host.
+    Local,
+}
+
+/// Services built for destinations as they are first seen: copied whole on insert (rare)
+/// so that reading, once per connection, takes no lock.
+#[derive(Default)]
+struct Destinations {
+    routes: ArcSwap<HashMap<(Toward, SocketAddr), Arc<Route>>>,
+    mesh: Option<Arc<MeshTls>>,
+    timeouts: Option<Timeouts>,
 }
 
 impl Router {
@@ -53,7 +91,14 @@ impl Router {
         mesh: Option<&Arc<MeshTls>>,
         metrics: &Metrics,
     ) -> Self {
-        let mut router = Router::default();
+        let mut router = Router {
+            destinations: Destinations {
+                mesh: mesh.cloned(),
+                timeouts: Some(settings.timeouts),
+                ..Destinations::default()
+            },
+            ..Router::default()
+        };
         for service in &settings.services {
             let target = match previous.and_then(|p| p.targets.get(&service.name)) {
                 Some(old) if old.settings == *service => old.clone(),
@@ -70,9 +115,94 @@ impl Router {
                     .by_authority
                     .insert(authority.clone(), Arc::new(route));
             }
+            if let Some(ip) = service.virtual_ip {
+                let route = Route::new(target.clone(), &ip.to_string());
+                router.by_virtual_ip.insert(ip, Arc::new(route));
+            }
+            for endpoint in &service.endpoints {
+                router
+                    .endpoint_owners
+                    .entry(endpoint.addr)
+                    .or_insert_with(|| service.clone());
+            }
             router.targets.insert(service.name.clone(), target);
         }
+        // Destinations whose service would be built the same way keep it, with its
+        // connections; the rest are built again when next seen.
+        if let Some(previous) = previous {
+            let kept: HashMap<_, _> = previous
+                .destinations
+                .routes
+                .load()
+                .iter()
+                .filter(|((toward, addr), route)| {
+                    router.destination_settings(*toward, *addr).as_ref()
+                        == Some(&*route.target.settings)
+                })
+                .map(|(key, route)| (*key, route.clone()))
+                .collect();
+            router.destinations.routes.store(Arc::new(kept));
+        }
         router
+    }
+
+    /// The route for a connection's original destination: a service's virtual IP routes
+    /// to the service (any port); any other destination to a service of its own.
+    pub(crate) fn destination(
+        &self,
+        toward: Toward,
+        addr: SocketAddr,
+        metrics: &Metrics,
+    ) -> Option<Arc<Route>> {
+        if toward == Toward::Outbound {
+            if let Some(route) = self.by_virtual_ip.get(&addr.ip()) {
+                return Some(route.clone());
+            }
+        }
+        let key = (toward, addr);
+        let routes = self.destinations.routes.load();
+        if let Some(route) = routes.get(&key) {
+            return Some(route.clone());
+        }
+        let full = routes.len() >= MAX_DESTINATIONS;
+        drop(routes);
+        let mut settings = self.destination_settings(toward, addr)?;
+        if full {
+            // Not kept, and counted under one name so that label values stay bounded.
+            settings.name = UNLISTED_DESTINATION.to_owned();
+        }
+        let name = settings.name.clone();
+        let mesh = self.destinations.mesh.as_ref();
+        let service = Service::new(Arc::new(settings), None, mesh, metrics);
+        let route = Arc::new(Route::new(Arc::new(service), &name));
+        if full {
+            return Some(route);
+        }
+        let mut kept = None;
+        self.destinations.routes.rcu(|routes| {
+            kept = routes.get(&key).cloned();
+            if kept.is_some() {
+                return routes.clone();
+            }
+            let mut more = HashMap::clone(routes);
+            more.insert(key, route.clone());
+            Arc::new(more)
+        });
+        // Another connection may have built it first: use the one kept.
+        Some(kept.unwrap_or(route))
+    }
+
+    /// How a destination's own service is configured.
+    fn destination_settings(&self, toward: Toward, addr: SocketAddr) -> Option<ServiceSettings> {
+        let timeouts = self.destinations.timeouts?;
+        let owner = self
+            .endpoint_owners
+            .get(&addr)
+            .filter(|_| toward == Toward::Outbound);
+        Some(match owner {
+            Some(owner) => owner.narrowed_to(addr)?,
+            None => ServiceSettings::destination(addr, timeouts),
+        })
     }
 
     /// The route for a request's authority, else for the fallback service.
@@ -140,6 +270,115 @@ impl Route {
 mod tests {
     use super::*;
     use crate::config::{parse, Settings};
+
+    const MESH: &str = r#"
+listeners: [{address: "127.0.0.1:0"}]
+services:
+  - name: web
+    virtualIp: 10.240.0.7
+    endpoints:
+      - {address: "10.1.0.1:8080", identity: "spiffe://cluster.local/ns/default/sa/web"}
+      - {address: "10.1.0.2:8080", identity: "spiffe://cluster.local/ns/default/sa/web"}
+"#;
+
+    fn router(text: &str, previous: Option<&Router>) -> Router {
+        let settings = Settings::from_config(parse(text).unwrap()).unwrap();
+        Router::build(&settings, previous, None, &Metrics::new())
+    }
+
+    #[test]
+    fn a_virtual_ip_routes_to_its_service_on_any_port() {
+        let router = router(MESH, None);
+        let metrics = Metrics::new();
+        for port in [80, 8080] {
+            let dst = SocketAddr::new("10.240.0.7".parse().unwrap(), port);
+            let route = router.destination(Toward::Outbound, dst, &metrics).unwrap();
+            assert_eq!(route.target.settings.name, "web");
+            assert_eq!(route.target.settings.endpoints.len(), 2);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_dialed_directly_keeps_its_service_and_identity_alone() {
+        let router = router(MESH, None);
+        let metrics = Metrics::new();
+        let dst: SocketAddr = "10.1.0.2:8080".parse().unwrap();
+        let route = router.destination(Toward::Outbound, dst, &metrics).unwrap();
+        let settings = &route.target.settings;
+        assert_eq!(settings.name, "web");
+        assert_eq!(settings.endpoints.len(), 1);
+        assert_eq!(settings.endpoints[0].addr, dst);
+        assert!(settings.endpoints[0].identity.is_some());
+        // Kept: the next connection shares its service (and connections).
+        let again = router.destination(Toward::Outbound, dst, &metrics).unwrap();
+        assert!(Arc::ptr_eq(&route, &again));
+    }
+
+    #[test]
+    fn other_destinations_pass_through_and_the_local_application_is_plain() {
+        let router = router(MESH, None);
+        let metrics = Metrics::new();
+        let outside: SocketAddr = "10.9.9.9:443".parse().unwrap();
+        let route = router
+            .destination(Toward::Outbound, outside, &metrics)
+            .unwrap();
+        assert_eq!(route.target.settings.name, "10.9.9.9:443");
+        assert_eq!(route.target.settings.endpoints[0].addr, outside);
+        assert!(route.target.settings.endpoints[0].identity.is_none());
+        // Inbound, this pod's own endpoint address is the local application, in plaintext.
+        let own: SocketAddr = "10.1.0.1:8080".parse().unwrap();
+        let local = router.destination(Toward::Local, own, &metrics).unwrap();
+        assert_eq!(local.target.settings.name, "10.1.0.1:8080");
+        assert!(local.target.settings.endpoints[0].identity.is_none());
+        // Nor does a virtual IP mean anything inbound.
+        let vip: SocketAddr = "10.240.0.7:80".parse().unwrap();
+        let local = router.destination(Toward::Local, vip, &metrics).unwrap();
+        assert_eq!(local.target.settings.endpoints[0].addr, vip);
+    }
+
+    #[test]
+    fn a_reload_keeps_destinations_it_does_not_change() {
+        let first = router(MESH, None);
+        let metrics = Metrics::new();
+        let endpoint: SocketAddr = "10.1.0.1:8080".parse().unwrap();
+        let outside: SocketAddr = "10.9.9.9:443".parse().unwrap();
+        let before = first
+            .destination(Toward::Outbound, endpoint, &metrics)
+            .unwrap();
+        let passthrough = first
+            .destination(Toward::Outbound, outside, &metrics)
+            .unwrap();
+        // The endpoint's identity changes; the outside address is untouched.
+        let changed = MESH.replacen("sa/web", "sa/web-v2", 1);
+        let second = router(&changed, Some(&first));
+        let after = second
+            .destination(Toward::Outbound, endpoint, &metrics)
+            .unwrap();
+        assert!(!Arc::ptr_eq(&before, &after));
+        assert!(after.target.settings.endpoints[0]
+            .identity
+            .as_deref()
+            .is_some_and(|id| id.ends_with("web-v2")));
+        let kept = second
+            .destination(Toward::Outbound, outside, &metrics)
+            .unwrap();
+        assert!(Arc::ptr_eq(&passthrough, &kept));
+    }
+
+    #[test]
+    fn past_the_table_size_destinations_share_one_name() {
+        let router = router(MESH, None);
+        let metrics = Metrics::new();
+        for port in 1..=MAX_DESTINATIONS as u16 {
+            let dst = SocketAddr::new("10.9.0.1".parse().unwrap(), port);
+            router.destination(Toward::Outbound, dst, &metrics).unwrap();
+        }
+        let dst: SocketAddr = "10.9.0.2:1".parse().unwrap();
+        let route = router.destination(Toward::Outbound, dst, &metrics).unwrap();
+        assert_eq!(route.target.settings.name, UNLISTED_DESTINATION);
+        assert_eq!(route.target.settings.endpoints[0].addr, dst);
+        assert_eq!(router.destinations.routes.load().len(), MAX_DESTINATIONS);
+    }
 
     #[test]
     fn routes_by_authority_then_host_then_fallback() {

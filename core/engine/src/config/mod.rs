@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,6 +170,11 @@ pub(crate) struct ListenerSettings {
     pub(crate) default_service: Option<String>,
     pub(crate) protocol: ListenerProtocol,
     pub(crate) tls: TlsMode,
+    /// Connections arrive redirected by netfilter and are decided by their original
+    /// destination (see `transparent`).
+    pub(crate) transparent: bool,
+    /// Original destination ports copied as opaque TCP without detection.
+    pub(crate) opaque_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -178,8 +183,41 @@ pub(crate) struct ServiceSettings {
     /// Lower-cased `host` or `host:port` values, the name first.
     pub(crate) authorities: Vec<String>,
     pub(crate) endpoints: Vec<EndpointSettings>,
+    /// The address applications dial for this service (transparent outbound).
+    pub(crate) virtual_ip: Option<IpAddr>,
     pub(crate) timeouts: Timeouts,
     pub(crate) policy: ServicePolicy,
+}
+
+impl ServiceSettings {
+    /// A service of one endpoint, `addr`, with the proxy-wide defaults: where a
+    /// transparent listener sends a destination that no service claims, and how it
+    /// reaches the local application inbound. Named by the address, for metrics.
+    pub(crate) fn destination(addr: SocketAddr, timeouts: Timeouts) -> Self {
+        let name = addr.to_string();
+        Self {
+            authorities: vec![name.clone()],
+            name,
+            endpoints: vec![EndpointSettings {
+                addr,
+                weight: 1,
+                identity: None,
+            }],
+            virtual_ip: None,
+            timeouts,
+            policy: ServicePolicy::default(),
+        }
+    }
+
+    /// This service narrowed to its endpoint `addr`, for an application that dialed that
+    /// endpoint itself: the service's policy and identity, and no other endpoint.
+    pub(crate) fn narrowed_to(&self, addr: SocketAddr) -> Option<Self> {
+        let endpoint = self.endpoints.iter().find(|e| e.addr == addr)?;
+        Some(Self {
+            endpoints: vec![endpoint.clone()],
+            ..self.clone()
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,9 +283,18 @@ impl Settings {
         let mut services = Vec::with_capacity(config.services.len());
         let mut names = HashSet::new();
         let mut owners: HashMap<String, String> = HashMap::new();
+        let mut virtual_ips: HashMap<IpAddr, String> = HashMap::new();
         for (i, svc) in config.services.iter().enumerate() {
             let at = format!("services[{i}]");
             let service = service(svc, &at, defaults)?;
+            if let Some(ip) = service.virtual_ip {
+                if let Some(other) = virtual_ips.insert(ip, service.name.clone()) {
+                    return Err(ConfigError::new(
+                        format!("{at}.virtual_ip"),
+                        format!("{ip} is already the virtual IP of service {other:?}"),
+                    ));
+                }
+            }
             if !names.insert(service.name.clone()) {
                 return Err(ConfigError::new(
                     format!("{at}.name"),
@@ -419,13 +466,34 @@ fn listener(
             format!("no service is named {:?}", l.default_service),
         ));
     };
+    // A transparent listener takes its target from each connection's original destination.
     if default_service.is_none()
+        && !l.transparent
         && (direction == Direction::Inbound || protocol == ListenerProtocol::Opaque)
     {
         return Err(ConfigError::new(
             format!("{at}.default_service"),
-            "is required for INBOUND and OPAQUE listeners (the service that takes their traffic)",
+            "is required for INBOUND and OPAQUE listeners that are not transparent (the service that takes their traffic)",
         ));
+    }
+    let mut opaque_ports = Vec::with_capacity(l.opaque_ports.len());
+    for (j, &port) in l.opaque_ports.iter().enumerate() {
+        let path = format!("{at}.opaque_ports[{j}]");
+        if !l.transparent {
+            return Err(ConfigError::new(
+                path,
+                "applies to transparent listeners (ports of original destinations); set `transparent: true` or use `protocol: OPAQUE`",
+            ));
+        }
+        match u16::try_from(port) {
+            Ok(port) if port != 0 => opaque_ports.push(port),
+            _ => {
+                return Err(ConfigError::new(
+                    path,
+                    format!("{port} is not a port; expected 1 to 65535"),
+                ))
+            }
+        }
     }
     Ok(ListenerSettings {
         // Listeners are matched by name across reloads; a port-0 address is not stable.
@@ -439,6 +507,8 @@ fn listener(
         default_service,
         protocol,
         tls: security::tls_mode(l.tls, at)?,
+        transparent: l.transparent,
+        opaque_ports,
     })
 }
 
@@ -482,10 +552,20 @@ fn service(
             identity,
         });
     }
+    let virtual_ip = match svc.virtual_ip.trim() {
+        "" => None,
+        ip => Some(ip.parse::<IpAddr>().map_err(|_| {
+            ConfigError::new(
+                format!("{at}.virtual_ip"),
+                format!("{ip:?} is not an IP address; expected one such as 10.240.0.7 (no port)"),
+            )
+        })?),
+    };
     Ok(ServiceSettings {
         name: name.to_string(),
         authorities,
         endpoints,
+        virtual_ip,
         timeouts: timeouts(defaults, svc.timeouts.as_ref(), &format!("{at}.timeouts"))?,
         policy: policy::service_policy(svc, at)?,
     })
@@ -710,6 +790,44 @@ services:
         );
         let err = settings(&text).unwrap_err();
         assert_eq!(err.path, "listeners[0].default_service");
+    }
+
+    #[test]
+    fn transparent_listener_fields_are_checked() {
+        let listener = |fields: &str| {
+            settings(&format!(
+                "listeners: [{{address: 127.0.0.1:4143, {fields}}}]\n"
+            ))
+        };
+        // Inbound and opaque transparent listeners need no default service.
+        let ok = listener("direction: INBOUND, transparent: true, opaquePorts: [3306]").unwrap();
+        assert_eq!(ok.listeners[0].opaque_ports, [3306]);
+        assert!(listener("protocol: OPAQUE, transparent: true").is_ok());
+        let err = listener("direction: INBOUND").unwrap_err();
+        assert_eq!(err.path, "listeners[0].default_service");
+        let err = listener("opaquePorts: [3306]").unwrap_err();
+        assert_eq!(err.path, "listeners[0].opaque_ports[0]");
+        assert!(err.message.contains("transparent"), "{err}");
+        let err = listener("transparent: true, opaquePorts: [25, 70000]").unwrap_err();
+        assert_eq!(err.path, "listeners[0].opaque_ports[1]");
+        let err = listener("transparent: true, opaquePorts: [0]").unwrap_err();
+        assert_eq!(err.path, "listeners[0].opaque_ports[0]");
+    }
+
+    #[test]
+    fn virtual_ips_are_checked() {
+        let with = |a: &str, b: &str| {
+            settings(&format!(
+                "listeners: [{{address: 127.0.0.1:4140}}]\nservices:\n  - {{name: a, virtualIp: \"{a}\"}}\n  - {{name: b, virtualIp: \"{b}\"}}\n"
+            ))
+        };
+        let ok = with("10.240.0.1", "fd00::1").unwrap();
+        assert_eq!(ok.services[1].virtual_ip, Some("fd00::1".parse().unwrap()));
+        let err = with("10.240.0.1", "10.240.0.1").unwrap_err();
+        assert_eq!(err.path, "services[1].virtual_ip");
+        assert!(err.message.contains("\"a\""), "{err}");
+        let err = with("10.240.0.1:80", "10.240.0.2").unwrap_err();
+        assert_eq!(err.path, "services[0].virtual_ip");
     }
 
     #[test]

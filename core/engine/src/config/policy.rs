@@ -129,6 +129,14 @@ fn or(
     }
 }
 
+impl Default for ServicePolicy {
+    /// What a service that sets no policy gets.
+    fn default() -> Self {
+        service_policy(&api::Service::default(), "services[]")
+            .expect("an empty service's policy is the defaults, which are valid")
+    }
+}
+
 pub(crate) fn service_policy(svc: &api::Service, at: &str) -> Result<ServicePolicy, ConfigError> {
     Ok(ServicePolicy {
         balancer: balancer(svc.balancer.as_ref(), &format!("{at}.balancer"))?,

@@ -30,6 +30,9 @@ pub(crate) struct HttpConn {
     /// The listener's name, for authorization.
     pub(crate) listener: Arc<str>,
     pub(crate) default_service: Option<String>,
+    /// The address the client dialed, when netfilter redirected it to a transparent
+    /// listener: requests go where it meant them to, whatever authority they name.
+    pub(crate) destination: Option<std::net::SocketAddr>,
     /// The client's mesh identity, when it came over mesh TLS.
     pub(crate) client_id: Option<Arc<str>>,
 }
