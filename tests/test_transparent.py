@@ -18,6 +18,7 @@ the init rules skip. Nothing reaches any other host.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -225,13 +226,15 @@ def services() -> dict[str, Any]:
     ]}
 
 
-@pytest.fixture
-def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def cluster_up(tmp_path: Path, prefix: str) -> Iterator[Cluster]:
+    """The namespaces on their bridge and the control plane; pods are started by the caller.
+    Everything is stopped and deleted on exit. (perf/bench_transparent.py uses it too.)"""
     require_tools()
     if not shutil.which("redis-server") or not shutil.which("setpriv"):
         pytest.fail("redis-server and setpriv are missing (Debian's redis-server, util-linux): "
                     "run scripts/install --test")
-    net = Netns(prefix=f"pmt{os.getpid() % 10000}-{abs(hash(request.node.nodeid)) % 1000}")
+    net = Netns(prefix=prefix)
     # The proxy user must read its binary, config and token: a directory it can enter.
     work = Path(tempfile.mkdtemp(prefix="pymesh-pods-"))
     work.chmod(0o755)
@@ -254,6 +257,12 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    with cluster_up(tmp_path, f"pmt{os.getpid() % 10000}-{abs(hash(request.node.nodeid)) % 1000}") as made:
+        yield made
 
 
 def start_control_plane(cluster: Cluster, tmp_path: Path) -> None:
