@@ -1,7 +1,7 @@
 """The transparent sidecar: pods on one machine whose applications do not know the mesh is there.
 
 Topology, all of it made here and deleted after the test: a hub namespace holding a bridge, and
-five namespaces on it, each with a veth and one address in 10.251.0.0/24:
+five namespaces on it, each with a veth and an address in 10.251.0.0/24 and fd00:251::/64:
 
 - `cp` (.10): the control plane (file source), the mesh's CA, reached over TLS;
 - `client` (.2): unmodified clients (urllib, a grpcio client, redis-cli, the Rust load generator),
@@ -10,8 +10,8 @@ five namespaces on it, each with a veth and one address in 10.251.0.0/24:
   rules and the native sidecar;
 - `outside` (.5): a plain HTTP server that is not in the mesh.
 
-The services have virtual IPs in 10.240.0.0/16, which every pod routes to its eth0 as a cluster
-routes its service range: nothing answers there unless a sidecar takes the connection. The
+The services have virtual IPs in 10.240.0.0/16 (one in fd00:240::/64), which every pod routes to
+its eth0 as a cluster routes its service range: nothing answers there unless a sidecar takes the connection. The
 clients are configured only with those addresses. Sidecars run as the proxy user (2102), which
 the init rules skip. Nothing reaches any other host.
 """
@@ -42,8 +42,12 @@ from .test_mtls import pymesh
 
 SUBNET = "10.251.0"
 CP, CLIENT, SERVER1, SERVER2, OUTSIDE = (f"{SUBNET}.{n}" for n in (10, 2, 3, 4, 5))
-SERVICE_RANGE = "10.240.0.0/16"
-HELLO_VIP, GREETER_VIP, REDIS_VIP = "10.240.0.10", "10.240.0.11", "10.240.0.12"
+SUBNET6 = "fd00:251:"
+CLIENT6, SERVER1_6, SERVER2_6, OUTSIDE6 = (f"{SUBNET6}:{n}" for n in (2, 3, 4, 5))
+ADDRESSES = {"cp": (CP, f"{SUBNET6}:10"), "client": (CLIENT, CLIENT6), "server1": (SERVER1, SERVER1_6),
+             "server2": (SERVER2, SERVER2_6), "outside": (OUTSIDE, OUTSIDE6)}
+SERVICE_RANGE, SERVICE_RANGE6 = "10.240.0.0/16", "fd00:240::/64"
+HELLO_VIP, GREETER_VIP, REDIS_VIP, HELLO6_VIP = "10.240.0.10", "10.240.0.11", "10.240.0.12", "fd00:240::10"
 HTTP_PORT, GRPC_PORT, REDIS_PORT = 8080, 50051, 6379
 TRUST_DOMAIN = "cluster.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/client"
@@ -52,7 +56,7 @@ SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/hello"
 # An unmodified application: HTTP on 8080 (and gRPC on 50051) saying which pod answered and
 # what the proxy told it of its client; runs until stdin closes or ten minutes pass.
 APP = r"""
-import json, select, sys, threading
+import json, select, socket, sys, threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 name, with_grpc = sys.argv[1], sys.argv[2] == "grpc"
@@ -67,7 +71,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-http = ThreadingHTTPServer(("0.0.0.0", 8080), Handler)
+class DualStack(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+http = DualStack(("::", 8080), Handler)
 threading.Thread(target=http.serve_forever, daemon=True).start()
 if with_grpc:
     import grpc
@@ -152,8 +162,11 @@ class Cluster:
         config = {
             "admin": {"address": "127.0.0.1:4191"},
             "listeners": [
+                # netfilter redirects IPv4 to 127.0.0.1 and IPv6 to ::1; inbound, one dual-stack socket
+                # takes both (IPv4 arrives IPv4-mapped).
                 {"name": "outbound", "address": "127.0.0.1:4140", "transparent": True, **opaque},
-                {"name": "inbound", "address": "0.0.0.0:4143", "direction": "INBOUND", "transparent": True,
+                {"name": "outbound6", "address": "[::1]:4140", "transparent": True, **opaque},
+                {"name": "inbound", "address": "[::]:4143", "direction": "INBOUND", "transparent": True,
                  "tls": "STRICT", **opaque},
             ],
             "controlPlane": {"addresses": [self.cp_address], "namespace": "demo",
@@ -188,7 +201,7 @@ class Cluster:
             try:
                 config = json.loads(self.admin(pod, "/config"))
                 names = {s["name"] for s in config.get("services", [])}
-                if {"hello", "greeter", "redis"} <= names and self.exec(
+                if {"hello", "hello6", "greeter", "redis"} <= names and self.exec(
                         pod, sys.executable, "-c", "import urllib.request; urllib.request.urlopen("
                         "'http://127.0.0.1:4191/ready', timeout=5)", check=False).returncode == 0:
                     return
@@ -221,6 +234,8 @@ def services() -> dict[str, Any]:
 
     return {"services": [
         {"name": "hello", "virtualIp": HELLO_VIP, "endpoints": endpoints(HTTP_PORT, SERVER1, SERVER2)},
+        {"name": "hello6", "virtualIp": HELLO6_VIP,
+         "endpoints": endpoints(HTTP_PORT, f"[{SERVER1_6}]", f"[{SERVER2_6}]")},
         {"name": "greeter", "virtualIp": GREETER_VIP, "endpoints": endpoints(GRPC_PORT, SERVER1, SERVER2)},
         {"name": "redis", "virtualIp": REDIS_VIP, "endpoints": endpoints(REDIS_PORT, SERVER1)},
     ]}
@@ -245,14 +260,15 @@ def cluster_up(tmp_path: Path, prefix: str) -> Iterator[Cluster]:
         hub = net.add("hub")
         run("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", hub, "link", "set", "br0", "up")
-        for pod, address in [("cp", CP), ("client", CLIENT), ("server1", SERVER1), ("server2", SERVER2),
-                             ("outside", OUTSIDE)]:
+        for pod, (address, address6) in ADDRESSES.items():
             ns = net.add(pod)
             run("ip", "-n", hub, "link", "add", f"v{pod}", "type", "veth", "peer", "name", "eth0", "netns", ns)
             run("ip", "-n", hub, "link", "set", f"v{pod}", "master", "br0", "up")
             run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            run("ip", "-n", ns, "addr", "add", f"{address6}/64", "dev", "eth0", "nodad")
             run("ip", "-n", ns, "link", "set", "eth0", "up")
             run("ip", "-n", ns, "route", "add", SERVICE_RANGE, "dev", "eth0")
+            run("ip", "-n", ns, "-6", "route", "add", SERVICE_RANGE6, "dev", "eth0")
         start_control_plane(cluster, tmp_path)
         yield cluster
     finally:
@@ -321,6 +337,12 @@ def test_unmodified_applications_are_meshed(cluster: Cluster) -> None:
     assert {a["pod"] for a in answers} == {"server1", "server2"}, answers
     assert {a["client_id"] for a in answers} == {CLIENT_ID}, answers
 
+    # The same over IPv6, both sides (IP6T_SO_ORIGINAL_DST).
+    answers = cluster.calls("client", "http", f"[{HELLO6_VIP}]:80", 20)
+    assert all("error" not in a for a in answers), answers
+    assert {a["pod"] for a in answers} == {"server1", "server2"}, answers
+    assert {a["client_id"] for a in answers} == {CLIENT_ID}, answers
+
     # gRPC over one HTTP/2 connection from the client: each call balanced by the sidecar.
     answers = cluster.calls("client", "grpc", f"{GREETER_VIP}:{GRPC_PORT}", 40)
     assert all("error" not in a for a in answers), answers
@@ -333,12 +355,15 @@ def test_unmodified_applications_are_meshed(cluster: Cluster) -> None:
     # Outside the mesh: forwarded where the application meant, and counted.
     answers = cluster.calls("client", "http", f"{OUTSIDE}:{HTTP_PORT}", 3)
     assert [a.get("pod") for a in answers] == ["outside"] * 3, answers
-    outside = f'dst_service="{OUTSIDE}:{HTTP_PORT}"'
-    assert counter(cluster.metrics("client", "request_total"), outside) == 3
+    answers = cluster.calls("client", "http", f"[{OUTSIDE6}]:{HTTP_PORT}", 2)
+    assert [a.get("pod") for a in answers] == ["outside"] * 2, answers
+    requests = cluster.metrics("client", "request_total")
+    assert counter(requests, f'dst_service="{OUTSIDE}:{HTTP_PORT}"') == 3, requests
+    assert counter(requests, f'dst_service="[{OUTSIDE6}]:{HTTP_PORT}"') == 2, requests
 
     # Both sides name both identities, with tls="true".
     client_side = cluster.metrics("client", "response_total")
-    for service in ("hello", "greeter"):
+    for service in ("hello", "hello6", "greeter"):
         assert counter(client_side, f'dst_service="{service}"', 'tls="true"', f'server_id="{SERVER_ID}"') > 0, \
             client_side
     for pod in ("server1", "server2"):
@@ -356,7 +381,7 @@ def test_unmodified_applications_are_meshed(cluster: Cluster) -> None:
         opened = cluster.metrics(pod, "tcp_open_total")
         assert counter(opened, 'direction="outbound"') == 0, opened
     # (The client's shows that what the applications dial is counted there.)
-    assert counter(cluster.metrics("client", "tcp_open_total"), 'direction="outbound"') >= 40 + 3 + 2 + 1
+    assert counter(cluster.metrics("client", "tcp_open_total"), 'direction="outbound"') >= 40 + 20 + 5 + 2 + 1
     assert counter(cluster.metrics("client", "request_total"), f'dst_service="{CP}') == 0
 
     # A killed server pod costs no failed request under a constant load (retries, then

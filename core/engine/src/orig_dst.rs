@@ -14,9 +14,15 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 /// Where `stream`'s client meant to connect, if netfilter redirected it here; `None` for a
 /// connection made to this socket's own address (or one netfilter does not track).
 pub(crate) fn redirected_from(stream: &TcpStream) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
-    let original = original_dst(stream, local.is_ipv4())?;
+    // On a dual-stack listener an IPv4 connection's address is IPv4-mapped IPv6, but its
+    // connection tracking (and so the option to ask) is IPv4's.
+    let local = canonical(stream.local_addr().ok()?);
+    let original = canonical(original_dst(stream, local.is_ipv4())?);
     (original != local).then_some(original)
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[cfg(target_os = "linux")]
@@ -77,10 +83,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_made_to_the_listener_is_not_redirected() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        assert_eq!(redirected_from(&server), None);
+        for (listen, dial) in [
+            ("127.0.0.1:0", "127.0.0.1"),
+            ("[::1]:0", "::1"),
+            // Dual-stack: IPv4 arrives IPv4-mapped.
+            ("[::]:0", "127.0.0.1"),
+        ] {
+            let Ok(listener) = tokio::net::TcpListener::bind(listen).await else {
+                continue; // no IPv6 on this host
+            };
+            let port = listener.local_addr().unwrap().port();
+            let _client = TcpStream::connect((dial, port)).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            assert_eq!(redirected_from(&server), None, "{listen} dialed at {dial}");
+        }
     }
 }
