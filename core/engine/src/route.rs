@@ -81,7 +81,8 @@ pub(crate) enum Toward {
 struct Destinations {
     routes: ArcSwap<HashMap<(Toward, SocketAddr), Arc<Route>>>,
     mesh: Option<Arc<MeshTls>>,
-    timeouts: Option<Timeouts>,
+    /// The proxy-wide timeouts, which a destination's own service takes.
+    timeouts: Timeouts,
 }
 
 impl Router {
@@ -94,7 +95,7 @@ impl Router {
         let mut router = Router {
             destinations: Destinations {
                 mesh: mesh.cloned(),
-                timeouts: Some(settings.timeouts),
+                timeouts: settings.timeouts,
                 ..Destinations::default()
             },
             ..Router::default()
@@ -194,14 +195,13 @@ impl Router {
 
     /// How a destination's own service is configured.
     fn destination_settings(&self, toward: Toward, addr: SocketAddr) -> Option<ServiceSettings> {
-        let timeouts = self.destinations.timeouts?;
         let owner = self
             .endpoint_owners
             .get(&addr)
             .filter(|_| toward == Toward::Outbound);
         Some(match owner {
             Some(owner) => owner.narrowed_to(addr)?,
-            None => ServiceSettings::destination(addr, timeouts),
+            None => ServiceSettings::destination(addr, self.destinations.timeouts),
         })
     }
 
