@@ -61,9 +61,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(native_proxy, echo_backe
     thread.start()
     assert wait_until(lambda: "drain" in echo_backend.gates, timeout=10)
     proxy.process.send_signal(signal.SIGTERM)
-    # While draining, new connections are refused. (/ready cannot be asked yet: a new admin
-    # connection is closed unanswered once the drain starts.)
+    # While draining, new connections are refused and the admin endpoint says so.
     assert wait_until(lambda: _refused(proxy.address()), timeout=10)
+    ready = httpx.get(f"http://{proxy.admin}/ready", timeout=5)
+    assert (ready.status_code, ready.text) == (503, "draining\n")
     assert proxy.process.poll() is None, "exited with a request in flight"
     echo_backend.gate("drain").set()
     code = proxy.process.wait(timeout=30)

@@ -21,8 +21,11 @@ use crate::Error;
 /// The largest config the admin endpoint accepts.
 const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
 
-pub(crate) async fn serve(listener: TcpListener, proxy: WeakProxy, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, proxy: WeakProxy) {
     let proxy = Arc::new(proxy);
+    // The admin endpoint stays up while the proxy drains, so that `/ready` can say 503 and
+    // `/metrics` show the drain; its connections close once the proxy is gone.
+    let gone = CancellationToken::new();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -33,25 +36,23 @@ pub(crate) async fn serve(listener: TcpListener, proxy: WeakProxy, shutdown: Can
                     continue;
                 }
             },
-            // The admin endpoint stays up while draining (so /ready can say 503) and
-            // closes once the proxy is gone.
             () = closed(&proxy) => break,
         };
         let proxy = proxy.clone();
-        let shutdown = shutdown.clone();
+        let gone = gone.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(proxy.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(stream), service);
             let result =
-                crate::http::server::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
-                    .await;
+                crate::http::server::until_drained(conn, &gone, |c| c.graceful_shutdown()).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
     }
+    gone.cancel();
 }
 
 async fn closed(proxy: &WeakProxy) {

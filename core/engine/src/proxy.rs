@@ -125,11 +125,7 @@ impl Proxy {
             }),
         };
         // The admin server holds a weak handle so dropping every Proxy ends it.
-        tokio::spawn(crate::admin::serve(
-            admin_listener,
-            proxy.downgrade(),
-            state.shutdown.clone(),
-        ));
+        tokio::spawn(crate::admin::serve(admin_listener, proxy.downgrade()));
         tokio::spawn(crate::memory::run(
             state.metrics.memory_returned.clone(),
             state.shutdown.clone(),
