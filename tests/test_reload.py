@@ -154,10 +154,24 @@ def test_native_reloads_on_sighup_without_watching(native_proxy) -> None:  # noq
 
         config = make_config({"web": [old.address]})
         proxy = native_proxy(config, "--watch-interval", "0s")  # only SIGHUP reloads
+        # A control that stays in: the same proxy with its watcher on (the default 1 s poll),
+        # under the same load as the one under test.
+        watching = native_proxy(config)
         config["services"][0]["endpoints"] = [{"address": new.address}]
-        proxy.config_path.write_text(yaml.safe_dump(config))
-        # Several times the default 1 s poll: a watcher left on would have reloaded by now.
-        assert not wait_until(lambda: total(proxy.metrics(), "config_reload_total") > 0, timeout=3)
+        for changed in (proxy, watching):
+            changed.config_path.write_text(yaml.safe_dump(config))
+
+        def watcher_reloads(n: int) -> bool:
+            return wait_until(lambda: total(watching.metrics(), "config_reload_total", result="ok") == n,
+                              timeout=30)
+
+        # The control takes the change, then a second one made after it: a whole watch cycle
+        # later than any watcher that saw the first change, so one left on would have by now.
+        assert watcher_reloads(1)
+        config["services"][0]["endpoints"] = [{"address": old.address}]
+        watching.config_path.write_text(yaml.safe_dump(config))
+        assert watcher_reloads(2)
+        assert total(proxy.metrics(), "config_reload_total") == 0
         proxy.process.send_signal(signal.SIGHUP)
         assert wait_until(lambda: total(proxy.metrics(), "config_reload_total", result="ok") == 1, timeout=10)
         response = httpx.get(f"http://{proxy.address()}/echo", headers={"host": "web"})

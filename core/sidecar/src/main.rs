@@ -116,6 +116,12 @@ fn init_logging(filter: &str, format: &str) -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let config_path = args.config.clone().context("--config is required")?;
     let path = config_path.display();
+    // Before anything is announced: a change or a SIGHUP that follows the announcement must
+    // not be taken for the starting version, nor end the process (SIGHUP's default).
+    let mut file = FileWatch::new(Stamp::of(&config_path));
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let initial = config::load_file(&config_path)
         .map_err(|e| anyhow::anyhow!("invalid config {path}: {e}"))?;
     let proxy = Proxy::start(initial)
@@ -127,10 +133,6 @@ async fn run(args: Args) -> Result<()> {
     }
     println!("admin {}", proxy.admin_addr());
 
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut file = FileWatch::new(Stamp::of(&config_path));
     let mut watch = tokio::time::interval(if args.watch_interval.is_zero() {
         Duration::from_secs(3600 * 24 * 365)
     } else {
