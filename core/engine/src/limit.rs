@@ -103,17 +103,20 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_burst_then_the_rate() {
+    // Tokio's clock, paused: time moves only when the test says so.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_then_the_rate() {
         let bucket = TokenBucket::new(RateLimitSettings {
             per_second: 1000.0,
             burst: 10,
             per_client: false,
         });
-        let granted = (0..50).filter(|_| bucket.try_take()).count();
-        assert!((10..=12).contains(&granted), "{granted}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(bucket.try_take());
+        let granted = |n| (0..n).filter(|_| bucket.try_take()).count();
+        assert_eq!(granted(50), 10, "the burst");
+        tokio::time::advance(std::time::Duration::from_millis(3)).await;
+        assert_eq!(granted(50), 3, "1,000 a second");
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert_eq!(granted(50), 10, "never more than the burst");
     }
 
     #[test]

@@ -325,7 +325,8 @@ mod tests {
         Endpoint::new("127.0.0.1:1".parse().unwrap(), 1)
     }
 
-    #[tokio::test]
+    // Tokio's clock, paused: sleeps advance it exactly, whatever the machine's load.
+    #[tokio::test(start_paused = true)]
     async fn consecutive_failures_eject_then_one_probe_readmits() {
         let e = endpoint();
         let decay = Duration::from_secs(10);
@@ -357,7 +358,7 @@ mod tests {
         assert!(e.claim() && e.claim());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_probe_backs_off_longer() {
         let e = endpoint();
         let decay = Duration::from_secs(10);
