@@ -243,6 +243,14 @@ def start_control(tmp_path: Path) -> Iterator[StartControl]:
         control.stop()
 
 
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    """A real etcd (Debian's etcd-server) of the test's own."""
+    server = Etcd(tmp_path / "etcd")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
     directory = tmp_path_factory.mktemp("kube")

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,13 +36,6 @@ def services_dir(tmp_path: Path) -> Path:
     directory.mkdir()
     write_services(directory / "a.yaml", [WEB, DB])
     return directory
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    server = Etcd(tmp_path / "etcd")
-    yield server
-    server.stop()
 
 
 def addresses(update: discovery_pb2.EndpointsUpdate) -> dict[str, int]:

@@ -5,7 +5,6 @@ Debian's package, read with a real gRPC client. No mocks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -188,13 +187,6 @@ def test_conflicting_files_at_start_keep_the_first(start_control: StartControl, 
 
 
 # -- etcd ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    server = Etcd(tmp_path / "etcd")
-    yield server
-    server.stop()
 
 
 def test_etcd_authorization_key(start_control: StartControl, etcd: Etcd) -> None:

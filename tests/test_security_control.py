@@ -45,13 +45,6 @@ MESHED = "127.0.0.1:18443"
 
 
 @pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    server = Etcd(tmp_path / "etcd")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def services_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "services"
     directory.mkdir()

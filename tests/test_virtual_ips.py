@@ -56,13 +56,6 @@ def services_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[Etcd]:
-    server = Etcd(tmp_path / "etcd")
-    yield server
-    server.stop()
-
-
 # -- the file source ----------------------------------------------------------------------
 
 
