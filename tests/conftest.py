@@ -263,3 +263,14 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeApiServer]:
             api.stop()
     finally:
         etcd.stop()
+
+
+@pytest.fixture
+def kube_control(kube: KubeApiServer, tmp_path: Path) -> Iterator[ControlPlane]:
+    """A control plane whose source is the test kube-apiserver, ready to serve."""
+    plane = ControlPlane(f"kubernetes:{kube.kubeconfig}", tmp_path / "control.log")
+    try:
+        plane.wait_ready(timeout=30)
+        yield plane
+    finally:
+        plane.stop()

@@ -7,8 +7,6 @@ them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,16 +15,6 @@ import pytest
 from .control_plane import ControlPlane, KubeApiServer, wait_for
 
 PUSH_TIMEOUT = 10.0  # a deadline to wait for a push, not a speed claim
-
-
-@pytest.fixture
-def control(kube: KubeApiServer, tmp_path: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(f"kubernetes:{kube.kubeconfig}", tmp_path / "control.log")
-    try:
-        plane.wait_ready(timeout=30)
-        yield plane
-    finally:
-        plane.stop()
 
 
 def service(name: str, *, annotations: dict[str, str] | None = None, ports: list[dict[str, Any]] | None = None,
@@ -49,13 +37,13 @@ def by_name(update: Any) -> dict[str, Any]:
     return {s.name: s for s in update.config.services}
 
 
-def test_services_and_endpoint_slices_are_streamed(kube: KubeApiServer, control: ControlPlane) -> None:
+def test_services_and_endpoint_slices_are_streamed(kube: KubeApiServer, kube_control: ControlPlane) -> None:
     created = kube.apply(service("web", annotations={
         "config.pymesh.io/service": json.dumps({"timeouts": {"connect": "0.5s"}, "authorities": ["www.default.svc"]})}))
     kube.apply(endpoint_slice("web-1", "web", {"10.1.0.1": True, "10.1.0.2": True, "10.1.0.3": False}))
     name = "web.default.svc.cluster.local"
 
-    config_watch = control.watch_config()
+    config_watch = kube_control.watch_config()
     first = config_watch.next()
     while name not in by_name(first):
         first = config_watch.next(timeout=PUSH_TIMEOUT)
@@ -64,7 +52,7 @@ def test_services_and_endpoint_slices_are_streamed(kube: KubeApiServer, control:
                                      "www.default.svc"]
     assert web.timeouts.connect.ToMilliseconds() == 500 and not web.endpoints
 
-    endpoints = control.watch_endpoints(name)
+    endpoints = kube_control.watch_endpoints(name)
     full = endpoints.next()
     while {e.address for e in full.added} != {"10.1.0.1:8080", "10.1.0.2:8080"}:
         full = endpoints.next(timeout=PUSH_TIMEOUT)  # the first state may predate the slice
@@ -86,7 +74,7 @@ def test_services_and_endpoint_slices_are_streamed(kube: KubeApiServer, control:
     kube.delete("EndpointSlice", "default", "web-2")
 
 
-def test_port_annotation_picks_the_target_port(kube: KubeApiServer, control: ControlPlane) -> None:
+def test_port_annotation_picks_the_target_port(kube: KubeApiServer, kube_control: ControlPlane) -> None:
     kube.apply(service("multi", annotations={"config.pymesh.io/port": "grpc"},
                        ports=[{"name": "http", "port": 80, "targetPort": 8080},
                               {"name": "grpc", "port": 90, "targetPort": 9090}]))
@@ -94,7 +82,7 @@ def test_port_annotation_picks_the_target_port(kube: KubeApiServer, control: Con
     slice_["ports"] = [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "grpc", "port": 9090,
                                                                           "protocol": "TCP"}]
     kube.apply(slice_)
-    endpoints = control.watch_endpoints("multi.default.svc.cluster.local")
+    endpoints = kube_control.watch_endpoints("multi.default.svc.cluster.local")
     update = endpoints.next()
     while not update.added:
         update = endpoints.next(timeout=PUSH_TIMEOUT)
@@ -103,33 +91,33 @@ def test_port_annotation_picks_the_target_port(kube: KubeApiServer, control: Con
     kube.delete("EndpointSlice", "default", "multi-1")
 
 
-def test_a_bad_annotation_is_reported_and_the_last_good_kept(kube: KubeApiServer, control: ControlPlane) -> None:
+def test_a_bad_annotation_is_reported_and_the_last_good_kept(kube: KubeApiServer, kube_control: ControlPlane) -> None:
     kube.apply(service("api", annotations={"config.pymesh.io/service": '{"timeouts": {"connect": "1s"}}'}))
     name = "api.default.svc.cluster.local"
-    config_watch = control.watch_config()
+    config_watch = kube_control.watch_config()
     update = config_watch.next()
     while name not in by_name(update):
         update = config_watch.next(timeout=PUSH_TIMEOUT)
 
     kube.apply(service("api", annotations={"config.pymesh.io/service": '{"timeouts": {"connect": "soon"}}'}))
-    status = wait_for(lambda: "default/api" in (s := control.status()).source_error and s, timeout=PUSH_TIMEOUT)
+    status = wait_for(lambda: "default/api" in (s := kube_control.status()).source_error and s, timeout=PUSH_TIMEOUT)
     assert status and not status.source_healthy
     assert status.source_error.startswith(
         "default/api: metadata.annotations[config.pymesh.io/service].timeouts.connect:"), status.source_error
     config_watch.nothing_within(0.3)
-    assert by_name(control.watch_config(proxy_id="late").next())[name].timeouts.connect.seconds == 1
+    assert by_name(kube_control.watch_config(proxy_id="late").next())[name].timeouts.connect.seconds == 1
 
     kube.apply(service("api", annotations={"config.pymesh.io/service": '{"timeouts": {"connect": "2s"}}'}))
     assert by_name(config_watch.next(timeout=PUSH_TIMEOUT))[name].timeouts.connect.seconds == 2
-    assert wait_for(lambda: control.status().source_healthy, timeout=PUSH_TIMEOUT)
+    assert wait_for(lambda: kube_control.status().source_healthy, timeout=PUSH_TIMEOUT)
     kube.delete("Service", "default", "api")
 
 
-def test_endpoints_cannot_be_registered(control: ControlPlane, kube: KubeApiServer) -> None:
+def test_endpoints_cannot_be_registered(kube_control: ControlPlane, kube: KubeApiServer) -> None:
     kube.apply(service("reg"))
-    wait_for(lambda: "reg.default.svc.cluster.local" in by_name(control.watch_config(proxy_id="w").next()),
+    wait_for(lambda: "reg.default.svc.cluster.local" in by_name(kube_control.watch_config(proxy_id="w").next()),
              timeout=PUSH_TIMEOUT)
     with pytest.raises(grpc.RpcError) as refused:
-        control.register("reg.default.svc.cluster.local", "10.3.0.1:80")
+        kube_control.register("reg.default.svc.cluster.local", "10.3.0.1:80")
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     kube.delete("Service", "default", "reg")

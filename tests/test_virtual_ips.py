@@ -8,7 +8,6 @@ import ipaddress
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,16 +221,6 @@ def test_etcd_virtual_ips_are_shared_kept_and_checked(start_control: StartContro
 
 
 # -- Kubernetes ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def kube_control(kube: KubeApiServer, tmp_path: Path) -> Iterator[ControlPlane]:
-    plane = ControlPlane(f"kubernetes:{kube.kubeconfig}", tmp_path / "control.log")
-    try:
-        plane.wait_ready(timeout=30)
-        yield plane
-    finally:
-        plane.stop()
 
 
 def kube_service(name: str, *, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
