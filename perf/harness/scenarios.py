@@ -42,7 +42,9 @@ class Scenario:
     warmup: float = 1.0  # seconds of load before measuring
     inflight: int | None = None  # HTTP/2 closed loop: requests kept in flight per connection
     idle_connections: int = 0  # > 0: hold this many idle connections and read the proxy's RSS
-    idle_hold: float = 2.0  # seconds to hold them before reading memory
+    # Seconds to hold them before reading memory: the steady state, once a proxy has settled
+    # (pymesh parks an idle connection after 1 s and trims the allocator every 2 s).
+    idle_hold: float = 5.0
 
     @property
     def kind(self) -> str:

@@ -106,6 +106,11 @@ impl<S> Prefixed<S> {
         Self { prefix, inner }
     }
 
+    /// Whether bytes put back are waiting to be read.
+    pub(crate) fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
     /// Puts bytes read through this stream back in front of any not yet read.
     pub(crate) fn unread(&mut self, bytes: Bytes) {
         if bytes.is_empty() {

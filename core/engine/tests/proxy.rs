@@ -219,3 +219,85 @@ async fn a_listener_added_by_reload_serves_and_a_busy_port_is_rejected() {
     assert!(proxy.listeners().iter().any(|(n, _)| n == "extra"));
     assert!(proxy.shutdown(Duration::from_secs(1)).await);
 }
+
+/// Reads from `stream` until `text` has arrived (or the stream ends), returning all read.
+async fn read_until(stream: &mut TcpStream, text: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(text) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the proxy answered within 5 s")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Longer than the proxy's park delay (1 s): the connection has given hyper's state back.
+const IDLE_PAST_PARKING: Duration = Duration::from_millis(1500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http1_connection_is_parked_and_serves_what_comes_next() {
+    let a = backend("a").await;
+    let proxy = Proxy::start(config(&[a], "")).await.unwrap();
+    let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    client
+        .write_all(b"GET /zero HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until(&mut client, "a web /zero")
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    // Parked; then a head in pieces, longer than one wake-up read, with a second request
+    // pipelined behind it: both answered, in order, on the same connection.
+    tokio::time::sleep(IDLE_PAST_PARKING).await;
+    client.write_all(b"GET /one HTTP/1.1\r\nho").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pad = "p".repeat(3000);
+    let rest = format!(
+        "st: web\r\nx-pad: {pad}\r\n\r\nGET /two HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"
+    );
+    client.write_all(rest.as_bytes()).await.unwrap();
+    let mut answers = String::new();
+    client.read_to_string(&mut answers).await.unwrap();
+    let one = answers.find("a web /one").expect(&answers);
+    let two = answers.find("a web /two").expect(&answers);
+    assert!(one < two, "{answers}");
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+
+    // A request with a body, then idle: the next request is served as usual.
+    let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    client
+        .write_all(b"POST /three HTTP/1.1\r\nhost: web\r\ncontent-length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    assert!(read_until(&mut client, "a web /three")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(IDLE_PAST_PARKING).await;
+    client
+        .write_all(b"GET /four HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_until(&mut client, "a web /four")
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    // A parked connection does not hold up a drain: it is closed.
+    let mut parked = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    parked
+        .write_all(b"GET /five HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut parked, "a web /five").await;
+    tokio::time::sleep(IDLE_PAST_PARKING).await;
+    assert!(proxy.shutdown(Duration::from_secs(5)).await);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), parked.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?} {rest:?}");
+}

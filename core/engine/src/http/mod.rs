@@ -7,5 +7,6 @@ pub(crate) mod client;
 pub(crate) mod forward;
 pub(crate) mod headers;
 pub(crate) mod local;
+pub(crate) mod park;
 pub(crate) mod replay;
 pub(crate) mod server;

@@ -10,7 +10,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -18,8 +20,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::body::ProxyBody;
+use super::park::{self, Activity, Guarded, Watched};
 use crate::config::{Direction, Limits};
 use crate::detect::Detected;
+use crate::io::Prefixed;
 use crate::state::State;
 
 /// What every request on one client connection shares.
@@ -48,44 +52,100 @@ impl HttpConn {
     }
 }
 
-pub(crate) async fn serve<I, H, F>(io: I, conn: Arc<HttpConn>, limits: Limits, handler: H)
+pub(crate) async fn serve<I, H, F>(io: Prefixed<I>, conn: Arc<HttpConn>, limits: Limits, handler: H)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Arc<HttpConn>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let protocol = conn.protocol;
-    let shutdown = conn.state.shutdown.clone();
-    let service = service_fn(move |req| {
-        // Boxed: hyper keeps one slot per HTTP/1 connection for the request in flight,
-        // sized by this future; a pointer there, not the whole request path, is what an
-        // idle connection then carries (about 12 KiB less each).
-        let response = Box::pin(handler(conn.clone(), req));
-        async move { Ok::<_, Infallible>(response.await) }
-    });
-    let io = TokioIo::new(io);
-    // Each connection is boxed at its own protocol's size: the task that holds it is not
+    // Each protocol's connection is boxed at its own size: the task that holds it is not
     // as big as the larger of the two (every idle connection would carry the difference).
-    let result = match protocol {
-        Detected::Http2 => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(limits.max_header_bytes as u32)
-                .serve_connection(io, service);
-            Box::pin(until_drained(conn, &shutdown, |c| c.graceful_shutdown())).await
-        }
-        _ => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .max_buf_size(limits.max_header_bytes)
-                .max_headers(limits.max_headers)
-                .serve_connection(io, service)
-                .with_upgrades();
-            Box::pin(until_drained(conn, &shutdown, |c| c.graceful_shutdown())).await
-        }
+    let result = match conn.protocol {
+        Detected::Http2 => Box::pin(serve_http2(io, conn, limits, handler)).await,
+        _ => Box::pin(serve_http1(io, conn, limits, handler)).await,
     };
     if let Err(e) = result {
-        tracing::debug!(protocol = protocol.as_str(), error = %e, "client connection ended with an error");
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+async fn serve_http2<I, H, F>(
+    io: Prefixed<I>,
+    conn: Arc<HttpConn>,
+    limits: Limits,
+    handler: H,
+) -> hyper::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Arc<HttpConn>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let shutdown = conn.state.shutdown.clone();
+    let service = service_fn(move |req| {
+        // Boxed: what a stream in flight carries is a pointer, not the whole request path.
+        Box::pin(handler(conn.clone(), req)).map(Ok::<_, Infallible>)
+    });
+    let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .serve_connection(TokioIo::new(io), service);
+    until_drained(http, &shutdown, |c| c.graceful_shutdown()).await
+}
+
+/// HTTP/1: served by hyper while it is in use, parked on the bare stream while it idles
+/// (`park`), served by a fresh hyper connection when the next request starts.
+async fn serve_http1<I, H, F>(
+    mut io: Prefixed<I>,
+    conn: Arc<HttpConn>,
+    limits: Limits,
+    handler: H,
+) -> hyper::Result<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Arc<HttpConn>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let shutdown = conn.state.shutdown.clone();
+    let activity = Arc::new(Activity::default());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    loop {
+        let service = {
+            let conn = conn.clone();
+            let activity = activity.clone();
+            service_fn(move |req: Request<Incoming>| {
+                activity.request(!req.body().is_end_stream());
+                let activity = activity.clone();
+                // Boxed: hyper keeps one slot per HTTP/1 connection for the request in
+                // flight, sized by this future; a pointer there, not the whole request
+                // path, is what a connection carries between requests.
+                Box::pin(handler(conn.clone(), req)).map(move |response| {
+                    Ok::<_, Infallible>(response.map(|body| Guarded::new(body, activity)))
+                })
+            })
+        };
+        let watched = Watched::new(io, activity.clone());
+        let mut http = Box::new(
+            builder
+                .serve_connection(TokioIo::new(watched), service)
+                .with_upgrades(),
+        );
+        if let Some(result) =
+            park::drive(&mut *http, &activity, &shutdown, |c| c.graceful_shutdown()).await
+        {
+            return result;
+        }
+        let Some(parts) = http.into_parts() else {
+            return Ok(());
+        };
+        tracing::trace!("idle HTTP/1 connection parked");
+        io = park::unpark(parts.io.into_inner(), parts.read_buf);
+        if !park::wait_for_request(&mut io, &shutdown).await {
+            return Ok(());
+        }
     }
 }
 
