@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from pymesh.metrics import total
+
 from .backends import EchoBackend, TcpEchoServer, start_echo_backend
 from .conftest import NativeProxy
 from .control_plane import ControlPlane, write_services
@@ -169,6 +171,10 @@ def ready(proxy: NativeProxy) -> None:
     wait_for(lambda: httpx.get(f"http://{proxy.admin}/ready", timeout=5).status_code == 200, 15)
 
 
+def metrics_text(proxy: NativeProxy) -> str:
+    return httpx.get(f"http://{proxy.admin}/metrics", timeout=5).text
+
+
 def metric_lines(proxy: NativeProxy, name: str) -> list[str]:
     text = httpx.get(f"http://{proxy.admin}/metrics", timeout=5).text
     return [line for line in text.splitlines() if line.startswith(name)]
@@ -216,6 +222,57 @@ def test_a_meshed_hop_is_mutual_tls_with_identities(mesh: Mesh, native: ProxySta
     # Its connection has closed: counted with its identity too.
     wait_for(lambda: any(probe in line and 'tls="true"' in line
                          for line in metric_lines(server_proxy, "tcp_close_total")), 5)
+
+
+def test_http1_between_proxies_travels_multiplexed_over_http2(mesh: Mesh, native: ProxyStarter,
+                                                              backend: EchoBackend) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import websockets
+
+    client_proxy, server_proxy = pair(mesh, native, backend)
+    address = client_proxy.address()
+
+    def get(i: int) -> httpx.Response:
+        # A connection of its own for each request: many HTTP/1 clients at once.
+        return httpx.get(f"http://{address}/echo/{i}", headers={"host": "web.example:8080"}, timeout=10)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(get, range(24)))
+    for i, r in enumerate(responses):
+        assert r.status_code == 200, r.text
+        seen = r.json()
+        # The application gets HTTP/1.1 with the client's Host, and never the proxies' mark.
+        assert (seen["version"], seen["path"], seen["headers"].get("host")) == ("1.1", f"/echo/{i}",
+                                                                                  "web.example:8080")
+        assert "pymesh-orig-proto" not in seen["headers"]
+    # All of them went over one connection between the proxies.
+    accepted = total(metrics_text(server_proxy), "tcp_open_total", direction="inbound")
+    assert accepted == 1, accepted
+
+    # HTTP/1.0 stays HTTP/1.0 for the application.
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /echo/old HTTP/1.0\r\nHost: web\r\n\r\n")
+        head, _, body = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    assert json.loads(body)["version"] == "1.0"
+
+    # A client's own mark is not trusted: it is removed, and the request stays what it was.
+    r = httpx.get(f"http://{address}/echo/marked", headers={"host": "web", "pymesh-orig-proto": "HTTP/1.0"},
+                  timeout=10)
+    assert r.status_code == 200 and r.json()["version"] == "1.1"
+    assert "pymesh-orig-proto" not in r.json()["headers"]
+
+    # A connection-bound request (a WebSocket upgrade) keeps its own HTTP/1 connection.
+    async def talk() -> str:
+        async with websockets.connect(f"ws://{address}/ws", open_timeout=5) as ws:
+            await ws.send("over the mesh")
+            return str(await asyncio.wait_for(ws.recv(), 5))
+
+    assert asyncio.run(talk()) == "echo: over the mesh"
+    assert total(metrics_text(server_proxy), "tcp_open_total", direction="inbound") == 2
 
 
 class mesh_tls_client:

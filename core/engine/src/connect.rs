@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::either::Either;
 
-use crate::tls::{MeshTls, TlsError};
+use crate::tls::{MeshTls, TlsError, MESH_ALPN};
 
 /// Why an upstream connection could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -105,12 +105,16 @@ impl Upstream {
             .map_err(|source| ConnectError::Io { addr, source })?;
         // Latency matters more than packet count for proxied request/response traffic.
         let _ = stream.set_nodelay(true);
+        let mut carries_http1 = false;
         let io = match (&self.identity, &self.mesh) {
-            (Some(identity), Some(mesh)) => mesh
-                .connect(stream, identity, self.timeout)
-                .await
-                .map(|tls| Either::Right(Box::new(tls)))
-                .map_err(|source| ConnectError::Tls { addr, source })?,
+            (Some(identity), Some(mesh)) => {
+                let tls = mesh
+                    .connect(stream, identity, self.timeout)
+                    .await
+                    .map_err(|source| ConnectError::Tls { addr, source })?;
+                carries_http1 = tls.get_ref().1.alpn_protocol() == Some(MESH_ALPN);
+                Either::Right(Box::new(tls))
+            }
             (Some(_), None) => {
                 return Err(ConnectError::Tls {
                     addr,
@@ -121,6 +125,7 @@ impl Upstream {
         };
         Ok(Connection {
             io,
+            carries_http1,
             _permit: permit,
         })
     }
@@ -129,7 +134,16 @@ impl Upstream {
 /// An open connection to an endpoint, holding its slot under the cap until it closes.
 pub(crate) struct Connection {
     io: UpstreamIo,
+    /// The endpoint is a proxy that negotiated `tls::MESH_ALPN`: HTTP/1 requests may be
+    /// carried to it over HTTP/2.
+    carries_http1: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    pub(crate) fn carries_http1(&self) -> bool {
+        self.carries_http1
+    }
 }
 
 impl AsyncRead for Connection {

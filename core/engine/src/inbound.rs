@@ -36,7 +36,7 @@ use crate::io::{ClientIo, Prefixed};
 use crate::listen::Accepted;
 use crate::route::{Route, Toward};
 use crate::state::{Snapshot, State};
-use crate::tls::{peek_client_hello, Hello};
+use crate::tls::{peek_client_hello, Hello, MESH_ALPN};
 
 /// The most an inbound mesh TLS handshake may take once its ClientHello is in.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,13 +48,18 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
     // Mesh TLS first: a proxy with an identity terminates it unless the listener says not.
     let mesh = (conn.state.mesh.clone()).filter(|_| conn.listener.tls != TlsMode::Disabled);
     let mut hello_bytes = BytesMut::new();
-    let meshed = match &mesh {
+    let (meshed, mesh_alpn) = match &mesh {
         Some(mesh) => {
             let timeout = conn.detect_timeout();
-            let hello = read_hello(&mut stream, &mut hello_bytes, timeout).await;
-            matches!(hello, Hello::Tls { sni: Some(sni) } if sni == mesh.sni)
+            match read_hello(&mut stream, &mut hello_bytes, timeout).await {
+                Hello::Tls {
+                    sni: Some(sni),
+                    mesh_alpn,
+                } if sni == mesh.sni => (true, mesh_alpn),
+                _ => (false, false),
+            }
         }
-        None => false,
+        None => (false, false),
     };
     let io = ClientIo::accepted(
         hello_bytes.freeze(),
@@ -65,13 +70,17 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
     // The handshake and the TLS session are boxed: a plaintext connection's task does not
     // carry their size, and a mesh one holds the session (kilobytes) only while it lives.
     let (protocol, client) = match mesh {
-        Some(mesh) if meshed => match Box::pin(mesh.accept(io, HANDSHAKE_TIMEOUT)).await {
+        Some(mesh) if meshed => match Box::pin(mesh.accept(io, HANDSHAKE_TIMEOUT, mesh_alpn)).await
+        {
             Ok((tls, client)) => {
+                // The client is a proxy that carries HTTP/1 over HTTP/2 to this one.
+                let peer_proxy = tls.get_ref().1.alpn_protocol() == Some(MESH_ALPN);
                 let io = Prefixed::new(Bytes::new(), tls);
-                (
-                    Box::pin(carry_on(&conn, io, Some(client.clone()))).await,
-                    Some(client),
-                )
+                let peer = Some(MeshPeer {
+                    id: client.clone(),
+                    carries_http1: peer_proxy,
+                });
+                (Box::pin(carry_on(&conn, io, peer)).await, Some(client))
             }
             Err(e) => {
                 tracing::info!(listener = %conn.name, error = %e, "mesh TLS handshake refused");
@@ -88,11 +97,18 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
     record.close(&state.metrics, protocol, client);
 }
 
+/// A client that came over mesh TLS.
+struct MeshPeer {
+    id: Arc<str>,
+    /// It negotiated [`MESH_ALPN`]: its HTTP/1 requests may come over HTTP/2.
+    carries_http1: bool,
+}
+
 /// Detect, then HTTP or opaque TCP; returns what was detected.
 async fn carry_on<I>(
     conn: &Accepted,
     mut io: Prefixed<I>,
-    client: Option<Arc<str>>,
+    peer: Option<MeshPeer>,
 ) -> Option<Detected>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -101,6 +117,8 @@ where
     let protocol =
         detect::protocol(conn.protocol(), &mut io, &mut buf, conn.detect_timeout()).await;
     io.unread(buf.freeze());
+    let carries_http1 = peer.as_ref().is_some_and(|p| p.carries_http1);
+    let client = peer.map(|p| p.id);
     match protocol? {
         Detected::Opaque => tcp(conn, io, client).await,
         http => {
@@ -112,6 +130,7 @@ where
                 default_service: conn.listener.default_service.clone(),
                 destination: conn.destination,
                 client_id: client,
+                carries_http1,
             });
             let limits = conn.snapshot.settings.limits;
             crate::http::server::serve(io, http_conn, limits, request).await;

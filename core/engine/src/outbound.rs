@@ -70,6 +70,7 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
                 default_service: conn.listener.default_service.clone(),
                 destination: conn.destination,
                 client_id: None,
+                carries_http1: false,
             });
             let limits = conn.snapshot.settings.limits;
             crate::http::server::serve(io, http_conn, limits, request).await;

@@ -54,10 +54,22 @@ pub(crate) struct Certified {
     pub(crate) expires_at: u64,
 }
 
+/// The ALPN protocol a client proxy offers and a server proxy accepts when, inside mesh
+/// TLS, it takes HTTP/1 requests carried over HTTP/2 (marked by [`ORIG_PROTO`]). A peer
+/// that does not know it negotiates nothing, and requests to it stay HTTP/1.
+pub(crate) const MESH_ALPN: &[u8] = b"pymesh.h2";
+
+/// The request header that marks an HTTP/1 request carried over HTTP/2 between two
+/// proxies, with its original version (`HTTP/1.1` or `HTTP/1.0`).
+pub(crate) const ORIG_PROTO: &str = "pymesh-orig-proto";
+
 /// Rustls configs for one (certificate, trust anchors) pair.
 struct Configs {
     client: TlsConnector,
     server: TlsAcceptor,
+    /// The same, accepting [`MESH_ALPN`]: used only for clients that offer it, so a
+    /// client offering something else is never refused for it.
+    server_alpn: TlsAcceptor,
 }
 
 /// The proxy's mesh TLS state: its identity, the current certificate and anchors.
@@ -166,16 +178,23 @@ impl MeshTls {
 
     /// Completes the server side of a mesh handshake within `timeout` (a client that
     /// stalls mid-handshake must not hold a connection); returns the client's identity.
+    /// `offers_mesh_alpn`: the ClientHello offered [`MESH_ALPN`], which is then accepted.
     pub(crate) async fn accept<S>(
         &self,
         stream: S,
         timeout: Duration,
+        offers_mesh_alpn: bool,
     ) -> Result<(tokio_rustls::server::TlsStream<S>, Arc<str>), TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let configs = self.configs.load_full().ok_or(TlsError::NotCertified)?;
-        let tls = tokio::time::timeout(timeout, configs.server.accept(stream))
+        let acceptor = if offers_mesh_alpn {
+            &configs.server_alpn
+        } else {
+            &configs.server
+        };
+        let tls = tokio::time::timeout(timeout, acceptor.accept(stream))
             .await
             .map_err(|_| TlsError::HandshakeTimeout(timeout))?
             .map_err(TlsError::Handshake)?;
@@ -273,9 +292,10 @@ pub(crate) enum Hello {
     /// Not a complete ClientHello yet.
     Partial,
     NotTls,
-    /// A ClientHello, with the name it asks for.
+    /// A ClientHello, with the name it asks for and whether it offers [`MESH_ALPN`].
     Tls {
         sni: Option<String>,
+        mesh_alpn: bool,
     },
 }
 
@@ -297,9 +317,15 @@ pub(crate) fn peek_client_hello(buf: &[u8]) -> Hello {
     }
     match acceptor.accept() {
         Ok(None) => Hello::Partial,
-        Ok(Some(accepted)) => Hello::Tls {
-            sni: accepted.client_hello().server_name().map(str::to_owned),
-        },
+        Ok(Some(accepted)) => {
+            let hello = accepted.client_hello();
+            Hello::Tls {
+                sni: hello.server_name().map(str::to_owned),
+                mesh_alpn: hello
+                    .alpn()
+                    .is_some_and(|mut offered| offered.any(|p| p == MESH_ALPN)),
+            }
+        }
         Err(_) => Hello::NotTls,
     }
 }
@@ -357,6 +383,8 @@ fn build(anchors: &[CertificateDer<'static>], certified: &Certified) -> Result<C
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(certified.chain.clone(), certified.key.clone_key())?;
+    let mut server_alpn = server.clone();
+    server_alpn.alpn_protocols = vec![MESH_ALPN.to_vec()];
     let server_verifier = Arc::new(MeshServerVerifier {
         roots,
         algorithms: provider.signature_verification_algorithms,
@@ -369,9 +397,11 @@ fn build(anchors: &[CertificateDer<'static>], certified: &Certified) -> Result<C
     // No resumption: a resumed session would skip checking the peer's certificate (its
     // expiry, the current anchors). Connections are pooled, so full handshakes are rare.
     client.resumption = rustls::client::Resumption::disabled();
+    client.alpn_protocols = vec![MESH_ALPN.to_vec()];
     Ok(Configs {
         client: TlsConnector::from(Arc::new(client)),
         server: TlsAcceptor::from(Arc::new(server)),
+        server_alpn: TlsAcceptor::from(Arc::new(server_alpn)),
     })
 }
 
@@ -484,6 +514,73 @@ mod tests {
             trust_domain_of("spiffe://evil.example/ns/shop/sa/web"),
             "cluster.local"
         );
+    }
+
+    /// A proxy of identity `id`, certified by `ca`.
+    fn proxy(
+        id: &str,
+        ca: &rcgen::CertifiedIssuer<'_, rcgen::KeyPair>,
+        anchors: &[CertificateDer<'static>],
+    ) -> MeshTls {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().expect("an IA5 URI"))];
+        let leaf = params.signed_by(&key, ca).expect("leaf");
+        let mesh = MeshTls::new(Arc::from(id), anchors.to_vec());
+        mesh.set_certificate(Certified {
+            chain: vec![leaf.der().clone()],
+            key: PrivateKeyDer::try_from(key.serialize_der()).expect("a PKCS#8 key"),
+            expires_at: u64::MAX,
+        })
+        .expect("certified");
+        mesh
+    }
+
+    #[tokio::test]
+    async fn proxies_negotiate_http1_over_http2_and_an_older_peer_does_not() {
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("CA");
+        let anchors = vec![ca.der().clone()];
+        let server_id = "spiffe://cluster.local/ns/shop/sa/server";
+        let server = proxy(server_id, &ca, &anchors);
+        let client = proxy("spiffe://cluster.local/ns/shop/sa/client", &ca, &anchors);
+
+        // The client's hello offers the mark; the inbound sees it before the handshake.
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let connecting = tokio::spawn(async move {
+            let _ = client
+                .connect(ours, server_id, Duration::from_secs(5))
+                .await;
+            client
+        });
+        let mut hello = vec![0u8; 16 * 1024];
+        let n = tokio::io::AsyncReadExt::read(&mut theirs, &mut hello)
+            .await
+            .expect("a hello");
+        assert!(matches!(
+            peek_client_hello(&hello[..n]),
+            Hello::Tls { mesh_alpn: true, sni: Some(sni) } if sni == server.sni
+        ));
+        drop(theirs);
+        let client = connecting.await.expect("client task");
+
+        // A server that accepts it (this build), and one that has no ALPN at all (an
+        // older pymesh): the handshake succeeds with both, and only the first carries.
+        for offers in [true, false] {
+            let (c, s) = tokio::io::duplex(64 * 1024);
+            let (accepted, connected) = tokio::join!(
+                server.accept(s, Duration::from_secs(5), offers),
+                client.connect(c, server_id, Duration::from_secs(5)),
+            );
+            let (inbound, client_id) = accepted.expect("accepted");
+            let outbound = connected.expect("connected");
+            assert_eq!(&*client_id, "spiffe://cluster.local/ns/shop/sa/client");
+            let negotiated = outbound.get_ref().1.alpn_protocol();
+            assert_eq!(negotiated == Some(MESH_ALPN), offers, "{negotiated:?}");
+            assert_eq!(inbound.get_ref().1.alpn_protocol(), negotiated);
+        }
     }
 
     #[test]

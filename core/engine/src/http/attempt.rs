@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -28,6 +28,7 @@ use crate::errors::source_chain;
 use crate::record;
 use crate::retry::{self, Failure};
 use crate::route::Route;
+use crate::tls::ORIG_PROTO;
 
 /// Why one try produced no usable response.
 #[derive(Debug, thiserror::Error)]
@@ -103,11 +104,25 @@ pub(super) async fn run(
     let service = &route.target;
     let policy = &service.settings.policy;
     let metrics = &conn.state.metrics;
-    let upgrade = conn.protocol != Detected::Http2 && wants_upgrade(req.headers());
+    let client_h2 = conn.protocol == Detected::Http2;
+    let upgrade = !client_h2 && wants_upgrade(req.headers());
     let mut client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if conn.protocol != Detected::Http2 && !parts.headers.contains_key(header::HOST) {
+    // The mark is the proxies' own: honoured only from a peer proxy that negotiated it,
+    // removed from every request either way.
+    let marked = parts.headers.remove(ORIG_PROTO);
+    let carried = if client_h2 && conn.carries_http1 {
+        marked.as_ref().and_then(http1_version)
+    } else {
+        None
+    };
+    if let Some(version) = carried {
+        // An HTTP/1 request a peer proxy carried over HTTP/2: HTTP/1 again from here.
+        parts.version = version;
+    }
+    let http1 = !client_h2 || carried.is_some();
+    if http1 && !parts.headers.contains_key(header::HOST) {
         // Keep the authority a client sent in absolute-form as its Host.
         if let Some(value) = parts
             .uri
@@ -144,9 +159,22 @@ pub(super) async fn run(
             .balancer
             .pick_avoiding(hash_key.as_deref(), failed_on)
             .ok_or_else(|| Refusal::NoEndpoints(service.settings.name.clone()))?;
-        let request = build(conn.protocol, &parts, &endpoint, this_body, deadline, grpc)?;
+        // Outbound HTTP/1 to a proxy that negotiated it travels on its HTTP/2 connection.
+        let over_h2 = http1
+            && carried.is_none()
+            && !upgrade
+            && parts.method != http::Method::CONNECT
+            && carries_http1(route, &endpoint).await;
+        let wire = if over_h2 {
+            Wire::Http1OverHttp2
+        } else if http1 {
+            Wire::Http1
+        } else {
+            Wire::Http2
+        };
+        let request = build(wire, &parts, &endpoint, this_body, deadline, grpc)?;
         let in_flight = endpoint.start();
-        let sending = send(conn, route, &endpoint, request, client_upgrade.take());
+        let sending = send(conn, route, &endpoint, wire, request, client_upgrade.take());
         let result =
             match service.settings.timeouts.per_try {
                 Some(limit) => tokio::time::timeout(limit, sending).await.unwrap_or(Err(
@@ -259,21 +287,67 @@ fn classify(result: &Result<Answer, TryError>) -> (Verdict, Option<Failure>) {
     }
 }
 
+/// How one try travels to its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// On the service's pooled HTTP/1 connections.
+    Http1,
+    /// On the endpoint's HTTP/2 connection.
+    Http2,
+    /// An HTTP/1 request on the endpoint's HTTP/2 connection to a peer proxy, marked
+    /// with [`ORIG_PROTO`]; the peer delivers it as HTTP/1.
+    Http1OverHttp2,
+}
+
+/// Whether `endpoint` is a proxy that takes HTTP/1 over HTTP/2: known from the last
+/// connection to it, else learned by making one (an endpoint that cannot be reached is
+/// left to the HTTP/1 path, whose error the client then gets).
+async fn carries_http1(route: &Route, endpoint: &Endpoint) -> bool {
+    let service = &route.target;
+    let meshed = service
+        .upstream(endpoint)
+        .is_some_and(|u| u.tls_identity().is_some());
+    let Some(h2) = service.h2(endpoint).filter(|_| meshed) else {
+        return false;
+    };
+    match h2.carries_http1() {
+        Some(known) => known,
+        None => h2.sender().await.is_ok() && h2.carries_http1() == Some(true),
+    }
+}
+
+/// `HTTP/1.1` or `HTTP/1.0` in an [`ORIG_PROTO`] mark.
+fn http1_version(mark: &HeaderValue) -> Option<Version> {
+    match mark.as_bytes() {
+        b"HTTP/1.1" => Some(Version::HTTP_11),
+        b"HTTP/1.0" => Some(Version::HTTP_10),
+        _ => None,
+    }
+}
+
 fn build(
-    protocol: Detected,
+    wire: Wire,
     parts: &http::request::Parts,
     endpoint: &Endpoint,
     body: RequestBody,
     deadline: Option<Instant>,
     grpc: bool,
 ) -> Result<Request<RequestBody>, Refusal> {
-    let uri = if protocol == Detected::Http2 {
+    let uri = if wire == Wire::Http2 {
         // HTTP/2 carries the client's :authority; the connection picks the endpoint.
         parts.uri.clone()
     } else {
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(endpoint.authority.clone());
+        // Carried over HTTP/2, the Host travels as :authority (the peer puts it back).
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+        uri.authority = match (wire, host) {
+            (Wire::Http1OverHttp2, Some(host)) => Some(host),
+            _ => Some(endpoint.authority.clone()),
+        };
         uri.path_and_query = Some(
             parts
                 .uri
@@ -291,6 +365,18 @@ fn build(
     *request.uri_mut() = uri;
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
+    if wire == Wire::Http1OverHttp2 {
+        let mark = if parts.version == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        request.headers_mut().remove(header::HOST);
+        request
+            .headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static(mark));
+        *request.version_mut() = Version::HTTP_2;
+    }
     if let (true, Some(deadline)) = (grpc, deadline) {
         // The next hop gets what is left of the deadline.
         let left = deadline
@@ -308,13 +394,14 @@ async fn send(
     conn: &HttpConn,
     route: &Route,
     endpoint: &Endpoint,
+    wire: Wire,
     request: Request<RequestBody>,
     client_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<Incoming>, TryError> {
     let service = &route.target;
     let metrics = &conn.state.metrics;
     let addr = endpoint.addr;
-    if conn.protocol == Detected::Http2 {
+    if wire != Wire::Http1 {
         let Ok(_waiting) = service.pending.clone().try_acquire_owned() else {
             record::shed(metrics, service, "max_pending");
             return Err(TryError::Pending(service.settings.name.clone()));
@@ -338,6 +425,10 @@ async fn send(
             .await
             .map_err(|source| TryError::Reset { addr, source })?;
         strip_hop_by_hop(response.headers_mut(), false);
+        if wire == Wire::Http1OverHttp2 {
+            // Back to an HTTP/1 client.
+            *response.version_mut() = Version::HTTP_11;
+        }
         return Ok(response);
     }
 

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -120,10 +121,18 @@ impl hyper::rt::Write for PooledIo {
     }
 }
 
-/// One shared HTTP/2 connection to an endpoint, re-established when it closes.
+const UNKNOWN: u8 = 0;
+const CARRIES_HTTP1: u8 = 1;
+const HTTP2_ONLY: u8 = 2;
+
+/// One shared HTTP/2 connection to an endpoint, re-established when it closes. To a
+/// proxy that negotiated `tls::MESH_ALPN` it also carries HTTP/1 requests.
 pub(crate) struct H2Connection {
     upstream: Arc<Upstream>,
     current: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    /// What the last connection negotiated: `CARRIES_HTTP1` or `HTTP2_ONLY`; `UNKNOWN`
+    /// before the first.
+    peer: AtomicU8,
     // Serialises reconnects so a burst of requests opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -133,7 +142,18 @@ impl H2Connection {
         Self {
             upstream,
             current: ArcSwapOption::empty(),
+            peer: AtomicU8::new(UNKNOWN),
             connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Whether HTTP/1 requests go to this endpoint over this connection: `None` until a
+    /// connection has been made and the peer has said.
+    pub(crate) fn carries_http1(&self) -> Option<bool> {
+        match self.peer.load(Ordering::Relaxed) {
+            CARRIES_HTTP1 => Some(true),
+            HTTP2_ONLY => Some(false),
+            _ => None,
         }
     }
 
@@ -152,6 +172,12 @@ impl H2Connection {
         }
         let addr = self.upstream.addr;
         let stream = self.upstream.connect().await?;
+        let peer = if stream.carries_http1() {
+            CARRIES_HTTP1
+        } else {
+            HTTP2_ONLY
+        };
+        self.peer.store(peer, Ordering::Relaxed);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))

@@ -39,6 +39,9 @@ pub(crate) struct HttpConn {
     pub(crate) destination: Option<std::net::SocketAddr>,
     /// The client's mesh identity, when it came over mesh TLS.
     pub(crate) client_id: Option<Arc<str>>,
+    /// The client is a proxy that negotiated `tls::MESH_ALPN`: an HTTP/2 request of its
+    /// marked with `tls::ORIG_PROTO` is an HTTP/1 request, delivered as one.
+    pub(crate) carries_http1: bool,
 }
 
 impl HttpConn {
