@@ -17,6 +17,10 @@ and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seco
     python3 perf/bench_engine.py                     # 1,000 rps, 1 KiB, 5 rounds of 10 s
     python3 perf/bench_engine.py --rounds 3 --duration 5 --json out.json
     python3 perf/bench_engine.py --baseline-proxy /path/to/older/pymesh-proxy   # A/B two builds
+
+With --baseline-proxy the older build runs as a native proxy (`baseline`) and, with the pairs,
+as a mutual-TLS pair (`baseline-mtls-pair`). For every pair the report gives the connections the
+server sidecar accepted from the client sidecar, and both sidecars' RSS at the end.
 """
 
 from __future__ import annotations
@@ -123,11 +127,30 @@ def start_sidecar(config: dict, workdir: Path, cpu: int | None, binary: str | No
     return process, addresses
 
 
+@dataclass
+class Pair:
+    """A running sidecar pair: where load goes, whose CPU is read, and what a pair report reads."""
+
+    address: str
+    client_pid: int
+    server_pid: int
+    server_admin: str
+
+    def report(self) -> dict:
+        """Connections the server sidecar accepted from the client sidecar, and both RSS."""
+        text = urllib.request.urlopen(f"http://{self.server_admin}/metrics", timeout=5).read().decode()
+        accepted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("tcp_open_total{") and 'direction="inbound"' in line)
+        return {"connections_between_proxies": int(accepted),
+                "rss_kib": {"client": memory_kib(self.client_pid)["VmRSS"],
+                            "server": memory_kib(self.server_pid)["VmRSS"]}}
+
+
 @contextmanager
-def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: MeshCA | None
-               ) -> Iterator[tuple[str, int]]:
-    """A client sidecar → server sidecar hop, over mutual TLS when ``ca`` is given. Yields
-    the client's address and the client's pid (CPU is read for the pair's client side)."""
+def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: MeshCA | None, binary: str | None = None
+               ) -> Iterator[Pair]:
+    """A client sidecar → server sidecar hop (both ``binary``), over mutual TLS when ``ca`` is
+    given. CPU is read for the pair's client side."""
     identities = ca.identities("client", "server") if ca else {}
     server_config: dict = {
         "admin": {"address": "127.0.0.1:0"},
@@ -137,14 +160,14 @@ def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: MeshCA | None
     }
     if ca:
         server_config["identity"] = identities["server"]
-    server, server_addresses = start_sidecar(server_config, workdir, cpu)
+    server, server_addresses = start_sidecar(server_config, workdir, cpu, binary)
     endpoint = {"address": server_addresses["inbound"]}
     client_config: dict = proxy_config(upstream)
     client_config["services"][0]["endpoints"] = [endpoint]
     if ca:
         endpoint["identity"] = spiffe_id("server")
         client_config["identity"] = identities["client"]
-    client, client_addresses = start_sidecar(client_config, workdir, cpu)
+    client, client_addresses = start_sidecar(client_config, workdir, cpu, binary)
     try:
         for admin in (server_addresses["admin"], client_addresses["admin"]):
             for _ in range(100):  # bounded: ready once certified
@@ -152,7 +175,7 @@ def proxy_pair(upstream: str, workdir: Path, cpu: int | None, ca: MeshCA | None
                     if urllib.request.urlopen(f"http://{admin}/ready", timeout=2).status == 200:
                         break
                 time.sleep(0.1)
-        yield client_addresses["main"], client.pid
+        yield Pair(client_addresses["main"], client.pid, server.pid, server_addresses["admin"])
     finally:
         for process in (client, server):
             process.terminate()
@@ -226,6 +249,7 @@ class Result:
     summary: list[Summary] = field(default_factory=list)
     native_memory_kib: dict = field(default_factory=dict)
     native_requests_before_memory: int = 0
+    pairs: dict = field(default_factory=dict)  # per pair: connections between the proxies, RSS
 
 
 def summarise(runs: list[Run]) -> list[Summary]:
@@ -274,6 +298,10 @@ def markdown(result: Result) -> str:
         if native and other in by_system and native.added_p99_us > 0:
             ratio = by_system[other].added_p99_us / native.added_p99_us
             lines.append(f"{other.capitalize()}/native added p99: {ratio:.2f}")
+    for name, report in result.pairs.items():
+        rss = report["rss_kib"]
+        lines.append(f"{name}: {report['connections_between_proxies']} connection(s) between the proxies; "
+                     f"RSS client {rss['client'] / 1024:.1f} MiB, server {rss['server'] / 1024:.1f} MiB")
     pair, mtls = by_system.get("pair"), by_system.get("mtls-pair")
     if pair and mtls:
         lines.append(f"Mutual TLS over plaintext, one hop pair: p99 {mtls.p99_us - pair.p99_us:+.0f} µs "
@@ -313,6 +341,7 @@ def main() -> int:
         upstream = stack.enter_context(backend(args.response_size))
         native_address, native_pid = stack.enter_context(native_proxy(upstream, Path(tmp), proxy_cpu))
         embedded_address, embedded_pid = stack.enter_context(embedded_proxy(upstream))
+        pairs: dict[str, Pair] = {}
         systems: list[tuple[str, str, int | None]] = [
             ("direct", upstream, None), ("native", native_address, native_pid),
             ("embedded", embedded_address, embedded_pid)]
@@ -320,8 +349,12 @@ def main() -> int:
             ca_dir = Path(tmp) / "ca"
             ca_dir.mkdir()
             ca = stack.enter_context(mesh_ca(ca_dir))
-            systems.append(("pair", *stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, None))))
-            systems.append(("mtls-pair", *stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, ca))))
+            pairs["pair"] = stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, None))
+            pairs["mtls-pair"] = stack.enter_context(proxy_pair(upstream, Path(tmp), proxy_cpu, ca))
+            if args.baseline_proxy:
+                pairs["baseline-mtls-pair"] = stack.enter_context(
+                    proxy_pair(upstream, Path(tmp), proxy_cpu, ca, args.baseline_proxy))
+            systems += [(name, pair.address, pair.client_pid) for name, pair in pairs.items()]
         if args.baseline_proxy:
             systems.append(("baseline", *stack.enter_context(
                 native_proxy(upstream, Path(tmp), proxy_cpu, args.baseline_proxy))))
@@ -344,6 +377,7 @@ def main() -> int:
             served_by_native += burst["requests"]
         result.native_memory_kib = memory_kib(native_pid)
         result.native_requests_before_memory = served_by_native
+        result.pairs = {name: pair.report() for name, pair in pairs.items()}
 
     result.summary = summarise(result.runs)
     table = markdown(result)

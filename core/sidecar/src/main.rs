@@ -2,6 +2,7 @@
 //! on SIGHUP or when the file changes, and drains on SIGTERM/SIGINT before exiting 0.
 //! `pymesh-proxy init` installs the redirect rules of a transparent sidecar instead (see init.rs).
 
+mod code_pages;
 mod init;
 mod watch;
 
@@ -132,6 +133,11 @@ async fn run(args: Args) -> Result<()> {
         println!("listening {name} {addr}");
     }
     println!("admin {}", proxy.admin_addr());
+    // Start-up is done: the code only it ran need not stay resident.
+    match code_pages::release() {
+        Ok(bytes) => tracing::debug!(bytes, "start-up code pages released"),
+        Err(e) => tracing::debug!(error = %e, "start-up code pages kept"),
+    }
 
     let mut watch = tokio::time::interval(if args.watch_interval.is_zero() {
         Duration::from_secs(3600 * 24 * 365)
