@@ -108,8 +108,9 @@ impl Upstream {
         let mut carries_http1 = false;
         let io = match (&self.identity, &self.mesh) {
             (Some(identity), Some(mesh)) => {
-                let tls = mesh
-                    .connect(stream, identity, self.timeout)
+                // Boxed: the handshake's state (kilobytes) is not carried by every
+                // future that may connect, only while it runs.
+                let tls = Box::pin(mesh.connect(stream, identity, self.timeout))
                     .await
                     .map_err(|source| ConnectError::Tls { addr, source })?;
                 carries_http1 = tls.get_ref().1.alpn_protocol() == Some(MESH_ALPN);

@@ -36,7 +36,7 @@ use crate::io::{ClientIo, Prefixed};
 use crate::listen::Accepted;
 use crate::route::{Route, Toward};
 use crate::state::{Snapshot, State};
-use crate::tls::{peek_client_hello, Hello, MESH_ALPN};
+use crate::tls::{peek_client_hello, Hello, MeshTls, MESH_ALPN};
 
 /// The most an inbound mesh TLS handshake may take once its ClientHello is in.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,23 +70,7 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
     // The handshake and the TLS session are boxed: a plaintext connection's task does not
     // carry their size, and a mesh one holds the session (kilobytes) only while it lives.
     let (protocol, client) = match mesh {
-        Some(mesh) if meshed => match Box::pin(mesh.accept(io, HANDSHAKE_TIMEOUT, mesh_alpn)).await
-        {
-            Ok((tls, client)) => {
-                // The client is a proxy that carries HTTP/1 over HTTP/2 to this one.
-                let peer_proxy = tls.get_ref().1.alpn_protocol() == Some(MESH_ALPN);
-                let io = Prefixed::new(Bytes::new(), tls);
-                let peer = Some(MeshPeer {
-                    id: client.clone(),
-                    carries_http1: peer_proxy,
-                });
-                (Box::pin(carry_on(&conn, io, peer)).await, Some(client))
-            }
-            Err(e) => {
-                tracing::info!(listener = %conn.name, error = %e, "mesh TLS handshake refused");
-                (None, None)
-            }
-        },
+        Some(mesh) if meshed => Box::pin(mesh_tls(&conn, &mesh, io, mesh_alpn)).await,
         _ if conn.listener.tls == TlsMode::Strict => {
             tracing::info!(listener = %conn.name, "connection refused: the listener is STRICT and the client did not use mesh TLS");
             (None, None)
@@ -95,6 +79,31 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
     };
     let Accepted { state, record, .. } = conn;
     record.close(&state.metrics, protocol, client);
+}
+
+/// Terminates mesh TLS, then carries on inside it; what was detected, and the client's
+/// identity.
+async fn mesh_tls(
+    conn: &Accepted,
+    mesh: &MeshTls,
+    io: ClientIo,
+    offers_mesh_alpn: bool,
+) -> (Option<Detected>, Option<Arc<str>>) {
+    match mesh.accept(io, HANDSHAKE_TIMEOUT, offers_mesh_alpn).await {
+        Ok((tls, client)) => {
+            // The client is a proxy that carries HTTP/1 over HTTP/2 to this one.
+            let peer = MeshPeer {
+                id: client.clone(),
+                carries_http1: tls.get_ref().1.alpn_protocol() == Some(MESH_ALPN),
+            };
+            let io = Prefixed::new(Bytes::new(), tls);
+            (carry_on(conn, io, Some(peer)).await, Some(client))
+        }
+        Err(e) => {
+            tracing::info!(listener = %conn.name, error = %e, "mesh TLS handshake refused");
+            (None, None)
+        }
+    }
 }
 
 /// A client that came over mesh TLS.
@@ -120,7 +129,8 @@ where
     let carries_http1 = peer.as_ref().is_some_and(|p| p.carries_http1);
     let client = peer.map(|p| p.id);
     match protocol? {
-        Detected::Opaque => tcp(conn, io, client).await,
+        // Boxed: only opaque connections carry the connect and copy state.
+        Detected::Opaque => Box::pin(tcp(conn, io, client)).await,
         http => {
             let http_conn = Arc::new(HttpConn {
                 state: conn.state.clone(),
