@@ -131,8 +131,8 @@ class Cluster(pods.Cluster):
         assert proc.stdout.readline().strip() == "ready", f"the application in {pod} did not start"
 
     def start_sidecar(self, pod: str, service_account: str, *, namespace: str = "demo",
-                      opaque_ports: Sequence[int] = (REDIS_PORT,)) -> None:
-        super().start_sidecar(pod, service_account, namespace=namespace, opaque_ports=opaque_ports)
+                      opaque_ports: Sequence[int] = (REDIS_PORT,), cpu: int | None = None) -> None:
+        super().start_sidecar(pod, service_account, namespace=namespace, opaque_ports=opaque_ports, cpu=cpu)
 
     def wait_ready(self, pod: str, services: Sequence[str] = SERVICES, timeout: float = 30) -> None:
         super().wait_ready(pod, services, timeout)

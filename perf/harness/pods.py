@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .mesh import mesh_ca, pymesh_cli
-from .procs import Child
+from .procs import Child, pinned
 
 PROXY_UID = 2102  # the proxy user of pymesh and Linkerd; `pymesh-proxy init` skips its connections
 OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT = 4140, 4143, 4191
@@ -175,9 +175,10 @@ class Cluster:
         return self.exec(pod, str(self.proxy), "init", *flags)
 
     def start_sidecar(self, pod: str, service_account: str, *, namespace: str = "demo",
-                      opaque_ports: Sequence[int] = ()) -> None:
-        """The native sidecar as the proxy user, configured as a pod's would be: its ports, its
-        control plane and its identity; everything else it learns from the control plane."""
+                      opaque_ports: Sequence[int] = (), cpu: int | None = None) -> None:
+        """The native sidecar as the proxy user (pinned to `cpu` if given), configured as a pod's
+        would be: its ports, its control plane and its identity; everything else it learns from
+        the control plane."""
         token = self.work / f"{pod}.token"
         token.write_text(pymesh_cli("control", "token", "--namespace", namespace, "--service-account",
                                     service_account, "--state-dir", str(self.state_dir)).strip())
@@ -200,7 +201,8 @@ class Cluster:
         config_path.write_text(yaml.safe_dump(config))
         for path in (token, config_path):
             path.chmod(0o644)
-        child = self.start(pod, f"sidecar-{pod}", [str(self.proxy), "--config", str(config_path)], proxy_user=True)
+        child = self.start(pod, f"sidecar-{pod}", pinned([str(self.proxy), "--config", str(config_path)], cpu),
+                           proxy_user=True)
         child.wait_for_line(r"^admin (\S+)$")  # printed after every listener's address
         self.sidecars[pod] = child
 
