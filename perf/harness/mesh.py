@@ -1,8 +1,9 @@
 """The mesh CA for the systems that speak mutual TLS, set up as a deployment does it.
 
 The CA is this project's control plane: `pymesh control run` with a file source holding no
-services (only its Identity service is used), its state (generated trust anchor and issuer,
-token secret) in the run's scratch directory, run as a harness child and always stopped. For
+services (only its Identity service is used; the pods give it theirs, and run it in a pod of
+its own: perf/harness/pods.py), its state (generated trust anchor and issuer, token secret) in
+the run's scratch directory, run as a harness child and always stopped. For
 every workload it certifies, `pymesh control token` writes a proof-of-identity token and
 `pymesh control ca-bundle` the trust anchors; a sidecar's `identity` config section names
 those files, the CA's address and its namespace and service account. A sidecar is ready
