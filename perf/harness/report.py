@@ -174,6 +174,10 @@ def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
                          ("## Idle connections (memory)", idle_table(data))):
         if table:
             parts += ["", title, "", table]
+    notes = "\n".join(f"- {s['name']}, {scenario}: {_cell(note)}" for s in data["systems"]
+                      for scenario, items in s.get("notes", {}).items() for note in items)
+    if notes:
+        parts += ["", "## Notes", "", notes]
     listed = problems_list(data)
     if listed:
         parts += ["", "## Skipped and failed", "", listed]

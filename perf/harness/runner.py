@@ -222,6 +222,9 @@ class Runner:
                     continue
                 stack.enter_context(own)
                 result.configs.update(running.configs)
+                if running.notes:  # what the system checked or did at start (e.g. mTLS verified), per scenario
+                    entry = next(s for s in result.systems if s["name"] == system.name)
+                    entry.setdefault("notes", {})[scenario.name] = running.notes
                 active.append(_Active(system, running))
             for round_ in rounds:
                 shift = round_ % max(1, len(active))

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -45,7 +47,7 @@ from ..mesh import NAMESPACE
 from ..procs import Child, StartError, pinned
 from ..scenarios import Scenario
 from .base import THREADS, Running, Unavailable
-from .pods import APP_PORT, CLIENT, SERVER, TARGET, PodsSystem
+from .pods import ADDRESSES, APP_PORT, CLIENT, SERVER, TARGET, PodsSystem
 
 READY_TIMEOUT_S = 30.0
 CONTROL_START_S = 30.0
@@ -69,6 +71,10 @@ def proxy_env(pod: str, control_address: str, anchors: str, identity_dir: Path) 
         "LINKERD2_PROXY_INBOUND_LISTEN_ADDR": f"0.0.0.0:{pods.INBOUND_PORT}",
         "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDR": f"127.0.0.1:{pods.OUTBOUND_PORT}",
         "LINKERD2_PROXY_ADMIN_LISTEN_ADDR": f"127.0.0.1:{pods.ADMIN_PORT}",
+        # As Linkerd's injector sets them: the default policy, the cluster's networks, the pod's IP.
+        "LINKERD2_PROXY_INBOUND_DEFAULT_POLICY": "all-unauthenticated",
+        "LINKERD2_PROXY_POLICY_CLUSTER_NETWORKS": f"{pods.SUBNET}.0/24",
+        "LINKERD2_PROXY_INBOUND_IPS": ADDRESSES[pod][0],
         "LINKERD2_PROXY_CORES": str(THREADS),
         "LINKERD2_PROXY_LOG": "warn,linkerd=info",
         "LINKERD2_PROXY_SHUTDOWN_GRACE_PERIOD": "1s",
@@ -109,15 +115,13 @@ class Linkerd2Proxy(PodsSystem):
             raise Unavailable(control.protos_missing())
 
     def version(self) -> str | None:
-        """Its release line: with no environment it prints it and exits 64 (it has no --version)."""
+        """Its release line: with no environment it logs it and exits 64 (it has no --version)."""
         try:
             result = subprocess.run([str(self.binary())], capture_output=True, text=True, timeout=20, env={})
         except (OSError, subprocess.TimeoutExpired):
             return None
-        for line in (result.stdout + result.stderr).splitlines():
-            if line.strip() and "Invalid configuration" not in line:
-                return line.strip()[:200]
-        return None
+        found = re.search(r"release (\S+) \(([0-9a-f]+)\)", result.stdout + result.stderr)
+        return f"linkerd2-proxy {found.group(1)} ({found.group(2)})" if found else None
 
     def settings(self) -> dict[str, Any]:
         passed = sorted(k for k in os.environ if k.startswith("LINKERD2_PROXY_"))
@@ -132,13 +136,16 @@ class Linkerd2Proxy(PodsSystem):
                 "measured": "CPU and RSS summed over both proxies",
                 "environment_passed_through": passed}
 
-    def _binary_copy(self) -> Path:
-        """The binary, copied once per run into the scratch directory: the proxy user can run it,
-        and a rebuild during the run changes nothing measured."""
+    def _runnable_binary(self) -> Path:
+        """The binary where the proxy user can run it: where it is if every directory above it
+        lets others through, else a copy in the run's scratch directory (made once per run)."""
+        path = self.binary().resolve()
+        if all(os.stat(d).st_mode & stat.S_IXOTH for d in path.parents) and os.stat(path).st_mode & stat.S_IXOTH:
+            return path
         copy = self.context.workdir / "bin" / "linkerd2-proxy"
         if not copy.exists():
             copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self.binary(), copy)
+            shutil.copy2(path, copy)
             copy.chmod(0o755)
         return copy
 
@@ -151,7 +158,7 @@ class Linkerd2Proxy(PodsSystem):
 
     @contextmanager
     def mesh(self, cluster: pods.Cluster, scenario: Scenario, workdir: Path) -> Iterator[Running]:
-        binary = self._binary_copy()
+        binary = self._runnable_binary()
         try:
             stubs = control.prepare(self.context.workdir / "linkerd2-api")
         except control.StubError as e:
