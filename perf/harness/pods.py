@@ -245,7 +245,7 @@ C = TypeVar("C", bound=Cluster)
 @contextmanager
 def cluster_up(work: Path, prefix: str, proxy: Path, pods: Mapping[str, Sequence[str]], *,
                services: Mapping[str, Any] | None = None, routes: Sequence[str] = (),
-               cluster_type: type[C] = Cluster) -> Iterator[C]:  # type: ignore[assignment]
+               cluster_type: type[C] = Cluster) -> Iterator[C]:  # type: ignore[assignment]  # (a default for a TypeVar)
     """The pods on their bridge and, with `services` (the file source's content), pymesh's
     control plane in the pod `cp` (which `pods` must name), listening on its first address.
     Pods' processes are started by the caller; everything is stopped and deleted on exit."""
