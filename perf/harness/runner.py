@@ -4,6 +4,9 @@ every available system in front of it, probe each, measure them interleaved roun
 everything, and summarise. The idle-connection scenario starts fresh processes every round,
 so each round's memory figures start from a clean heap.
 
+The systems in pods start their own backend (same arguments) in their server pod and have the
+load generator run in their client pod (`Running.load_prefix`).
+
 Systems that cannot run here, scenarios the load generator cannot offer and scenarios a system
 cannot serve (`System.unsupported`, e.g. a protocol it cannot proxy) are recorded as skipped
 with the reason; a system that fails to start or to serve the probe is recorded as failed for
