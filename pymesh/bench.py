@@ -105,7 +105,8 @@ def run(
     warmup: Annotated[float | None, typer.Option(help="Override every load scenario's warm-up seconds.",
                                                  min=0, max=60)] = None,
     linkerd2_proxy: Annotated[Path | None, typer.Option("--linkerd2-proxy", help="A linkerd2-proxy binary to "
-                                                        "include (needs LINKERD2_PROXY_* control-plane settings).",
+                                                        "include: a sidecar pair in pods with a stand-in control "
+                                                        "plane (root, nftables, linkerd2-proxy-api's protos).",
                                                         dir_okay=False)] = None,
     as_json: JsonOption = False,
 ) -> None:

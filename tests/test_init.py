@@ -17,10 +17,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from perf.harness import pods as podlib
+from perf.harness.pods import run
 
 from .conftest import proxy_binary
 
@@ -30,7 +33,7 @@ POD_V6, PEER_V6 = "fd00:251::2", "fd00:251::3"
 # Ports inside the test's own namespaces: the sidecar's defaults, an application port, and ones
 # the skip flags name.
 OUTBOUND, INBOUND, ADMIN, APP, SKIPPED_OUT, SKIPPED_IN = 4140, 4143, 4191, 8080, 9090, 5432
-PROXY_UID = 2102
+PROXY_UID = podlib.PROXY_UID
 
 # Serves every port given on 0.0.0.0 and [::] until stdin closes or five minutes pass; answers
 # each connection with one JSON line and closes it.
@@ -112,30 +115,8 @@ def require_tools() -> None:
             pytest.fail(f"{tool} is missing (Debian's {package}): run scripts/install --test")
 
 
-def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr}")
-    return result
-
-
-@dataclass
-class Netns:
-    """Network namespaces made by this test, with the processes started in them."""
-
-    prefix: str
-    names: list[str] = field(default_factory=list)
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
-
-    def add(self, short: str) -> str:
-        name = f"{self.prefix}-{short}"
-        run("ip", "netns", "add", name)
-        self.names.append(name)
-        run("ip", "-n", name, "link", "set", "lo", "up")
-        return name
-
-    def exec(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run("ip", "netns", "exec", ns, *argv, check=check)
+class Netns(podlib.Netns):
+    """Network namespaces made by this test (perf/harness/pods.py), with its listeners and clients."""
 
     def init(self, ns: str, *flags: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.exec(ns, proxy_binary(), "init", *flags, check=check)
@@ -155,18 +136,6 @@ class Netns:
             argv += [str(uid), str(gid if gid is not None else uid)]
         out = self.exec(ns, *argv).stdout.strip()
         return json.loads(out)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.stdin:
-                proc.stdin.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        for name in reversed(self.names):
-            run("ip", "netns", "del", name, check=False)
 
 
 @pytest.fixture
@@ -189,16 +158,8 @@ class Pods:
 @pytest.fixture
 def pods(netns: Netns) -> Pods:
     """Two pods on a bridge; listeners on the redirect ports in `pod`, the application's in both."""
-    hub, pod, peer = netns.add("hub"), netns.add("pod"), netns.add("peer")
-    run("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
-    run("ip", "-n", hub, "link", "set", "br0", "up")
-    for ns, side, v4s, v6 in [(pod, "vpod", [POD_V4], POD_V6), (peer, "vpeer", [PEER_V4, PEER_V4_OTHER], PEER_V6)]:
-        run("ip", "-n", hub, "link", "add", side, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        run("ip", "-n", hub, "link", "set", side, "master", "br0", "up")
-        for v4 in v4s:
-            run("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", "eth0")
-        run("ip", "-n", ns, "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
-        run("ip", "-n", ns, "link", "set", "eth0", "up")
+    podlib.bridge(netns, {"pod": [POD_V4, POD_V6], "peer": [PEER_V4, PEER_V4_OTHER, PEER_V6]})
+    pod, peer = netns.ns("pod"), netns.ns("peer")
     run("ip", "-n", pod, "route", "add", "10.252.0.0/24", "dev", "eth0")
     netns.listen(pod, OUTBOUND, INBOUND, ADMIN, APP, SKIPPED_IN)
     netns.listen(peer, APP, SKIPPED_OUT)

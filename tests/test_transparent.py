@@ -22,33 +22,30 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from perf.harness import pods
 
 from .conftest import proxy_binary
-from .test_init import PROXY_UID, Netns, require_tools, run, snapshot
+from .test_init import require_tools, snapshot
 from .test_mesh import loadgen
-from .test_mtls import pymesh
 
-SUBNET = "10.251.0"
-CP, CLIENT, SERVER1, SERVER2, OUTSIDE = (f"{SUBNET}.{n}" for n in (10, 2, 3, 4, 5))
-SUBNET6 = "fd00:251:"
-CLIENT6, SERVER1_6, SERVER2_6, OUTSIDE6 = (f"{SUBNET6}:{n}" for n in (2, 3, 4, 5))
-ADDRESSES = {"cp": (CP, f"{SUBNET6}:10"), "client": (CLIENT, CLIENT6), "server1": (SERVER1, SERVER1_6),
-             "server2": (SERVER2, SERVER2_6), "outside": (OUTSIDE, OUTSIDE6)}
+ADDRESSES = {pod: pods.address(n) for pod, n in (("cp", 10), ("client", 2), ("server1", 3), ("server2", 4),
+                                                 ("outside", 5))}
+(CP, _), (CLIENT, CLIENT6), (SERVER1, SERVER1_6), (SERVER2, SERVER2_6), (OUTSIDE, OUTSIDE6) = ADDRESSES.values()
 SERVICE_RANGE, SERVICE_RANGE6 = "10.240.0.0/16", "fd00:240::/64"
 HELLO_VIP, GREETER_VIP, REDIS_VIP, HELLO6_VIP = "10.240.0.10", "10.240.0.11", "10.240.0.12", "fd00:240::10"
 HTTP_PORT, GRPC_PORT, REDIS_PORT = 8080, 50051, 6379
+SERVICES = ("hello", "hello6", "greeter", "redis")  # what a sidecar has before it is ready
 TRUST_DOMAIN = "cluster.local"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/client"
 SERVER_ID = f"spiffe://{TRUST_DOMAIN}/ns/demo/sa/hello"
@@ -112,22 +109,10 @@ print(json.dumps(answers))
 
 
 @dataclass
-class Cluster:
-    """The namespaces, the control plane and what runs in each pod."""
+class Cluster(pods.Cluster):
+    """The pods (perf/harness/pods.py), with this test's applications and clients."""
 
-    net: Netns
-    work: Path
-    cp_address: str = ""
-    state_dir: Path = field(default_factory=Path)
-    sidecars: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
-    apps: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     tables_before: dict[str, str] = field(default_factory=dict)
-
-    def ns(self, pod: str) -> str:
-        return f"{self.net.prefix}-{pod}"
-
-    def exec(self, pod: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.net.exec(self.ns(pod), *argv, check=check)
 
     def calls(self, pod: str, kind: str, target: str, count: int) -> list[dict[str, Any]]:
         out = self.exec(pod, sys.executable, "-c", CALLS, kind, target, str(count)).stdout
@@ -135,13 +120,6 @@ class Cluster:
 
     def redis(self, *command: str) -> str:
         return self.exec("client", "redis-cli", "-h", REDIS_VIP, "-p", str(REDIS_PORT), *command).stdout.strip()
-
-    def admin(self, pod: str, path: str) -> str:
-        fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
-        return self.exec(pod, sys.executable, "-c", fetch, f"http://127.0.0.1:4191{path}").stdout
-
-    def metrics(self, pod: str, name: str) -> list[str]:
-        return [line for line in self.admin(pod, "/metrics").splitlines() if line.startswith(name)]
 
     def start_app(self, pod: str, with_grpc: bool) -> None:
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns(pod), sys.executable, "-c", APP, pod,
@@ -152,80 +130,12 @@ class Cluster:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready", f"the application in {pod} did not start"
 
-    def start_sidecar(self, pod: str, service_account: str) -> None:
-        """The native sidecar as the proxy user, configured as a pod's would be: its ports, its
-        control plane and its identity; everything else it learns from the control plane."""
-        token = self.work / f"{pod}.token"
-        token.write_text(pymesh("control", "token", "--namespace", "demo", "--service-account",
-                                service_account, "--state-dir", str(self.state_dir)).strip())
-        opaque = {"opaquePorts": [REDIS_PORT]}
-        config = {
-            "admin": {"address": "127.0.0.1:4191"},
-            "listeners": [
-                # netfilter redirects IPv4 to 127.0.0.1 and IPv6 to ::1; inbound, one dual-stack socket
-                # takes both (IPv4 arrives IPv4-mapped).
-                {"name": "outbound", "address": "127.0.0.1:4140", "transparent": True, **opaque},
-                {"name": "outbound6", "address": "[::1]:4140", "transparent": True, **opaque},
-                {"name": "inbound", "address": "[::]:4143", "direction": "INBOUND", "transparent": True,
-                 "tls": "STRICT", **opaque},
-            ],
-            "controlPlane": {"addresses": [self.cp_address], "namespace": "demo",
-                             "serviceAccount": service_account},
-            "identity": {"trustAnchorsFile": str(self.work / "anchors.pem"), "tokenFile": str(token)},
-        }
-        config_path = self.work / f"{pod}.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        for path in (token, config_path):
-            path.chmod(0o644)
-        log = (self.work / f"{pod}.log").open("w")
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(pod), "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}",
-             "--clear-groups", "--", str(self.work / "pymesh-proxy"), "--config", str(config_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
-        log.close()
-        self.sidecars[pod] = proc
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("admin "):
-                break
-        else:
-            raise AssertionError(f"the sidecar in {pod} did not start: {self.log(pod)}")
+    def start_sidecar(self, pod: str, service_account: str, *, namespace: str = "demo",
+                      opaque_ports: Sequence[int] = (REDIS_PORT,), cpu: int | None = None) -> None:
+        super().start_sidecar(pod, service_account, namespace=namespace, opaque_ports=opaque_ports, cpu=cpu)
 
-    def log(self, pod: str) -> str:
-        return (self.work / f"{pod}.log").read_text()[-4000:]
-
-    def wait_ready(self, pod: str, timeout: float = 30) -> None:
-        """Until the sidecar has its certificate and the control plane's services."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                config = json.loads(self.admin(pod, "/config"))
-                names = {s["name"] for s in config.get("services", [])}
-                if {"hello", "hello6", "greeter", "redis"} <= names and self.exec(
-                        pod, sys.executable, "-c", "import urllib.request; urllib.request.urlopen("
-                        "'http://127.0.0.1:4191/ready', timeout=5)", check=False).returncode == 0:
-                    return
-            except (AssertionError, json.JSONDecodeError):
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the sidecar in {pod} did not become ready: {self.log(pod)}")
-
-    def init(self, pod: str, *flags: str) -> subprocess.CompletedProcess[str]:
-        return self.exec(pod, str(self.work / "pymesh-proxy"), "init", *flags)
-
-    def close(self) -> None:
-        for proc in [*self.apps.values(), *self.sidecars.values()]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-            if proc.stdout:
-                proc.stdout.close()
-        self.net.close()
-        shutil.rmtree(self.work, ignore_errors=True)
+    def wait_ready(self, pod: str, services: Sequence[str] = SERVICES, timeout: float = 30) -> None:
+        super().wait_ready(pod, services, timeout)
 
 
 def services() -> dict[str, Any]:
@@ -249,60 +159,22 @@ def cluster_up(tmp_path: Path, prefix: str) -> Iterator[Cluster]:
     if not shutil.which("redis-server") or not shutil.which("setpriv"):
         pytest.fail("redis-server and setpriv are missing (Debian's redis-server, util-linux): "
                     "run scripts/install --test")
-    net = Netns(prefix=prefix)
     # The proxy user must read its binary, config and token: a directory it can enter.
     work = Path(tempfile.mkdtemp(prefix="pymesh-pods-"))
-    work.chmod(0o755)
-    shutil.copy2(proxy_binary(), work / "pymesh-proxy")
-    (work / "pymesh-proxy").chmod(0o755)
-    cluster = Cluster(net, work, state_dir=tmp_path / "ca")
     try:
-        hub = net.add("hub")
-        run("ip", "-n", hub, "link", "add", "br0", "type", "bridge")
-        run("ip", "-n", hub, "link", "set", "br0", "up")
-        for pod, (address, address6) in ADDRESSES.items():
-            ns = net.add(pod)
-            run("ip", "-n", hub, "link", "add", f"v{pod}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            run("ip", "-n", hub, "link", "set", f"v{pod}", "master", "br0", "up")
-            run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            run("ip", "-n", ns, "addr", "add", f"{address6}/64", "dev", "eth0", "nodad")
-            run("ip", "-n", ns, "link", "set", "eth0", "up")
-            run("ip", "-n", ns, "route", "add", SERVICE_RANGE, "dev", "eth0")
-            run("ip", "-n", ns, "-6", "route", "add", SERVICE_RANGE6, "dev", "eth0")
-        start_control_plane(cluster, tmp_path)
-        yield cluster
+        shutil.copy2(proxy_binary(), work / "pymesh-proxy")
+        (work / "pymesh-proxy").chmod(0o755)
+        with pods.cluster_up(work, prefix, work / "pymesh-proxy", ADDRESSES, services=services(),
+                             routes=(SERVICE_RANGE, SERVICE_RANGE6), cluster_type=Cluster) as cluster:
+            yield cluster
     finally:
-        cluster.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     with cluster_up(tmp_path, f"pmt{os.getpid() % 10000}-{abs(hash(request.node.nodeid)) % 1000}") as made:
         yield made
-
-
-def start_control_plane(cluster: Cluster, tmp_path: Path) -> None:
-    source = tmp_path / "services"
-    source.mkdir()
-    (source / "services.yaml").write_text(yaml.safe_dump(services()))
-    log = (tmp_path / "control.log").open("w")
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", cluster.ns("cp"), sys.executable, "-c", "from pymesh.cli import main; main()",
-         "control", "run", "--source", f"file:{source}", "--listen", f"{CP}:0", "--admin", "127.0.0.1:0",
-         "--state-dir", str(cluster.state_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-    log.close()
-    cluster.net.procs.append(proc)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        kind, _, rest = line.strip().partition(" ")
-        if kind == "listening":
-            cluster.cp_address = rest
-            break
-    assert cluster.cp_address, f"the control plane did not start: {(tmp_path / 'control.log').read_text()}"
-    anchors = cluster.work / "anchors.pem"
-    anchors.write_text(pymesh("control", "ca-bundle", "--state-dir", str(cluster.state_dir)))
-    anchors.chmod(0o644)
 
 
 def pods_up(cluster: Cluster) -> None:
@@ -398,7 +270,7 @@ def test_unmodified_applications_are_meshed(cluster: Cluster) -> None:
         while served("server2") < before + 20 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert served("server2") >= before + 20, "no load reached server2"
-        for proc in (cluster.sidecars["server2"], cluster.apps["server2"]):
+        for proc in (cluster.sidecars["server2"].process, cluster.apps["server2"]):
             proc.kill()
         after_kill = served("server1")
         out, _ = load.communicate(timeout=60)

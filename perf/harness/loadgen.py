@@ -1,5 +1,6 @@
 """Driving `pymesh-loadgen`: what it can do (read from its `--help`), the command line for a
-scenario, and one bounded run that returns its `--json` report.
+scenario, and one bounded run that returns its `--json` report; and the command line of the
+backend (`pymesh-backend`) it loads.
 
 A scenario the load generator cannot offer is reported as skipped with the reason (gRPC, a new
 connection per request) rather than approximated with something else: its `--help` must list
@@ -89,6 +90,12 @@ def command(binary: Path, address: str, scenario: Scenario, *, cpu: int | None =
     if scenario.new_connection_per_request:
         args.append(NEW_CONNECTION_FLAG)
     return pinned(args, cpu)
+
+
+def backend_command(binary: Path, scenario: Scenario, listen: str = "127.0.0.1:0") -> list[str]:
+    """The test backend for `scenario` on `listen` (it prints `listening on ADDRESS`): one thread,
+    the scenario's response size. The runner's, and the one the systems in pods run in theirs."""
+    return [str(binary), "--listen", listen, "--response-size", str(scenario.response_size), "--threads", "1"]
 
 
 def run(args: list[str], expected_s: float, on_tick: Callable[[float], None] | None = None) -> dict[str, Any]:

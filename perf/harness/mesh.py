@@ -1,8 +1,9 @@
 """The mesh CA for the systems that speak mutual TLS, set up as a deployment does it.
 
 The CA is this project's control plane: `pymesh control run` with a file source holding no
-services (only its Identity service is used), its state (generated trust anchor and issuer,
-token secret) in the run's scratch directory, run as a harness child and always stopped. For
+services (only its Identity service is used; the pods give it theirs, and run it in a pod of
+its own: perf/harness/pods.py), its state (generated trust anchor and issuer, token secret) in
+the run's scratch directory, run as a harness child and always stopped. For
 every workload it certifies, `pymesh control token` writes a proof-of-identity token and
 `pymesh control ca-bundle` the trust anchors; a sidecar's `identity` config section names
 those files, the CA's address and its namespace and service account. A sidecar is ready
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .procs import Child, StartError
 
@@ -77,14 +80,19 @@ class MeshCA:
 
 
 @contextmanager
-def mesh_ca(workdir: Path) -> Iterator[MeshCA]:
-    """Start the CA with its files in `workdir`; it is stopped however the block ends."""
-    services = workdir / "services"
-    services.mkdir(parents=True, exist_ok=True)
-    (services / "services.yaml").write_text("services: []\n")
+def mesh_ca(workdir: Path, *, services: Mapping[str, Any] | None = None, listen: str = "127.0.0.1:0",
+            netns: str | None = None) -> Iterator[MeshCA]:
+    """Start the CA with its files in `workdir`; it is stopped however the block ends. With
+    `services` (the file source's content) it is also the mesh's Discovery; with `netns` it runs
+    in that network namespace (a pod's control plane, perf/harness/pods.py)."""
+    source = workdir / "services"
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "services.yaml").write_text(yaml.safe_dump(dict(services or {"services": []})))
     state = workdir / "ca-state"
-    command = [*PYMESH_CLI, "control", "run", "--source", f"file:{services}", "--listen", "127.0.0.1:0",
+    command = [*PYMESH_CLI, "control", "run", "--source", f"file:{source}", "--listen", listen,
                "--admin", "127.0.0.1:0", "--state-dir", str(state), "--log-level", "warning"]
+    if netns:
+        command = ["ip", "netns", "exec", netns, *command]
     child = Child("mesh CA (pymesh control run)", command, workdir / "ca.log")
     try:
         address = child.wait_for_line(r"^listening (\S+)$").group(1)

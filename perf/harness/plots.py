@@ -2,7 +2,8 @@
 
     latency-<scenario>.png   latency by percentile, one curve per system, from the load
                              generator's `histogram` field (the round with the median p99)
-    added-p99-vs-rate.png    p99 added over direct against the requested rate, per protocol family
+    added-p99-vs-rate.png    p99 added over the baseline (direct, direct-pods) against the requested rate,
+                             per protocol family
     rss.png                  peak RSS per system under load, and while holding idle connections
     max-throughput.png       closed-loop throughput per system (when a `max` scenario ran)
 """
@@ -100,7 +101,7 @@ def added_p99_vs_rate(data: dict[str, Any], path: Path) -> bool:
         ax.set_title(family)
         ax.set_yscale("symlog", linthresh=100)  # µs to seconds on one axis, negatives (noise) too
         ax.set_xlabel("requested rate, requests/s")
-        ax.set_ylabel("added p99 over direct, µs (symlog)")
+        ax.set_ylabel("added p99 over its baseline, µs (symlog)")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.grid(True, alpha=0.3)
         ax.legend()

@@ -113,10 +113,12 @@ def max_table(data: dict[str, Any]) -> str:
     rows = [o for o in data["outcomes"] if o["kind"] == "max" and o["status"] == "ok"]
     if not rows:
         return ""
-    direct = {o["scenario"]: o["achieved_rps"] for o in rows if o["system"] == "direct"}
-    lines = ["| scenario | system | max rps | of direct | proxy CPU s / 10k req |", "|---|---|--:|--:|--:|"]
+    floors = {(o["system"], o["scenario"]): o["achieved_rps"] for o in rows}
+    lines = ["| scenario | system | max rps | of its baseline | proxy CPU s / 10k req |", "|---|---|--:|--:|--:|"]
     for o in rows:
-        floor = direct.get(o["scenario"])
+        # A floor (direct, direct-pods) is its own baseline; results older than `baseline` used direct.
+        baseline = o.get("baseline", None if o["system"] == "direct" else "direct") or o["system"]
+        floor = floors.get((baseline, o["scenario"]))
         share = f"{o['achieved_rps'] / floor:.0%}" if floor else "–"
         lines.append(f"| {o['scenario']} | {o['system']} | {_num(o['achieved_rps'])} | {share} "
                      f"| {_num(o['cpu_s_per_10k'], '.3f')} |")
@@ -138,7 +140,8 @@ def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
     env = data["environment"]
     systems = "\n".join(
         f"| {s['name']} | {s['status']} | {_cell(s.get('version') or s.get('reason', ''))} "
-        f"| {_cell(str(s.get('settings', {}).get('upstream', '')))} |" for s in data["systems"])
+        f"| {_cell(str(s.get('settings', {}).get('upstream', '')))} | {s.get('baseline') or '–'} |"
+        for s in data["systems"])
     load = ""
     if env.get("loadavg_start") and env.get("loadavg_end"):
         load = (f" Load average (1/5/15 min) at start {'/'.join(map(str, env['loadavg_start']))}, at end "
@@ -155,10 +158,12 @@ def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
         f"thread(s), matched to pymesh's default. Pinning: {env['pinning']}. Rounds: {data['options']['rounds']} "
         "(figures are medians over rounds; systems interleaved within a scenario, order rotating per round). "
         "Latency is from each request's intended send time (coordinated omission corrected); *added* is the "
-        "system's figure minus direct's in the same run. Proxy CPU includes the warm-up's requests." + load,
+        "system's figure minus its baseline's in the same run: direct's, or for the systems measured in pods "
+        "(network namespaces on a bridge, the redirect rules, the load generator in the client pod) direct-pods'. "
+        "Proxy CPU includes the warm-up's requests; for a sidecar pair it is both proxies' (RSS too)." + load,
         "",
-        "| system | status | version / reason | upstream hop |",
-        "|---|---|---|---|",
+        "| system | status | version / reason | upstream hop | added over |",
+        "|---|---|---|---|---|",
         systems,
         "",
         "## Load",
@@ -169,6 +174,10 @@ def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
                          ("## Idle connections (memory)", idle_table(data))):
         if table:
             parts += ["", title, "", table]
+    notes = "\n".join(f"- {s['name']}, {scenario}: {_cell(note)}" for s in data["systems"]
+                      for scenario, items in s.get("notes", {}).items() for note in items)
+    if notes:
+        parts += ["", "## Notes", "", notes]
     listed = problems_list(data)
     if listed:
         parts += ["", "## Skipped and failed", "", listed]

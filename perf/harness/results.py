@@ -1,7 +1,8 @@
 """The result model: one record per measured run (load or idle), what was skipped or failed
-and why, and the per system × scenario outcome: medians over rounds, latency added over
-`direct` in the same run, errors, CPU per 10k requests, peak RSS, and warnings on figures
-that should not be trusted (rate not reached, generator lag, errors).
+and why, and the per system × scenario outcome: medians over rounds, latency added over the
+system's baseline in the same run (`direct`; `direct-pods` for the systems measured in pods),
+errors, CPU per 10k requests, peak RSS, and warnings on figures that should not be trusted
+(rate not reached, generator lag, errors).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Outcome:
     reason: str = ""
     rounds: int = 0
     latency_us: dict[str, float] = field(default_factory=dict)
-    added_latency_us: dict[str, float] = field(default_factory=dict)
+    added_latency_us: dict[str, float] = field(default_factory=dict)  # over `baseline` in the same run
+    baseline: str | None = None  # the system added latency is measured from (None: a floor itself)
     requested_rps: float | None = None
     achieved_rps: float | None = None
     requests: int = 0
@@ -118,18 +120,22 @@ def _median(values: list[float]) -> float | None:
 
 
 def summarise(result: BenchResult) -> list[Outcome]:
-    """Outcomes for every selected system × scenario, in the order they were selected."""
+    """Outcomes for every selected system × scenario, in the order they were selected, with the
+    latency each adds over its baseline (`direct`, or `direct-pods` for the systems in pods)."""
     outcomes: list[Outcome] = []
-    direct_latency: dict[str, dict[str, float]] = {}
+    # A result written before systems named their baseline: everything but direct is over direct.
+    baselines = {s["name"]: s.get("baseline", None if s["name"] == "direct" else "direct") for s in result.systems}
+    floors: dict[tuple[str, str], dict[str, float]] = {}
     for scenario in result.scenarios:
         for system in result.systems:
             outcome = _outcome(result, system["name"], scenario)
-            if system["name"] == "direct" and outcome.status == "ok":
-                direct_latency[scenario["name"]] = outcome.latency_us
+            outcome.baseline = baselines[system["name"]]
+            if outcome.status == "ok":
+                floors[(system["name"], scenario["name"])] = outcome.latency_us
             outcomes.append(outcome)
     for outcome in outcomes:
-        floor = direct_latency.get(outcome.scenario)
-        if outcome.status == "ok" and outcome.latency_us and floor and outcome.system != "direct":
+        floor = floors.get((outcome.baseline, outcome.scenario)) if outcome.baseline else None
+        if outcome.status == "ok" and outcome.latency_us and floor:
             outcome.added_latency_us = {k: outcome.latency_us[k] - floor[k] for k in PERCENTILES}
     return outcomes
 

@@ -4,6 +4,9 @@ every available system in front of it, probe each, measure them interleaved roun
 everything, and summarise. The idle-connection scenario starts fresh processes every round,
 so each round's memory figures start from a clean heap.
 
+The systems in pods start their own backend (same arguments) in their server pod and have the
+load generator run in their client pod (`Running.load_prefix`).
+
 Systems that cannot run here, scenarios the load generator cannot offer and scenarios a system
 cannot serve (`System.unsupported`, e.g. a protocol it cannot proxy) are recorded as skipped
 with the reason; a system that fails to start or to serve the probe is recorded as failed for
@@ -124,9 +127,15 @@ class Runner:
                      "linkerd2_proxy": str(plan.linkerd2_proxy) if plan.linkerd2_proxy else None},
             systems=[], scenarios=[s.to_dict() for s in self.scenarios],
         )
+        if any(SYSTEMS[name].baseline == "direct-pods" or name == "direct-pods" for name in plan.systems):
+            result.environment["network"] += ("; the systems in pods: network namespaces on a bridge (veth pairs), "
+                                              "10.251.0.0/24, nftables redirect rules")
         with tempfile.TemporaryDirectory(prefix="pymesh-bench-") as tmp:
-            sidecar = {"pymesh", "pymesh-mtls"} & set(plan.systems)
-            binaries = ["pymesh-loadgen", "pymesh-backend"] + (["pymesh-proxy"] if sidecar else [])
+            # Traversable (not listable) by others: the systems in pods run their proxies, and the
+            # direct-pods load, as the proxy user, from the snapshot and scratch directories below.
+            os.chmod(tmp, 0o711)
+            wanted = {b for name in plan.systems for b in SYSTEMS[name].binaries}
+            binaries = ["pymesh-loadgen", "pymesh-backend", *sorted(wanted)]
             snap = snapshot(Path(tmp), binaries, pymesh_package="pymesh-embedded" in plan.systems)
             self.loadgen = snap.path("pymesh-loadgen") or self.loadgen
             self.backend = snap.path("pymesh-backend") or self.backend
@@ -165,7 +174,8 @@ class Runner:
             entry: dict[str, Any] = {"name": name, "label": system.label, "description": system.description}
             try:
                 system.check()
-                entry.update(status="available", version=system.version(), settings=system.settings())
+                entry.update(status="available", version=system.version(), settings=system.settings(),
+                             baseline=system.baseline)
                 available.append(system)
             except Unavailable as e:
                 entry.update(status="skipped", reason=str(e))
@@ -174,8 +184,7 @@ class Runner:
         return available
 
     def _backend(self, scenario: Scenario, workdir: Path, stack: ExitStack) -> str:
-        command = [str(self.backend), "--listen", "127.0.0.1:0", "--response-size", str(scenario.response_size),
-                   "--threads", "1"]
+        command = loadgen.backend_command(self.backend, scenario)
         child = Child("pymesh-backend", command, workdir / f"backend-{scenario.name}.log")
         stack.callback(child.stop)
         return child.wait_for_line(r"listening on (\S+)").group(1)
@@ -216,6 +225,9 @@ class Runner:
                     continue
                 stack.enter_context(own)
                 result.configs.update(running.configs)
+                if running.notes:  # what the system checked or did at start (e.g. mTLS verified), per scenario
+                    entry = next(s for s in result.systems if s["name"] == system.name)
+                    entry.setdefault("notes", {})[scenario.name] = running.notes
                 active.append(_Active(system, running))
             for round_ in rounds:
                 shift = round_ % max(1, len(active))
@@ -259,8 +271,8 @@ class Runner:
     def _probe(self, scenario: Scenario, running: Running) -> None:
         """A short load through the system, so no measured run meets a system that cannot serve."""
         rate = min(scenario.rate or PROBE_RATE, PROBE_RATE)
-        args = loadgen.command(self.loadgen, running.address, scenario, rate=rate,
-                               duration=PROBE_SECONDS, warmup=0)
+        args = running.load_prefix + loadgen.command(self.loadgen, running.address, scenario, rate=rate,
+                                                     duration=PROBE_SECONDS, warmup=0)
         report: dict[str, Any] = {}
         for _ in range(PROBE_ATTEMPTS):
             report = loadgen.run(args, PROBE_SECONDS + 1)
@@ -270,7 +282,8 @@ class Runner:
                                    f"requests, status {report['status_counts']}, {report['error_counts']}")
 
     def _load(self, scenario: Scenario, item: _Active, round_: int, tick: Callable[[float], None]) -> Run:
-        args = loadgen.command(self.loadgen, item.running.address, scenario, cpu=self.load_cpu)
+        args = item.running.load_prefix + loadgen.command(self.loadgen, item.running.address, scenario,
+                                                          cpu=self.load_cpu)
         pids = item.running.pids
         sampler = measure.TreeSampler(*pids) if pids else None
         start = now()

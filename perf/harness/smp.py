@@ -39,7 +39,7 @@ def smp(result: BenchResult) -> dict[str, Any]:
         "id": f"{result.id}/{s['name']}",
         "labels": {"system": s["name"], "status": s["status"]},
         "mtls_enabled": False,
-        "proxy_concurrency": env.get("proxy_threads", 1) if s["name"] != "direct" else 0,
+        "proxy_concurrency": env.get("proxy_threads", 1) if s["name"] not in ("direct", "direct-pods") else 0,
         "proxy_build": s.get("version") or "",
         "mesh_build": s.get("version") or "",
         "profile": s["name"],

@@ -51,6 +51,9 @@ class Running:
     notes: list[str] = field(default_factory=list)
     companions: list[Child] = field(default_factory=list)
     more_configs: dict[str, str] = field(default_factory=dict)  # further generated configs, by file name
+    # What the load generator's command line runs under: `ip netns exec POD` (and a user) for the
+    # systems in pods, whose load starts in the client pod; nothing for the loopback systems.
+    load_prefix: list[str] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
@@ -84,6 +87,12 @@ class System(ABC):
     name: ClassVar[str]
     label: ClassVar[str]
     description: ClassVar[str]
+    # The system whose figures this one's "added" latency is measured from, in the same run
+    # (None: it is a floor itself). Selecting a system selects its baseline too.
+    baseline: ClassVar[str | None] = "direct"
+    # This workspace's binaries it runs, besides the load generator and the backend (the run
+    # snapshots them: `context.snapshot`).
+    binaries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, context: Context) -> None:
         self.context = context

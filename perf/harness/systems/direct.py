@@ -15,6 +15,7 @@ class Direct(System):
     name = "direct"
     label = "direct (no proxy)"
     description = "client → backend, no proxy: the floor"
+    baseline = None
 
     def check(self) -> None:
         return None

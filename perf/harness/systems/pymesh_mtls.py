@@ -66,6 +66,7 @@ class PymeshMtlsPair(System):
     name = "pymesh-mtls"
     label = "pymesh sidecar pair, mTLS"
     description = "client sidecar → mTLS 1.3 → server sidecar → backend (CPU and RSS of both, summed)"
+    binaries = ("pymesh-proxy",)
 
     def binary(self) -> Path:
         return sidecar_binary(self.context)

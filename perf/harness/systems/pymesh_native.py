@@ -62,6 +62,7 @@ class PymeshNative(System):
     name = "pymesh"
     label = "pymesh (native sidecar)"
     description = "pymesh-proxy, the native sidecar binary (target/release)"
+    binaries = ("pymesh-proxy",)
 
     def binary(self) -> Path:
         return sidecar_binary(self.context)
