@@ -75,16 +75,23 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 @contextmanager
-def backend(response_size: int) -> Iterator[str]:
+def backend_process(response_size: int) -> Iterator[tuple[str, int]]:
+    """The test backend: its address and pid."""
     process = subprocess.Popen([tool("pymesh-backend"), "--listen", "127.0.0.1:0",
                                 "--response-size", str(response_size)], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
-        yield line.strip().rsplit(" ", 1)[1]
+        yield line.strip().rsplit(" ", 1)[1], process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@contextmanager
+def backend(response_size: int) -> Iterator[str]:
+    with backend_process(response_size) as (address, _):
+        yield address
 
 
 def proxy_config(upstream: str) -> dict:
@@ -96,9 +103,9 @@ def proxy_config(upstream: str) -> dict:
 
 
 @contextmanager
-def native_proxy(upstream: str, workdir: Path, cpu: int | None, binary: str | None = None
-                 ) -> Iterator[tuple[str, int]]:
-    process, addresses = start_sidecar(proxy_config(upstream), workdir, cpu, binary)
+def native_proxy(upstream: str, workdir: Path, cpu: int | None, binary: str | None = None,
+                 threads: int | None = None) -> Iterator[tuple[str, int]]:
+    process, addresses = start_sidecar(proxy_config(upstream), workdir, cpu, binary, threads)
     try:
         yield addresses["main"], process.pid
     finally:
@@ -106,12 +113,14 @@ def native_proxy(upstream: str, workdir: Path, cpu: int | None, binary: str | No
         process.wait(timeout=30)
 
 
-def start_sidecar(config: dict, workdir: Path, cpu: int | None, binary: str | None = None
-                  ) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def start_sidecar(config: dict, workdir: Path, cpu: int | None, binary: str | None = None,
+                  threads: int | None = None) -> tuple[subprocess.Popen[str], dict[str, str]]:
     """A `pymesh-proxy` on ``config``; returns it and its listeners' addresses (and `admin`)."""
     path = workdir / f"proxy-{os.urandom(4).hex()}.json"
     path.write_text(json.dumps(config))
     command = [binary or tool("pymesh-proxy"), "--config", str(path), "--log", "warn"]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     if cpu is not None:
         command = ["taskset", "-c", str(cpu), *command]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
