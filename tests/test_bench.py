@@ -3,6 +3,8 @@
 The smoke scenario runs against direct, the native sidecar, the mTLS sidecar pair, nginx,
 HAProxy and Envoy, and the report's structure and the plausibility of its figures are checked (rates
 reached, percentiles in order, CPU and memory read, plots drawn) — never a performance number.
+The systems in pods (direct-pods, pymesh-pods; linkerd2-proxy skipped without its binary) run it
+too (root, nftables), and the linkerd2-proxy stand-in control plane's CA and replies are checked.
 """
 
 from __future__ import annotations
