@@ -237,6 +237,12 @@ async fn read_until(stream: &mut TcpStream, text: &str) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
+/// Sends `request` on `stream` and reads until `answer` has arrived.
+async fn exchange(stream: &mut TcpStream, request: &[u8], answer: &str) -> String {
+    stream.write_all(request).await.unwrap();
+    read_until(stream, answer).await
+}
+
 /// Longer than the proxy's park delay (1 s): the connection has given hyper's state back.
 const IDLE_PAST_PARKING: Duration = Duration::from_millis(1500);
 
@@ -245,13 +251,13 @@ async fn an_idle_http1_connection_is_parked_and_serves_what_comes_next() {
     let a = backend("a").await;
     let proxy = Proxy::start(config(&[a], "")).await.unwrap();
     let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
-    client
-        .write_all(b"GET /zero HTTP/1.1\r\nhost: web\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_until(&mut client, "a web /zero")
-        .await
-        .starts_with("HTTP/1.1 200"));
+    assert!(exchange(
+        &mut client,
+        b"GET /zero HTTP/1.1\r\nhost: web\r\n\r\n",
+        "a web /zero"
+    )
+    .await
+    .starts_with("HTTP/1.1 200"));
 
     // Parked; then a head in pieces, longer than one wake-up read, with a second request
     // pipelined behind it: both answered, in order, on the same connection.
@@ -272,29 +278,30 @@ async fn an_idle_http1_connection_is_parked_and_serves_what_comes_next() {
 
     // A request with a body, then idle: the next request is served as usual.
     let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
-    client
-        .write_all(b"POST /three HTTP/1.1\r\nhost: web\r\ncontent-length: 5\r\n\r\nhello")
-        .await
-        .unwrap();
-    assert!(read_until(&mut client, "a web /three")
-        .await
-        .starts_with("HTTP/1.1 200"));
+    assert!(exchange(
+        &mut client,
+        b"POST /three HTTP/1.1\r\nhost: web\r\ncontent-length: 5\r\n\r\nhello",
+        "a web /three"
+    )
+    .await
+    .starts_with("HTTP/1.1 200"));
     tokio::time::sleep(IDLE_PAST_PARKING).await;
-    client
-        .write_all(b"GET /four HTTP/1.1\r\nhost: web\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_until(&mut client, "a web /four")
-        .await
-        .starts_with("HTTP/1.1 200"));
+    assert!(exchange(
+        &mut client,
+        b"GET /four HTTP/1.1\r\nhost: web\r\n\r\n",
+        "a web /four"
+    )
+    .await
+    .starts_with("HTTP/1.1 200"));
 
     // A parked connection does not hold up a drain: it is closed.
     let mut parked = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
-    parked
-        .write_all(b"GET /five HTTP/1.1\r\nhost: web\r\n\r\n")
-        .await
-        .unwrap();
-    read_until(&mut parked, "a web /five").await;
+    exchange(
+        &mut parked,
+        b"GET /five HTTP/1.1\r\nhost: web\r\n\r\n",
+        "a web /five",
+    )
+    .await;
     tokio::time::sleep(IDLE_PAST_PARKING).await;
     assert!(proxy.shutdown(Duration::from_secs(5)).await);
     let mut rest = Vec::new();

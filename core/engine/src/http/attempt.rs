@@ -303,11 +303,12 @@ enum Wire {
 /// connection to it, else learned by making one (an endpoint that cannot be reached is
 /// left to the HTTP/1 path, whose error the client then gets).
 async fn carries_http1(route: &Route, endpoint: &Endpoint) -> bool {
-    let service = &route.target;
-    let meshed = service
-        .upstream(endpoint)
-        .is_some_and(|u| u.tls_identity().is_some());
-    let Some(h2) = service.h2(endpoint).filter(|_| meshed) else {
+    // The endpoint's HTTP/2 connection holds its upstream: no lookup in the shared table.
+    let Some(h2) = route
+        .target
+        .h2(endpoint)
+        .filter(|h2| h2.upstream().tls_identity().is_some())
+    else {
         return false;
     };
     match h2.carries_http1() {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -297,8 +297,6 @@ fn read_some<S: AsyncRead + Unpin>(
 /// goes back in front.
 pub(crate) fn unpark<S>(watched: Watched<S>, read_buf: Bytes) -> Prefixed<S> {
     let mut io = watched.inner;
-    if read_buf.has_remaining() {
-        io.unread(read_buf);
-    }
+    io.unread(read_buf);
     io
 }
