@@ -266,15 +266,13 @@ def test_linkerd2_stand_in_ca_signs_what_linkerd2_proxy_asks_for(tmp_path: Path)
 
 def test_linkerd2_stand_in_control_plane_replies(tmp_path: Path) -> None:
     """The stand-in's gRPC replies, read back through stubs generated from linkerd2-proxy-api's
-    protos. Conditional: those protos are Linkerd's (crates.io), in the cargo registry only where
-    linkerd2-proxy or the crate has been fetched, which CI does not do; there the test is skipped
-    with that reason (the CA test above and the pods test cover what runs without them)."""
+    protos (Linkerd's crate on crates.io, which scripts/install --test fetches into the cargo
+    registry with scripts/linkerd2-protos; missing, the test fails and says how to get them)."""
     import grpc
 
     from perf.harness import linkerd2_control as control
 
-    if control.find_protos() is None:
-        pytest.skip(control.protos_missing())
+    assert control.find_protos() is not None, control.protos_missing()
     api = control.load_stubs(control.prepare(tmp_path))
     control.make_ca(tmp_path / "ca")
     service = control.Service(authority="bench.bench.svc.cluster.local:8080", address="10.251.0.3:8080",

@@ -26,8 +26,9 @@ control-plane address is reached without TLS), one process per pod:
 Every stream sends its one answer and stays open until the proxy or this process ends it.
 
 The messages are linkerd2-proxy-api's (the crates.io crate 0.20.0, Apache-2.0). Its protos are
-taken from the cargo registry, where a build of linkerd2-proxy (or `cargo fetch` of anything
-depending on the crate) puts them, or from PYMESH_LINKERD2_PROTOS; Python stubs are generated at
+taken from the cargo registry, where `scripts/linkerd2-protos` (run by `scripts/install --test`),
+a build of linkerd2-proxy, or `cargo fetch` of anything depending on the crate puts them, or from
+PYMESH_LINKERD2_PROTOS; Python stubs are generated at
 run time with grpc_tools into the run's scratch directory. Nothing of Linkerd's is in this
 repository. The CA helpers (`make_ca`, `identity_files`, `sign_csr`) need only `cryptography`.
 
@@ -93,8 +94,8 @@ def find_protos() -> Path | None:
 def protos_missing() -> str:
     """What to do when `find_protos()` finds nothing."""
     return (f"the linkerd2-proxy API protos ({PROTO_CRATE} from crates.io) are not in the cargo registry "
-            f"(~/.cargo/registry/src/*/{PROTO_CRATE}/proto): they are there once linkerd2-proxy has been built, or "
-            "after `cargo fetch` in any cargo project that depends on linkerd2-proxy-api = \"=0.20.0\"; or set "
+            f"(~/.cargo/registry/src/*/{PROTO_CRATE}/proto): run scripts/linkerd2-protos (scripts/install --test "
+            "does), or build linkerd2-proxy; or set "
             f"{PROTOS_ENV} to the crate's proto/ directory")
 
 
