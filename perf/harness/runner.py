@@ -39,6 +39,8 @@ from .scenarios import Scenario
 from .systems import SYSTEMS, THREADS, Context, Running, System, Unavailable
 from .tools import rust_tool, snapshot, version_of
 
+IDLE_WARMUP_CONNECTIONS = 20  # answered and closed before the idle scenario's "before" reading
+
 PROXY_CPU, LOAD_CPU = 0, 1
 PROBE_RATE, PROBE_SECONDS, PROBE_ATTEMPTS = 200.0, 0.3, 3
 
@@ -313,6 +315,10 @@ class Runner:
         pids = item.running.pids
         tree: Callable[[], measure.Memory | None] = (lambda: measure.memory(measure.process_tree(*pids))) if pids \
             else (lambda: None)
+        # A few connections first, opened, answered and closed, so that "before" already holds
+        # each proxy's request-path code and its first upstream connection: the per-connection
+        # figure is then what the idle connections themselves cost, not code paged in by them.
+        hold_idle(item.running.address, IDLE_WARMUP_CONNECTIONS, 0.0, lambda: None)
         before = tree()
         start = now()
         outcome = hold_idle(item.running.address, scenario.idle_connections, scenario.idle_hold, tree)

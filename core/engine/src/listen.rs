@@ -156,8 +156,10 @@ async fn serve(
         name,
         accepted_at: Instant::now(),
     };
+    // Each direction's future is boxed at its own size: the task cell, which every
+    // connection holds for its whole life, is then not as big as the larger of the two.
     match accepted.listener.direction {
-        Direction::Inbound => crate::inbound::serve(accepted, stream).await,
-        Direction::Outbound => crate::outbound::serve(accepted, stream).await,
+        Direction::Inbound => Box::pin(crate::inbound::serve(accepted, stream)).await,
+        Direction::Outbound => Box::pin(crate::outbound::serve(accepted, stream)).await,
     }
 }

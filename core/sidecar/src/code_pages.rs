@@ -1,19 +1,20 @@
-//! Letting go of start-up code: once the sidecar is serving, the pages of its own binary that
-//! only start-up touched (command line and config parsing, TLS and logging set-up, the
-//! protobuf and JSON schemas) stay resident for nothing, and they are most of an idle
-//! proxy's RSS. They are dropped from the process once, after start: clean file pages
-//! (`madvise(MADV_DONTNEED)` on the binary's read-only, never-written mappings), which the
-//! kernel reads back from the page cache (a minor fault, no I/O) if they are ever needed
-//! again. What stays resident is the request path's working set.
+//! Letting go of start-up code: once the sidecar is serving, the code pages that only
+//! start-up touched (command line and config parsing, TLS and logging set-up, the protobuf
+//! and JSON schemas in the binary; the dynamic loader's and libc's start-up paths, libm's
+//! tables) stay mapped for nothing, and they are most of an idle proxy's RSS. They are
+//! dropped from the process once, after start: clean file pages (`madvise(MADV_DONTNEED)`
+//! on read-only, never-written mappings of the binary and of its shared libraries), which
+//! the kernel maps again from the page cache (a minor fault, no I/O) if they are ever
+//! needed. What stays resident is the request path's working set. The page cache itself
+//! is untouched: a shared library's pages stay there for every other process using them.
 //!
-//! Only mappings of the executable with no write permission and no anonymous (copied on
-//! write) pages are touched: the relocated read-only data (RELRO) holds private copies that
-//! must never be thrown away.
+//! Only file mappings with no write permission and no anonymous (copied on write) pages
+//! are touched: the relocated read-only data (RELRO) of the binary and of each library
+//! holds private copies that must never be thrown away.
 
 use std::fs;
-use std::path::PathBuf;
 
-/// One mapping of the executable in `/proc/self/smaps`.
+/// One mapping in `/proc/self/smaps`.
 #[derive(Debug, PartialEq, Eq)]
 struct Mapping {
     start: usize,
@@ -23,16 +24,15 @@ struct Mapping {
     anonymous_kib: Option<u64>,
 }
 
-/// Drops the executable's clean pages from this process; returns the bytes it asked to drop.
+/// Drops the clean pages of the binary and its libraries from this process; returns the
+/// bytes it asked to drop.
 pub(crate) fn release() -> std::io::Result<usize> {
-    let exe: PathBuf = fs::read_link("/proc/self/exe")?;
-    let exe = exe.to_string_lossy();
     let smaps = fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0;
-    for (start, end) in releasable(&smaps, &exe) {
+    for (start, end) in releasable(&smaps) {
         let len = end - start;
-        // SAFETY: the range is a whole read-only, file-backed mapping of this executable with
-        // no private copies: dropping its pages only means reading them again on next use.
+        // SAFETY: the range is a whole read-only mapping of a file with no private copies:
+        // dropping its pages only means mapping them again from the page cache on next use.
         let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) };
         if rc == 0 {
             released += len;
@@ -41,11 +41,18 @@ pub(crate) fn release() -> std::io::Result<usize> {
     Ok(released)
 }
 
-/// The ranges of `exe`'s read-only mappings that hold no private copies.
-fn releasable(smaps: &str, exe: &str) -> Vec<(usize, usize)> {
+/// The ranges of the read-only file mappings that hold no private copies. A file is an
+/// absolute path still on disk: not the kernel's `[vdso]`/`[vvar]`, not anonymous memory,
+/// not a file deleted since it was mapped.
+fn releasable(smaps: &str) -> Vec<(usize, usize)> {
     parse(smaps)
         .into_iter()
-        .filter(|m| m.path == exe && !m.writable && m.anonymous_kib == Some(0))
+        .filter(|m| {
+            m.path.starts_with('/')
+                && !m.path.ends_with(" (deleted)")
+                && !m.writable
+                && m.anonymous_kib == Some(0)
+        })
         .map(|m| (m.start, m.end))
         .collect()
 }
@@ -74,7 +81,15 @@ fn header(line: &str) -> Option<Mapping> {
     if perms.len() != 4 {
         return None;
     }
-    let path = fields.nth(3).unwrap_or_default().to_owned();
+    // The path is the rest of the line, spaces and a " (deleted)" mark included.
+    let path = fields.nth(3).map_or_else(String::new, |first| {
+        let rest: Vec<&str> = fields.collect();
+        if rest.is_empty() {
+            first.to_owned()
+        } else {
+            format!("{first} {}", rest.join(" "))
+        }
+    });
     Some(Mapping {
         start,
         end,
@@ -89,7 +104,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_clean_read_only_mappings_of_the_binary_are_chosen() {
+    fn only_clean_read_only_file_mappings_are_chosen() {
         let smaps = "\
 55d0a0000000-55d0a0100000 r--p 00000000 fe:00 123 /usr/bin/pymesh-proxy
 Rss:                 700 kB
@@ -102,14 +117,26 @@ Anonymous:            96 kB
 Anonymous:            64 kB
 7f0000000000-7f0000100000 r-xp 00000000 fe:00 456 /usr/lib/x86_64-linux-gnu/libc.so.6
 Anonymous:             0 kB
+7f0000100000-7f0000110000 r--p 00100000 fe:00 456 /usr/lib/x86_64-linux-gnu/libc.so.6
+Anonymous:            16 kB
+7f0000200000-7f0000210000 r--p 00000000 fe:00 789 /tmp/gone.so (deleted)
+Anonymous:             0 kB
+7f0000300000-7f0000320000 rw-p 00000000 00:00 0
+Anonymous:           128 kB
+7ffd00000000-7ffd00002000 r--p 00000000 00:00 0 [vvar]
+Anonymous:             0 kB
+7ffd00002000-7ffd00004000 r-xp 00000000 00:00 0 [vdso]
+Anonymous:             0 kB
 ";
         assert_eq!(
-            releasable(smaps, "/usr/bin/pymesh-proxy"),
+            releasable(smaps),
             vec![
                 (0x55d0a0000000, 0x55d0a0100000),
-                (0x55d0a0100000, 0x55d0a0500000)
+                (0x55d0a0100000, 0x55d0a0500000),
+                (0x7f0000000000, 0x7f0000100000)
             ],
-            "the RELRO copy, the writable data and other files are left alone"
+            "RELRO copies, writable data, deleted files, anonymous memory and the kernel's \
+             pages are left alone"
         );
     }
 
@@ -118,7 +145,7 @@ Anonymous:             0 kB
         let released = release().expect("smaps readable");
         assert!(released > 0);
         // Code and constants are read back on use.
-        assert!(releasable("", "x").is_empty());
+        assert!(releasable("").is_empty());
         assert_eq!(format!("{}", 6 * 7), "42");
     }
 }

@@ -141,7 +141,13 @@ where
         {
             return result;
         }
-        let Some(parts) = http.into_parts() else {
+        // Taken apart in a block of its own, so that the box is freed now: moved out of
+        // in place, it would stay allocated through the whole parked wait below.
+        let parts = {
+            let http = http;
+            http.into_parts()
+        };
+        let Some(parts) = parts else {
             return Ok(());
         };
         tracing::trace!("idle HTTP/1 connection parked");
