@@ -17,13 +17,13 @@ SLOW_CLIENTS = 400
 
 
 def slow_header_clients(address: str, count: int) -> list[socket.socket]:
-    """`count` connections that each send a request head and never finish it, so the proxy
-    holds a connection, its task and its read buffer for each."""
+    """`count` connections that each send 6 KB of a request head and never finish it, so the
+    proxy holds a connection, its task and the head so far for each."""
     host, port = address.rsplit(":", 1)
     clients = []
     for _ in range(count):
         client = socket.create_connection((host, int(port)), timeout=5)
-        client.sendall(b"GET /echo HTTP/1.1\r\nhost: web\r\nx-slow: 1\r\n")
+        client.sendall(b"GET /echo HTTP/1.1\r\nhost: web\r\nx-slow: " + b"s" * 6000)
         clients.append(client)
     return clients
 
@@ -45,8 +45,8 @@ def test_memory_a_burst_of_connections_freed_is_returned(start_proxy: ProxyFacto
     finally:
         for client in clients:
             client.close()
-    # Each held connection is tens of KiB (its task and buffers): a quarter of the least
-    # that 400 of them take must come back once they are closed.
+    # Each held connection is over 6 KiB (its task and the head so far): 4 KiB of each must
+    # come back once they are closed.
     expected = SLOW_CLIENTS * 4 * 1024
     deadline = time.monotonic() + 30
     while (returned := total(proxy.metrics(), "memory_returned_bytes_total") - before) < expected:

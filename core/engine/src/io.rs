@@ -106,9 +106,9 @@ impl<S> Prefixed<S> {
         Self { prefix, inner }
     }
 
-    /// Whether bytes put back are waiting to be read.
-    pub(crate) fn has_prefix(&self) -> bool {
-        !self.prefix.is_empty()
+    /// The bytes put back, taken out: the stream reads from its source until more are.
+    pub(crate) fn take_prefix(&mut self) -> Bytes {
+        std::mem::take(&mut self.prefix)
     }
 
     /// Puts bytes read through this stream back in front of any not yet read.

@@ -308,3 +308,53 @@ async fn an_idle_http1_connection_is_parked_and_serves_what_comes_next() {
     let read = tokio::time::timeout(Duration::from_secs(5), parked.read_to_end(&mut rest)).await;
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?} {rest:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_is_gathered_before_hyper_serves_it() {
+    let a = backend("a").await;
+    let proxy = Proxy::start(config(&[a], "")).await.unwrap();
+
+    // A first request whose head trickles in, a few bytes at a time: served once it ends.
+    let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    for piece in [&b"GET /slow HT"[..], b"TP/1.1\r\nhost: w", b"eb\r\n", b"\r"] {
+        client.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert!(exchange(&mut client, b"\n", "a web /slow")
+        .await
+        .starts_with("HTTP/1.1 200"));
+
+    // Bare LF line endings end a head too, as hyper's parser accepts them.
+    let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    assert!(
+        exchange(&mut client, b"GET /lf HTTP/1.1\nhost: web\n\n", "a web /lf")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+
+    // A head past the limit, never ended, is not waited on: hyper answers 431.
+    let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    let endless = format!(
+        "GET / HTTP/1.1\r\nhost: web\r\nx-pad: {}",
+        "p".repeat(70 * 1024)
+    );
+    let _ = client.write_all(endless.as_bytes()).await;
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut answer))
+        .await
+        .expect("an answer, not a wait")
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        &answer[..n]
+    );
+
+    // A client that closes in the middle of a head gets hyper's answer to it, not a hang.
+    let mut client = TcpStream::connect(listener(&proxy, "main")).await.unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nhost").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was left open");
+}

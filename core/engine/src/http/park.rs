@@ -1,9 +1,11 @@
 //! Parking idle HTTP/1 client connections: a keep-alive connection that has had nothing
 //! to do for [`PARK_AFTER`] gives hyper's connection state back (its 8 KiB read buffer,
-//! 8 KiB write buffer and dispatcher) and waits on the bare socket; the next request's
-//! first bytes start a fresh hyper connection. An idle connection then costs its socket
-//! and a few hundred bytes of task, not ~17 KiB, which is what lets a proxy hold
-//! thousands of idle keep-alive clients the way nginx does.
+//! 8 KiB write buffer and dispatcher) and waits on the bare socket; once the next
+//! request's head is all here ([`wait_for_head`]), a fresh hyper connection serves it.
+//! The first request of a connection is gathered the same way. An idle connection then
+//! costs its socket and a few hundred bytes of task, not ~17 KiB, and neither does a
+//! client that sends its head slowly: this is what lets a proxy hold thousands of idle
+//! keep-alive clients, or a slowloris crowd, the way nginx does.
 //!
 //! hyper cannot be asked whether it is idle, so the connection watches it from outside:
 //! [`Watched`] counts the bytes hyper reads and notes a write left pending, and
@@ -21,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -38,8 +40,11 @@ pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
 /// keep-alive timeout hyper's header-read timer gave unparked connections.
 pub(crate) const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(30);
 
-/// The most bytes read at once while parked: the start of the next request, handed to
-/// the fresh hyper connection in front of the rest.
+/// How long the rest of a request head may take once its first bytes have come: hyper's
+/// own header-read timeout, which applied before heads were gathered outside it.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most bytes read at once while waiting for a head (see [`wait_for_head`]).
 const WAKE_READ: usize = 1024;
 
 /// What the watched stream and the response bodies of one connection tell its loop.
@@ -259,38 +264,72 @@ pub(crate) async fn drive<C: Future + Unpin>(
     .await
 }
 
-/// Waits on a parked connection for the start of its next request, which it puts back
-/// in front of the stream. False when the client closed, the wait outlived
-/// [`KEEP_ALIVE_IDLE`], or the proxy is shutting down: the connection is then closed.
-pub(crate) async fn wait_for_request<S: AsyncRead + Unpin>(
+/// Waits, without hyper, until the head of the connection's next request is all here,
+/// and puts what came back in front of the stream. A connection whose client is idle or
+/// sends its head slowly then holds the bytes it sent, not a hyper connection's 16 KiB of
+/// buffers: this is what keeps a crowd of slow-header clients (slowloris) small.
+///
+/// True when hyper has something to read: a whole head, `max_head` bytes without one's
+/// end (hyper answers 431), or what came before the client closed (hyper answers that).
+/// False, and the connection is closed, when nothing came, when the client went quiet
+/// ([`KEEP_ALIVE_IDLE`] before a request starts, [`HEAD_TIMEOUT`] once one has), or when
+/// the proxy is shutting down.
+pub(crate) async fn wait_for_head<S: AsyncRead + Unpin>(
     io: &mut Prefixed<S>,
+    max_head: usize,
     shutdown: &CancellationToken,
 ) -> bool {
-    if io.has_prefix() {
-        return true;
-    }
-    let next = tokio::time::timeout(KEEP_ALIVE_IDLE, poll_fn(|cx| read_some(io, cx)));
-    tokio::select! {
-        read = next => match read {
-            Ok(Ok(bytes)) if !bytes.is_empty() => {
-                io.unread(bytes);
-                true
-            }
-            _ => false,
-        },
-        () = shutdown.cancelled() => false,
-    }
+    let mut head = BytesMut::from(io.take_prefix());
+    let mut scanned = 0;
+    let mut deadline = Instant::now()
+        + if head.is_empty() {
+            KEEP_ALIVE_IDLE
+        } else {
+            HEAD_TIMEOUT
+        };
+    let ready = loop {
+        if head_ends(&head, &mut scanned) || head.len() >= max_head {
+            break true;
+        }
+        let read = tokio::time::timeout_at(deadline, poll_fn(|cx| read_into(io, &mut head, cx)));
+        tokio::select! {
+            read = read => match read {
+                Ok(Ok(0)) => break !head.is_empty(),
+                Ok(Ok(n)) => {
+                    if head.len() == n {
+                        deadline = Instant::now() + HEAD_TIMEOUT;
+                    }
+                }
+                Ok(Err(_)) | Err(_) => break false,
+            },
+            () = shutdown.cancelled() => break false,
+        }
+    };
+    io.unread(head.freeze());
+    ready
 }
 
-/// Reads what is there (up to [`WAKE_READ`]) into a buffer of its own size; empty at EOF.
-fn read_some<S: AsyncRead + Unpin>(
+/// Whether `head` holds the end of a request head, an empty line (after CRLF, or a bare
+/// LF as hyper also accepts), looking only at what `scanned` says is new since the last call.
+fn head_ends(head: &[u8], scanned: &mut usize) -> bool {
+    // The last two bytes already looked at may start the end with a new byte.
+    let from = scanned.saturating_sub(2);
+    *scanned = head.len();
+    let tail = &head[from..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Reads what is there (up to [`WAKE_READ`]) onto the end of `head`; 0 at EOF.
+fn read_into<S: AsyncRead + Unpin>(
     io: &mut Prefixed<S>,
+    head: &mut BytesMut,
     cx: &mut Context<'_>,
-) -> Poll<io::Result<Bytes>> {
+) -> Poll<io::Result<usize>> {
     let mut space = [0u8; WAKE_READ];
     let mut buf = ReadBuf::new(&mut space);
     std::task::ready!(Pin::new(io).poll_read(cx, &mut buf))?;
-    Poll::Ready(Ok(Bytes::copy_from_slice(buf.filled())))
+    head.extend_from_slice(buf.filled());
+    Poll::Ready(Ok(buf.filled().len()))
 }
 
 /// A parked connection's stream, back from hyper: what hyper had read but not parsed
@@ -299,4 +338,41 @@ pub(crate) fn unpark<S>(watched: Watched<S>, read_buf: Bytes) -> Prefixed<S> {
     let mut io = watched.inner;
     io.unread(read_buf);
     io
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends_in_pieces(pieces: &[&[u8]]) -> Vec<bool> {
+        let mut head = Vec::new();
+        let mut scanned = 0;
+        pieces
+            .iter()
+            .map(|piece| {
+                head.extend_from_slice(piece);
+                head_ends(&head, &mut scanned)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_however_it_is_split() {
+        assert_eq!(
+            ends_in_pieces(&[b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"]),
+            [true]
+        );
+        assert_eq!(
+            ends_in_pieces(&[b"GET / HTTP/1.1\r\nhost: a\r", b"\n", b"\r", b"\n"]),
+            [false, false, false, true]
+        );
+        assert_eq!(
+            ends_in_pieces(&[b"GET / HTTP/1.1\nhost: a\n", b"\n"]),
+            [false, true]
+        );
+        assert_eq!(
+            ends_in_pieces(&[b"GET / HTTP/1.1\r\n", b"host: a\r\n"]),
+            [false, false]
+        );
+    }
 }

@@ -95,8 +95,9 @@ where
     until_drained(http, &shutdown, |c| c.graceful_shutdown()).await
 }
 
-/// HTTP/1: served by hyper while it is in use, parked on the bare stream while it idles
-/// (`park`), served by a fresh hyper connection when the next request starts.
+/// HTTP/1: each request's head is gathered on the bare stream (`park::wait_for_head`),
+/// then served by hyper, which is given up again once the connection has idled
+/// (`park::drive`): a fresh hyper connection serves the next head.
 async fn serve_http1<I, H, F>(
     mut io: Prefixed<I>,
     conn: Arc<HttpConn>,
@@ -116,6 +117,10 @@ where
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
     loop {
+        // The head comes in before hyper's connection (and its buffers) is made for it.
+        if !park::wait_for_head(&mut io, limits.max_header_bytes, &shutdown).await {
+            return Ok(());
+        }
         let service = {
             let conn = conn.clone();
             let activity = activity.clone();
@@ -152,9 +157,6 @@ where
         };
         tracing::trace!("idle HTTP/1 connection parked");
         io = park::unpark(parts.io.into_inner(), parts.read_buf);
-        if !park::wait_for_request(&mut io, &shutdown).await {
-            return Ok(());
-        }
     }
 }
 
