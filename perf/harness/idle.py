@@ -10,6 +10,9 @@ every connect and response, a fixed hold time.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +82,42 @@ async def _hold(address: str, count: int, hold_s: float, concurrency: int,
 
 
 def hold_idle(address: str, count: int, hold_s: float, measure: Callable[[], Any],
-              concurrency: int = 100) -> IdleOutcome:
+              concurrency: int = 100, netns: str | None = None) -> IdleOutcome:
     """Open `count` idle keep-alive connections to `address`, hold them `hold_s` seconds, call
-    `measure()` while they are held, close them, and say how many made it."""
-    return asyncio.run(_hold(address, count, hold_s, concurrency, measure))
+    `measure()` while they are held, close them, and say how many made it. With `netns` (a
+    network namespace's name, as `ip netns` knows it), the connections start in that namespace:
+    the client runs on a thread of its own that enters it, and the harness stays where it is."""
+    if netns is None:
+        return asyncio.run(_hold(address, count, hold_s, concurrency, measure))
+    outcome: list[IdleOutcome] = []
+    failure: list[BaseException] = []
+
+    def in_namespace() -> None:
+        try:
+            enter_netns(netns)
+            outcome.append(asyncio.run(_hold(address, count, hold_s, concurrency, measure)))
+        except BaseException as e:  # handed to the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=in_namespace, name=f"idle-{netns}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Moves the calling thread (only it: a namespace is per thread) into the network namespace
+    `ip netns add NAME` made; sockets it opens from then on live there."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns into network namespace {name}: {os.strerror(errno)}")
+    finally:
+        os.close(fd)

@@ -318,10 +318,11 @@ class Runner:
         # A few connections first, opened, answered and closed, so that "before" already holds
         # each proxy's request-path code and its first upstream connection: the per-connection
         # figure is then what the idle connections themselves cost, not code paged in by them.
-        hold_idle(item.running.address, IDLE_WARMUP_CONNECTIONS, 0.0, lambda: None)
+        netns = item.running.netns
+        hold_idle(item.running.address, IDLE_WARMUP_CONNECTIONS, 0.0, lambda: None, netns=netns)
         before = tree()
         start = now()
-        outcome = hold_idle(item.running.address, scenario.idle_connections, scenario.idle_hold, tree)
+        outcome = hold_idle(item.running.address, scenario.idle_connections, scenario.idle_hold, tree, netns=netns)
         run = IdleRun(system=item.system.name, scenario=scenario.name, round=round_, start_time=start, end_time=now(),
                       requested=outcome.requested, opened=outcome.opened, held=outcome.held, failures=outcome.failures)
         held: measure.Memory | None = outcome.measured

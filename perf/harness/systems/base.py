@@ -54,6 +54,9 @@ class Running:
     # What the load generator's command line runs under: `ip netns exec POD` (and a user) for the
     # systems in pods, whose load starts in the client pod; nothing for the loopback systems.
     load_prefix: list[str] = field(default_factory=list)
+    # The network namespace the harness's own clients (the idle-connection scenario's) start
+    # in: the client pod's for the systems in pods; the harness's own for the loopback systems.
+    netns: str | None = None
 
     @property
     def pid(self) -> int | None:

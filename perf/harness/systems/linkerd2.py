@@ -186,7 +186,7 @@ class Linkerd2Proxy(PodsSystem):
             return "".join(f"{k}={json.dumps(v) if chr(10) in v else v}\n" for k, v in sorted(env.items()))
 
         yield Running(address=TARGET, child=proxies[CLIENT], companions=[proxies[SERVER]],
-                      load_prefix=self.load_prefix(cluster),
+                      load_prefix=self.load_prefix(cluster), netns=cluster.ns(CLIENT),
                       config_name="linkerd2-proxy-client.env", config_text=env_file(envs[CLIENT]),
                       more_configs={"linkerd2-proxy-server.env": env_file(envs[SERVER]),
                                     "linkerd2-control.json": (cluster.work / f"l5d-control-{CLIENT}.json").read_text()},

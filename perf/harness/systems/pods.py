@@ -21,8 +21,10 @@ veth, the bridge and netfilter is in every pods figure, and "added" is measured 
 direct-pods in the same run, never against loopback `direct`.
 
 A pair's CPU and RSS are both proxies' (`Running.companions`); control planes are not measured.
-Each proxy runs one worker thread. The idle-connection scenario is skipped: its client is the
-harness's own asyncio client, which runs in the harness's namespace, not in the client pod.
+Each proxy runs one worker thread. The idle-connection scenario's client (the harness's own,
+asyncio) opens its connections from a thread that has entered the client pod's namespace
+(`Running.netns`), as root, so they are redirected to the client sidecar like the load is;
+direct-pods, with no proxy to measure, skips it.
 Needs root, iproute2, nftables and setpriv (else skipped with the reason).
 """
 
@@ -65,12 +67,6 @@ class PodsSystem(System):
         if reason:
             raise Unavailable(reason)
         sidecar_binary(self.context)
-
-    def unsupported(self, scenario: Scenario) -> str | None:
-        if scenario.kind == "idle":
-            return ("the idle-connection client is the harness's own (asyncio, in the harness's network namespace), "
-                    "not a process it can start in the client pod")
-        return None
 
     def pods_settings(self) -> dict[str, Any]:
         return {"pods": f"client {ADDRESSES[CLIENT][0]} and server {ADDRESSES[SERVER][0]} network namespaces on a "
@@ -120,6 +116,12 @@ class DirectPods(PodsSystem):
     baseline = None
     short = "dp"
 
+    def unsupported(self, scenario: Scenario) -> str | None:
+        if scenario.kind == "idle":
+            return ("no proxy to measure, and the idle client runs as root in the client pod, which the redirect "
+                    "rules send to a sidecar that is not there")
+        return None
+
     def settings(self) -> dict[str, Any]:
         return {"proxy": None, **self.pods_settings(),
                 "upstream": f"none: the load runs as uid {pods.PROXY_UID}, which the client pod's rules skip; the "
@@ -168,4 +170,4 @@ class PymeshPods(PodsSystem):
             cluster.wait_ready(pod, [SERVICE], PYMESH_READY_S)
         configs = {f"pymesh-pods-{pod}.yaml": (cluster.work / f"{pod}.yaml").read_text() for pod in (CLIENT, SERVER)}
         yield Running(address=TARGET, child=cluster.sidecars[CLIENT], companions=[cluster.sidecars[SERVER]],
-                      load_prefix=self.load_prefix(cluster), more_configs=configs)
+                      load_prefix=self.load_prefix(cluster), netns=cluster.ns(CLIENT), more_configs=configs)
