@@ -204,9 +204,10 @@ PODS_SYSTEMS = ["direct-pods", "pymesh-pods", "linkerd2-proxy"]
 def test_pods_systems_measure_against_direct_in_the_same_pods(tmp_path: Path) -> None:
     """The systems in pods (network namespaces, redirect rules, the load generator in the client
     pod): direct-pods and pymesh's sidecar pair measured, their added latency over direct-pods
-    (not loopback direct); linkerd2-proxy skipped, with its reason, without --linkerd2-proxy."""
+    (not loopback direct); linkerd2-proxy skipped, with its reason, without --linkerd2-proxy.
+    The idle-connection scenario holds its connections from the client pod through the pair."""
     out = tmp_path / "pods"
-    result = bench("run", "--scenarios", "smoke", "--systems", ",".join(PODS_SYSTEMS), "--duration", "1",
+    result = bench("run", "--scenarios", "smoke,idle-1000", "--systems", ",".join(PODS_SYSTEMS), "--duration", "1",
                    "--warmup", "0.2", "--out", str(out), timeout=300)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     data = json.loads((out / "result.json").read_text())
@@ -215,7 +216,13 @@ def test_pods_systems_measure_against_direct_in_the_same_pods(tmp_path: Path) ->
     linkerd = systems["linkerd2-proxy"]
     assert linkerd["status"] == "skipped" and "--linkerd2-proxy" in linkerd["reason"], linkerd
     assert systems["pymesh-pods"]["baseline"] == "direct-pods" and systems["direct-pods"]["baseline"] is None
-    outcomes = {o["system"]: o for o in data["outcomes"]}
+    idle = {o["system"]: o for o in data["outcomes"] if o["scenario"] == "idle-1000"}
+    assert idle["direct-pods"]["status"] == "skipped" and "no proxy" in idle["direct-pods"]["reason"]
+    held = idle["pymesh-pods"]
+    assert held["status"] == "ok" and held["idle"]["held"] == 1000, held
+    # Both sidecars measured while the connections were held (through them, from the client pod).
+    assert held["idle"]["rss_held_kib"] > held["idle"]["rss_before_kib"] > 0, held
+    outcomes = {o["system"]: o for o in data["outcomes"] if o["scenario"] == "smoke"}
     assert outcomes["linkerd2-proxy"]["status"] == "skipped"
     floor, meshed = outcomes["direct-pods"], outcomes["pymesh-pods"]
     for o in (floor, meshed):
