@@ -146,13 +146,9 @@ where
         {
             return result;
         }
-        // Taken apart in a block of its own, so that the box is freed now: moved out of
-        // in place, it would stay allocated through the whole parked wait below.
-        let parts = {
-            let http = http;
-            http.into_parts()
-        };
-        let Some(parts) = parts else {
+        // Moved out of, the box itself is freed at the end of this turn of the loop, before
+        // the wait for the next head at the top of the next.
+        let Some(parts) = http.into_parts() else {
             return Ok(());
         };
         tracing::trace!("idle HTTP/1 connection parked");
