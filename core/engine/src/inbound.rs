@@ -142,8 +142,7 @@ where
                 client_id: client,
                 carries_http1,
             });
-            let limits = conn.snapshot.settings.limits;
-            crate::http::server::serve(io, http_conn, limits, request).await;
+            crate::http::server::serve(io, http_conn, conn.limits, request).await;
         }
     }
     protocol
@@ -154,10 +153,11 @@ async fn tcp<I>(conn: &Accepted, io: I, client: Option<Arc<str>>)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let settings = &conn.snapshot.settings;
+    // Decided by the config in force now that the connection is known to be opaque.
+    let snapshot = conn.state.snapshot();
     let decision = authorize(
         &conn.state,
-        &settings.authorization,
+        &snapshot.settings.authorization,
         &conn.name,
         client.as_ref(),
         None,
@@ -167,12 +167,9 @@ where
         return;
     }
     let default_service = conn.listener.default_service.as_deref();
-    match local_application(
-        &conn.state,
-        &conn.snapshot,
-        conn.destination,
-        default_service,
-    ) {
+    let route = local_application(&conn.state, &snapshot, conn.destination, default_service);
+    drop(snapshot);
+    match route {
         // Boxed: only opaque connections carry the connect and copy state.
         Some(route) => Box::pin(crate::tcp::forward(io, &route)).await,
         None => {

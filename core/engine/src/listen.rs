@@ -1,6 +1,8 @@
 //! Listeners: binding, accepting connections within the connection limit, and handing
-//! each one to its direction's pipeline (`inbound` or `outbound`) with the config
-//! snapshot in force when it arrived.
+//! each one to its direction's pipeline (`inbound` or `outbound`) with the settings it
+//! is decided by. A connection keeps no config snapshot: an HTTP request reads the one
+//! in force when it arrives, and an opaque connection the one in force once it has been
+//! detected, so a long-lived connection never pins a config every reload has replaced.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,9 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Direction, ListenerProtocol, ListenerSettings};
+use crate::config::{Direction, Limits, ListenerProtocol, ListenerSettings};
 use crate::record::ConnectionRecord;
-use crate::state::{Snapshot, State};
+use crate::state::State;
 
 /// A running listener. Its settings may change on reload; its address may not.
 pub(crate) struct Listening {
@@ -32,13 +34,14 @@ impl Listening {
 /// An accepted connection, as a pipeline receives it (with its socket).
 pub(crate) struct Accepted {
     pub(crate) state: Arc<State>,
-    /// The config this connection is decided by (HTTP requests read their own).
-    pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) listener: Arc<ListenerSettings>,
+    /// The header limits of the config in force when the connection arrived.
+    pub(crate) limits: Limits,
+    /// When detection (and TLS termination before it) must be done by.
+    pub(crate) detect_deadline: Instant,
     /// The listener's name, shared with metrics and authorization.
     pub(crate) name: Arc<str>,
     pub(crate) record: ConnectionRecord,
-    pub(crate) accepted_at: Instant,
     /// On a transparent listener, the address the client dialed, when netfilter
     /// redirected the connection here.
     pub(crate) destination: Option<SocketAddr>,
@@ -58,11 +61,8 @@ impl Accepted {
 
     /// What is left of the detect timeout (TLS termination may have used some).
     pub(crate) fn detect_timeout(&self) -> std::time::Duration {
-        self.snapshot
-            .settings
-            .timeouts
-            .detect
-            .saturating_sub(self.accepted_at.elapsed())
+        self.detect_deadline
+            .saturating_duration_since(Instant::now())
     }
 }
 
@@ -147,14 +147,18 @@ async fn serve(
         .transparent
         .then(|| crate::orig_dst::redirected_from(&stream))
         .flatten();
+    let (limits, detect) = {
+        let snapshot = state.snapshot();
+        (snapshot.settings.limits, snapshot.settings.timeouts.detect)
+    };
     let accepted = Accepted {
         destination,
         record: ConnectionRecord::open(&state.metrics, listener.direction, &name),
-        snapshot: state.snapshot(),
+        limits,
+        detect_deadline: Instant::now() + detect,
         state,
         listener,
         name,
-        accepted_at: Instant::now(),
     };
     // Each direction's future is boxed at its own size: the task cell, which every
     // connection holds for its whole life, is then not as big as the larger of the two.

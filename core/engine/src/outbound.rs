@@ -46,9 +46,10 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
         None => {}
         Some(Detected::Opaque) => {
             let default_service = conn.listener.default_service.as_deref();
+            // Decided by the config in force now that the connection is known to be opaque.
             let route = route(
                 &conn.state,
-                &conn.snapshot,
+                &conn.state.snapshot(),
                 conn.destination,
                 None,
                 default_service,
@@ -72,8 +73,7 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
                 client_id: None,
                 carries_http1: false,
             });
-            let limits = conn.snapshot.settings.limits;
-            crate::http::server::serve(io, http_conn, limits, request).await;
+            crate::http::server::serve(io, http_conn, conn.limits, request).await;
         }
     }
     let Accepted { state, record, .. } = conn;
