@@ -37,8 +37,9 @@ pub(crate) struct Accepted {
     pub(crate) listener: Arc<ListenerSettings>,
     /// The header limits of the config in force when the connection arrived.
     pub(crate) limits: Limits,
-    /// When detection (and TLS termination before it) must be done by.
-    pub(crate) detect_deadline: Instant,
+    /// How long detection (and TLS termination before it) may take, from `accepted_at`.
+    pub(crate) detect: std::time::Duration,
+    pub(crate) accepted_at: Instant,
     /// The listener's name, shared with metrics and authorization.
     pub(crate) name: Arc<str>,
     pub(crate) record: ConnectionRecord,
@@ -61,8 +62,7 @@ impl Accepted {
 
     /// What is left of the detect timeout (TLS termination may have used some).
     pub(crate) fn detect_timeout(&self) -> std::time::Duration {
-        self.detect_deadline
-            .saturating_duration_since(Instant::now())
+        self.detect.saturating_sub(self.accepted_at.elapsed())
     }
 }
 
@@ -155,7 +155,8 @@ async fn serve(
         destination,
         record: ConnectionRecord::open(&state.metrics, listener.direction, &name),
         limits,
-        detect_deadline: Instant::now() + detect,
+        detect,
+        accepted_at: Instant::now(),
         state,
         listener,
         name,
