@@ -17,6 +17,7 @@ and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seco
     python3 perf/bench_engine.py                     # 1,000 rps, 1 KiB, 5 rounds of 10 s
     python3 perf/bench_engine.py --rounds 3 --duration 5 --json out.json
     python3 perf/bench_engine.py --baseline-proxy /path/to/older/pymesh-proxy   # A/B two builds
+    python3 perf/bench_engine.py --protocol grpc     # the same systems under gRPC unary calls (or http2)
 
 With --baseline-proxy the older build runs as a native proxy (`baseline`) and, with the pairs,
 as a mutual-TLS pair (`baseline-mtls-pair`). For every pair the report gives the connections the
@@ -211,22 +212,30 @@ class Run:
     proxy_cpu_s_per_10k: float | None = None
 
 
-def load(url: str, rate: float, duration: float, warmup: float, connections: int, host: str | None,
-         cpu: int | None) -> dict:
-    command = [tool("pymesh-loadgen"), "--url", url, "--rate", str(rate), "--duration", str(duration),
-               "--warmup", str(warmup), "--connections", str(connections), "--json"]
+# What each --protocol sends: HTTP/1.1 and HTTP/2 GET the response; gRPC calls the backend's
+# unary echo with a message of --response-size bytes.
+PROTOCOL_LABELS = {"http1": "HTTP/1.1 keep-alive", "http2": "HTTP/2 (h2c)", "grpc": "gRPC unary (h2c)"}
+
+
+def load(address: str, rate: float, duration: float, warmup: float, args: argparse.Namespace,
+         host: str | None) -> dict:
+    path = "/pymesh.bench.Echo/Unary" if args.protocol == "grpc" else "/"
+    command = [tool("pymesh-loadgen"), "--url", f"http://{address}{path}", "--rate", str(rate),
+               "--duration", str(duration), "--warmup", str(warmup), "--connections", str(args.connections),
+               "--protocol", args.protocol, "--json"]
+    if args.protocol == "grpc":
+        command += ["--body-size", str(args.response_size)]
     if host:
         command += ["--header", f"host: {host}"]
-    if cpu is not None:
-        command = ["taskset", "-c", str(cpu), *command]
+    if args.load_cpu is not None:
+        command = ["taskset", "-c", str(args.load_cpu), *command]
     result = subprocess.run(command, capture_output=True, text=True, timeout=duration + warmup + 60, check=True)
     return json.loads(result.stdout)
 
 
 def measure(system: str, round_: int, address: str, pid: int | None, args: argparse.Namespace) -> Run:
     before = cpu_seconds(pid) if pid else 0.0
-    report = load(f"http://{address}/", args.rate, args.duration, args.warmup, args.connections,
-                  None if system == "direct" else "bench", args.load_cpu)
+    report = load(address, args.rate, args.duration, args.warmup, args, None if system == "direct" else "bench")
     used = cpu_seconds(pid) - before if pid else None
     sent = report["requests"] + round(args.rate * args.warmup)
     run = Run(system, round_, {k: float(v) for k, v in report["latency_us"].items()},
@@ -285,7 +294,8 @@ def summarise(runs: list[Run]) -> list[Summary]:
 
 def markdown(result: Result) -> str:
     lines = [
-        f"Load: {result.load['rate']:.0f} rps, HTTP/1.1 keep-alive, {result.load['response_size']} B responses, "
+        f"Load: {result.load['rate']:.0f} rps, {PROTOCOL_LABELS[result.load['protocol']]}, "
+        f"{result.load['response_size']} B responses, "
         f"{result.load['connections']} connections, {result.load['rounds']} rounds × {result.load['duration']} s "
         "(medians over rounds; added = minus direct in the same round set)",
         "",
@@ -326,6 +336,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--response-size", type=int, default=1024)
+    parser.add_argument("--protocol", choices=sorted(PROTOCOL_LABELS), default="http1",
+                        help="what the clients speak (gRPC: unary echo calls of --response-size bytes)")
     parser.add_argument("--memory-requests", type=int, default=100_000,
                         help="requests through the native sidecar before reading its RSS")
     parser.add_argument("--pin", action="store_true",
@@ -344,7 +356,7 @@ def main() -> int:
                      "python": platform.python_version(), "pinned": args.pin,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         load={"rate": args.rate, "duration": args.duration, "warmup": args.warmup, "rounds": args.rounds,
-              "connections": args.connections, "response_size": args.response_size, "protocol": "http1"},
+              "connections": args.connections, "response_size": args.response_size, "protocol": args.protocol},
     )
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         upstream = stack.enter_context(backend(args.response_size))
@@ -381,8 +393,7 @@ def main() -> int:
             remaining = args.memory_requests - served_by_native
             if remaining <= 0:
                 break
-            burst = load(f"http://{native_address}/", 0, min(10.0, max(1.0, remaining / 10_000)), 0,
-                         args.connections, "bench", args.load_cpu)
+            burst = load(native_address, 0, min(10.0, max(1.0, remaining / 10_000)), 0, args, "bench")
             served_by_native += burst["requests"]
         result.native_memory_kib = memory_kib(native_pid)
         result.native_requests_before_memory = served_by_native

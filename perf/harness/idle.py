@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,22 +89,14 @@ def hold_idle(address: str, count: int, hold_s: float, measure: Callable[[], Any
     the client runs on a thread of its own that enters it, and the harness stays where it is."""
     if netns is None:
         return asyncio.run(_hold(address, count, hold_s, concurrency, measure))
-    outcome: list[IdleOutcome] = []
-    failure: list[BaseException] = []
 
-    def in_namespace() -> None:
-        try:
-            enter_netns(netns)
-            outcome.append(asyncio.run(_hold(address, count, hold_s, concurrency, measure)))
-        except BaseException as e:  # handed to the caller's thread
-            failure.append(e)
+    def in_namespace() -> IdleOutcome:
+        enter_netns(netns)
+        return asyncio.run(_hold(address, count, hold_s, concurrency, measure))
 
-    thread = threading.Thread(target=in_namespace, name=f"idle-{netns}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    # A thread of its own, which ends with the pool: no other work runs in the namespace.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"idle-{netns}") as pool:
+        return pool.submit(in_namespace).result()
 
 
 CLONE_NEWNET = 0x40000000

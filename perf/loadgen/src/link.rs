@@ -37,9 +37,9 @@ pub struct Link<B = Full<Bytes>> {
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("TCP connect failed: {0}")]
+    #[error("TCP connect failed")]
     Tcp(#[from] io::Error),
-    #[error("{protocol:?} handshake failed: {source}")]
+    #[error("{protocol:?} handshake failed")]
     Handshake {
         protocol: Protocol,
         source: hyper::Error,
@@ -51,7 +51,7 @@ pub enum ConnectError {
 pub enum OnceError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("request failed: {0}")]
+    #[error("request failed")]
     Request(#[from] hyper::Error),
 }
 

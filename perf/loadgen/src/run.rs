@@ -24,10 +24,11 @@ use crate::schedule::{Lane, Schedule};
 use crate::stats::Stats;
 use crate::stream::{self, CallBody, StreamTask};
 
-/// Why a run could not start or finish.
+/// Why a run could not start or finish. Each message names its own step only: the causes
+/// are `source()`s, which `main` prints after it (`{:#}`), so none is printed twice.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot resolve {host}:{port}: {source}")]
+    #[error("cannot resolve {host}:{port}")]
     Resolve {
         host: String,
         port: u16,
@@ -35,14 +36,14 @@ pub enum RunError {
     },
     #[error("cannot resolve {host}:{port}: no addresses")]
     NoAddress { host: String, port: u16 },
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         addr: SocketAddr,
         source: ConnectError,
     },
-    #[error("a connection task failed: {0}")]
+    #[error("a connection task failed")]
     Task(#[from] tokio::task::JoinError),
-    #[error("cannot merge histograms: {0}")]
+    #[error("cannot merge histograms")]
     Merge(#[from] hdrhistogram::AdditionError),
 }
 

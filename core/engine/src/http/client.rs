@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use super::replay::RequestBody;
 use crate::config::Timeouts;
 use crate::connect::{ConnectError, Connection, Upstream};
+use crate::io::Coalesced;
 
 pub(crate) type Http1Client = Client<UpstreamConnector, RequestBody>;
 
@@ -182,7 +183,7 @@ impl H2Connection {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(Coalesced::new(stream)))
             .await
             .map_err(|source| ConnectError::Handshake { addr, source })?;
         tokio::spawn(async move {

@@ -23,7 +23,7 @@ use super::body::ProxyBody;
 use super::park::{self, Activity, Guarded, Watched};
 use crate::config::{Direction, Limits};
 use crate::detect::Detected;
-use crate::io::Prefixed;
+use crate::io::{Coalesced, Prefixed};
 use crate::state::State;
 
 /// What every request on one client connection shares.
@@ -91,7 +91,7 @@ where
     let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(Coalesced::new(io)), service);
     until_drained(http, &shutdown, |c| c.graceful_shutdown()).await
 }
 
