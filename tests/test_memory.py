@@ -1,6 +1,8 @@
 """Memory after a burst: what a burst of connections freed is handed back to the operating
-system, not kept resident for good (glibc keeps freed memory in its arenas unless trimmed).
-How much and how fast is measured in perf/bench_burst.py, never asserted here."""
+system, not kept resident for good. The native sidecar's allocator (mimalloc) purges freed
+pages at once; the embedded engine trims its host's glibc, which would otherwise keep freed
+memory in its arenas. How much and how fast is measured in perf/bench_burst.py, never
+asserted here."""
 
 from __future__ import annotations
 
@@ -41,14 +43,15 @@ def test_memory_a_burst_of_connections_freed_is_returned(start_proxy: ProxyFacto
         while total(proxy.metrics(), "tcp_open_connections") < SLOW_CLIENTS:
             assert time.monotonic() < deadline, "the proxy never held every slow client"
             time.sleep(0.1)
-        before = total(proxy.metrics(), "memory_returned_bytes_total")
+        held = total(proxy.metrics(), "process_resident_memory_bytes")
     finally:
         for client in clients:
             client.close()
     # Each held connection is over 6 KiB (its task and the head so far): 4 KiB of each must
-    # come back once they are closed.
+    # come back once they are closed. The resident size is the process's: for the embedded
+    # proxy, this test's own; what it allocates meanwhile only makes the drop smaller.
     expected = SLOW_CLIENTS * 4 * 1024
     deadline = time.monotonic() + 30
-    while (returned := total(proxy.metrics(), "memory_returned_bytes_total") - before) < expected:
-        assert time.monotonic() < deadline, f"only {returned} bytes returned after the burst"
+    while (returned := held - total(proxy.metrics(), "process_resident_memory_bytes")) < expected:
+        assert time.monotonic() < deadline, f"only {returned:.0f} of the burst's resident bytes returned"
         time.sleep(0.2)

@@ -8,8 +8,9 @@
 //! which also releases free pages inside the heaps). Both calls take the arenas' locks, so
 //! they run on a thread of their own (`pymesh-memory`), never on a worker and never on the
 //! request path; not on the runtime's blocking pool either, whose threads carry the
-//! workers' name and would be counted as workers. Elsewhere (musl, or any allocator that
-//! returns memory itself) this does nothing.
+//! workers' name and would be counted as workers. Elsewhere (musl) this does nothing, and
+//! where Rust's allocations do not go to glibc (the native sidecar's mimalloc, which
+//! returns freed pages itself) it finds nothing to trim.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! on SIGHUP or when the file changes, and drains on SIGTERM/SIGINT before exiting 0.
 //! `pymesh-proxy init` installs the redirect rules of a transparent sidecar instead (see init.rs).
 
+mod allocator;
 mod code_pages;
 mod init;
 mod watch;
