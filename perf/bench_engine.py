@@ -70,7 +70,7 @@ def memory_kib(pid: int) -> dict[str, int]:
     values = {}
     for line in status.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             values[key] = int(rest.split()[0])
     return values
 
@@ -310,7 +310,9 @@ def markdown(result: Result) -> str:
     if result.native_memory_kib:
         lines += ["", f"Native sidecar memory after {result.native_requests_before_memory:,} requests: "
                       f"RSS {result.native_memory_kib['VmRSS'] / 1024:.1f} MiB, "
-                      f"peak {result.native_memory_kib['VmHWM'] / 1024:.1f} MiB"]
+                      f"peak {result.native_memory_kib['VmHWM'] / 1024:.1f} MiB; of the RSS, private (anonymous) "
+                      f"{result.native_memory_kib['RssAnon'] / 1024:.1f} MiB, file pages (the binary's code and "
+                      f"its libraries', shared) {result.native_memory_kib['RssFile'] / 1024:.1f} MiB"]
     by_system = {s.system: s for s in result.summary}
     native = by_system.get("native")
     for other in ("embedded", "baseline"):

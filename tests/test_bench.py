@@ -95,7 +95,7 @@ def test_smoke_figures_are_plausible(smoke: tuple[Path, dict[str, Any]]) -> None
         else:
             assert set(o["added_latency_us"]) == {"p50", "p90", "p99", "p999", "max"}
             assert o["cpu_s_per_10k"] is not None and o["cpu_s_per_10k"] >= 0
-            assert o["peak_rss_kib"] > 0
+            assert o["peak_rss_kib"] > o["private_kib"] > 0
     for run in data["runs"]:
         percentiles = [p for p, _ in run["histogram"]]
         values = [v for _, v in run["histogram"]]

@@ -23,6 +23,7 @@ METRICS: list[tuple[str, tuple[str, ...], bool]] = [
     ("errors", ("errors",), True),
     ("CPU s/10k", ("cpu_s_per_10k",), True),
     ("peak RSS KiB", ("peak_rss_kib",), True),
+    ("private KiB", ("private_kib",), True),
     ("idle KiB/conn", ("idle", "per_connection_kib"), True),
 ]
 

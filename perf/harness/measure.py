@@ -62,10 +62,13 @@ class Memory:
     rss_kib: int
     peak_kib: int  # sum of each process's VmHWM
     processes: int
+    # RssAnon: the heap and stacks the processes hold privately, which is RSS without the
+    # code and other file pages they map (shared with every process mapping the same file).
+    anon_kib: int = 0
 
 
 def memory(pids: list[int]) -> Memory:
-    rss = peak = count = 0
+    rss = peak = anon = count = 0
     for pid in pids:
         try:
             status = (PROC / str(pid) / "status").read_text()
@@ -78,7 +81,9 @@ def memory(pids: list[int]) -> Memory:
                 rss += int(rest.split()[0])
             elif key == "VmHWM":
                 peak += int(rest.split()[0])
-    return Memory(rss, peak, count)
+            elif key == "RssAnon":
+                anon += int(rest.split()[0])
+    return Memory(rss, peak, count, anon)
 
 
 class TreeSampler:

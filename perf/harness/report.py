@@ -63,21 +63,21 @@ def load_table(data: dict[str, Any]) -> str:
     skipped_scenarios = {p["scenario"]: p for p in data["problems"] if p["system"] == "*"}
     lines = [
         "| scenario | system | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | added p50 | added p99 | added p99.9 "
-        "| rps requested → achieved | errors | proxy CPU s / 10k req | peak RSS MiB |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| rps requested → achieved | errors | proxy CPU s / 10k req | peak RSS MiB | private MiB after |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for o in data["outcomes"]:
         if o["kind"] == "idle":
             continue
         if o["scenario"] in skipped_scenarios:  # one row for the scenario, not one per system
             if o["system"] == "direct":
-                lines.append(f"| {o['scenario']} | all | skipped: {o['reason']} | | | | | | | | | | | |")
+                lines.append(f"| {o['scenario']} | all | skipped: {o['reason']} | | | | | | | | | | | | |")
             continue
         if o["status"] == "skipped":  # a system skipped everywhere: in the systems table and the list below
             continue
         if o["status"] != "ok":
             lines.append(f"| {o['scenario']} | {o['system']} | {o['status']}: {_cell(o['reason'])} "
-                         "| | | | | | | | | | | |")
+                         "| | | | | | | | | | | | |")
             continue
         lat, add = o["latency_us"], o["added_latency_us"]
         requested = "closed loop" if o["kind"] == "max" else _num(o["requested_rps"])
@@ -86,7 +86,7 @@ def load_table(data: dict[str, Any]) -> str:
             f"| {_num(lat['p999'])} | {_num(lat['max'])} | {_num(add.get('p50'), signed=True)} "
             f"| {_num(add.get('p99'), signed=True)} | {_num(add.get('p999'), signed=True)} "
             f"| {requested} → {_num(o['achieved_rps'])} | {o['errors']} | {_num(o['cpu_s_per_10k'], '.3f')} "
-            f"| {_mib(o['peak_rss_kib'])} |")
+            f"| {_mib(o['peak_rss_kib'])} | {_mib(o.get('private_kib'))} |")
     return "\n".join(lines)
 
 
@@ -160,7 +160,9 @@ def markdown(data: dict[str, Any], plots: dict[str, str]) -> str:
         "Latency is from each request's intended send time (coordinated omission corrected); *added* is the "
         "system's figure minus its baseline's in the same run: direct's, or for the systems measured in pods "
         "(network namespaces on a bridge, the redirect rules, the load generator in the client pod) direct-pods'. "
-        "Proxy CPU includes the warm-up's requests; for a sidecar pair it is both proxies' (RSS too)." + load,
+        "Proxy CPU includes the warm-up's requests; for a sidecar pair it is both proxies' (RSS too). *Private* "
+        "is the proxy's anonymous memory after the run (RssAnon: heap and stacks), RSS without the code and other "
+        "file pages it maps, which every process mapping the same file shares." + load,
         "",
         "| system | status | version / reason | upstream hop | added over |",
         "|---|---|---|---|---|",

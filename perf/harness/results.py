@@ -38,6 +38,7 @@ class Run:
     proxy_cpu_s_per_10k: float | None = None
     rss_kib: int | None = None  # after the run
     peak_rss_kib: int | None = None  # VmHWM, summed over the process tree
+    private_kib: int | None = None  # RssAnon after the run, summed: RSS less code and other file pages
 
 
 @dataclass
@@ -89,6 +90,7 @@ class Outcome:
     errors: int = 0
     cpu_s_per_10k: float | None = None
     peak_rss_kib: int | None = None
+    private_kib: int | None = None  # the largest of the rounds' anonymous (private) memory after the run
     idle: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -167,6 +169,7 @@ def _outcome(result: BenchResult, system: str, scenario: dict[str, Any]) -> Outc
         requests=sum(r.requests for r in runs), errors=sum(r.errors for r in runs),
         cpu_s_per_10k=_median([r.proxy_cpu_s_per_10k for r in runs if r.proxy_cpu_s_per_10k is not None]),
         peak_rss_kib=max((r.peak_rss_kib for r in runs if r.peak_rss_kib is not None), default=None),
+        private_kib=max((r.private_kib for r in runs if r.private_kib is not None), default=None),
     )
     if failed:
         outcome.warnings.append(f"{len(failed)} round(s) failed: {failed[0].reason}")

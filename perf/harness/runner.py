@@ -308,7 +308,7 @@ class Runner:
             if served:
                 run.proxy_cpu_s_per_10k = round(run.proxy_cpu_s / served * 10_000, 4)
             memory = sampler.memory()
-            run.rss_kib, run.peak_rss_kib = memory.rss_kib, memory.peak_kib
+            run.rss_kib, run.peak_rss_kib, run.private_kib = memory.rss_kib, memory.peak_kib, memory.anon_kib
         return run
 
     def _idle(self, scenario: Scenario, item: _Active, round_: int) -> IdleRun:
