@@ -4,6 +4,7 @@
 //! through here, so every protocol gets the same protection and the same limits.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -144,6 +145,27 @@ pub(crate) struct Connection {
 impl Connection {
     pub(crate) fn carries_http1(&self) -> bool {
         self.carries_http1
+    }
+
+    /// Open with nothing waiting to be read: the endpoint has neither closed it nor
+    /// sent anything unasked, so a pooled connection may carry the next request.
+    pub(crate) fn is_quiet(&self) -> bool {
+        let fd = match &self.io {
+            Either::Left(tcp) => tcp.as_raw_fd(),
+            Either::Right(tls) => tls.get_ref().0.as_raw_fd(),
+        };
+        let mut byte = 0u8;
+        // SAFETY: `fd` is this connection's open socket, and the buffer is one byte we
+        // own; MSG_PEEK leaves whatever is there to be read, MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                std::ptr::addr_of_mut!(byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
     }
 }
 

@@ -10,14 +10,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balance::Endpoint;
 use crate::config::policy::HealthCheckSettings;
-use crate::http::client::Http1Client;
+use crate::http::pool::Http1Pool;
 use crate::http::replay::RequestBody;
 
 /// Starts checking every endpoint until `stop` is cancelled.
 pub(crate) fn spawn(
     service: &str,
     endpoints: &[Arc<Endpoint>],
-    client: Http1Client,
+    client: Http1Pool,
     settings: HealthCheckSettings,
     stop: CancellationToken,
 ) {
@@ -41,7 +41,7 @@ pub(crate) fn spawn(
 struct Checker {
     service: String,
     endpoint: Arc<Endpoint>,
-    client: Http1Client,
+    client: Http1Pool,
     settings: HealthCheckSettings,
 }
 
@@ -79,7 +79,12 @@ impl Checker {
                 trailers: None,
             });
         let Ok(request) = request else { return false };
-        match tokio::time::timeout(self.settings.timeout, self.client.request(request)).await {
+        match tokio::time::timeout(
+            self.settings.timeout,
+            self.client.request(self.endpoint.addr, request),
+        )
+        .await
+        {
             Ok(Ok(response)) => response.status().is_success(),
             _ => false,
         }

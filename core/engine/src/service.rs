@@ -14,7 +14,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::balance::{Balancer, Endpoint};
 use crate::config::{EndpointSettings, ServiceSettings};
 use crate::connect::Upstream;
-use crate::http::client::{http1_client, H2Connection, Http1Client, Upstreams};
+use crate::http::client::{H2Connection, Upstreams};
+use crate::http::pool::Http1Pool;
 use crate::limit::RateLimiter;
 use crate::metrics::{Label, Metrics, ServiceLabels};
 use crate::retry::RetryBudget;
@@ -28,7 +29,7 @@ pub(crate) struct Service {
     /// How each endpoint is reached, by address (shared with the HTTP/1 pool).
     upstreams: Upstreams,
     /// The pooled HTTP/1 client.
-    pub(crate) http1: Http1Client,
+    pub(crate) http1: Http1Pool,
     /// One HTTP/2 connection per endpoint, by address.
     h2: HashMap<SocketAddr, Arc<H2Connection>>,
     pub(crate) budget: RetryBudget,
@@ -111,7 +112,7 @@ impl Service {
             }
             _ => {
                 let upstreams: Upstreams = Arc::new(ArcSwap::from_pointee(upstreams));
-                (http1_client(&timeouts, upstreams.clone()), upstreams)
+                (Http1Pool::new(upstreams.clone(), timeouts.idle), upstreams)
             }
         };
         let policy = &settings.policy;

@@ -18,6 +18,7 @@ use super::body::{grpc_status, UpstreamBody};
 use super::forward::{Refusal, Upstream};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::local::Reason;
+use super::pool::PoolError;
 use super::replay::RequestBody;
 use super::server::HttpConn;
 use crate::backoff::Backoff;
@@ -52,12 +53,7 @@ pub(crate) enum TryError {
     #[error("{addr}: {}", source_chain(.source))]
     Http1 {
         addr: SocketAddr,
-        source: hyper_util::client::legacy::Error,
-    },
-    #[error("connecting to {addr} failed: {}", source_chain(.source))]
-    Http1Connect {
-        addr: SocketAddr,
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     #[error("the response broke: {0}")]
     BrokenResponse(hyper::Error),
@@ -67,10 +63,9 @@ impl TryError {
     /// What the failure means for retrying.
     pub(crate) fn failure(&self) -> Failure {
         match self {
-            TryError::Connect(_)
-            | TryError::Pending(_)
-            | TryError::Closed { .. }
-            | TryError::Http1Connect { .. } => Failure::Connect,
+            TryError::Connect(_) | TryError::Pending(_) | TryError::Closed { .. } => {
+                Failure::Connect
+            }
             TryError::PerTryTimeout { .. } => Failure::TryTimeout,
             TryError::Reset { .. } | TryError::Http1 { .. } | TryError::BrokenResponse(_) => {
                 Failure::Reset
@@ -82,9 +77,7 @@ impl TryError {
     pub(crate) fn reason(&self) -> Reason {
         match self {
             TryError::Connect(ConnectError::Limit { .. }) | TryError::Pending(_) => Reason::Shed,
-            TryError::Connect(_) | TryError::Closed { .. } | TryError::Http1Connect { .. } => {
-                Reason::ConnectFailed
-            }
+            TryError::Connect(_) | TryError::Closed { .. } => Reason::ConnectFailed,
             TryError::PerTryTimeout { .. } => Reason::Timeout,
             TryError::Reset { .. } | TryError::Http1 { .. } | TryError::BrokenResponse(_) => {
                 Reason::UpstreamError
@@ -433,7 +426,7 @@ async fn send(
         return Ok(response);
     }
 
-    match service.http1.request(request).await {
+    match service.http1.request(addr, request).await {
         Ok(mut response) => {
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             strip_hop_by_hop(response.headers_mut(), switching);
@@ -443,14 +436,13 @@ async fn send(
             }
             Ok(response)
         }
-        Err(e) if e.is_connect() => {
-            if let Some(ConnectError::Limit { addr }) = find_source::<ConnectError>(&e) {
+        Err(PoolError::Connect(e)) => {
+            if matches!(e, ConnectError::Limit { .. }) {
                 record::shed(metrics, service, "max_connections");
-                return Err(ConnectError::Limit { addr: *addr }.into());
             }
-            Err(TryError::Http1Connect { addr, source: e })
+            Err(e.into())
         }
-        Err(e) => Err(TryError::Http1 { addr, source: e }),
+        Err(PoolError::Http(e)) => Err(TryError::Http1 { addr, source: e }),
     }
 }
 
@@ -466,19 +458,6 @@ async fn bridge_upgrade(client: OnUpgrade, upstream: OnUpgrade) {
         }
         Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
     }
-}
-
-fn find_source<'a, E: std::error::Error + 'static>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = current {
-        if let Some(found) = err.downcast_ref::<E>() {
-            return Some(found);
-        }
-        current = err.source();
-    }
-    None
 }
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).

@@ -1,126 +1,23 @@
-//! HTTP connections to a service's endpoints: a keep-alive pool per service for
-//! HTTP/1 (hyper-util's pooled client) and one multiplexed HTTP/2 connection per
-//! endpoint. Both connect through `connect`, so caps and mutual TLS apply alike.
+//! HTTP/2 connections to a service's endpoints: one multiplexed connection per
+//! endpoint (HTTP/1 has its keep-alive pool, `pool.rs`). Both connect through
+//! `connect`, so caps and mutual TLS apply alike.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use http::Uri;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::connect::{Connected, Connection as ConnectionInfo};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::replay::RequestBody;
-use crate::config::Timeouts;
-use crate::connect::{ConnectError, Connection, Upstream};
+use crate::connect::{ConnectError, Upstream};
 use crate::io::Coalesced;
-
-pub(crate) type Http1Client = Client<UpstreamConnector, RequestBody>;
 
 /// The endpoints a service's pool may connect to, replaced as endpoints change.
 pub(crate) type Upstreams = Arc<ArcSwap<HashMap<SocketAddr, Arc<Upstream>>>>;
-
-/// A pooled HTTP/1 client whose connections honour the service's timeouts and caps.
-pub(crate) fn http1_client(timeouts: &Timeouts, upstreams: Upstreams) -> Http1Client {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(timeouts.idle)
-        .pool_max_idle_per_host(256)
-        .build(UpstreamConnector { upstreams })
-}
-
-/// hyper-util's connector: a request's authority is an endpoint's address, reached
-/// through its [`Upstream`].
-#[derive(Clone)]
-pub(crate) struct UpstreamConnector {
-    upstreams: Upstreams,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = PooledIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<PooledIo, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let addr: Option<SocketAddr> = uri.authority().and_then(|a| a.as_str().parse().ok());
-        let upstream = addr.and_then(|addr| self.upstreams.load().get(&addr).cloned());
-        Box::pin(async move {
-            let Some(upstream) = upstream else {
-                return Err(format!("{uri} is not an endpoint of this service").into());
-            };
-            let connection = upstream.connect().await?;
-            Ok(PooledIo {
-                io: TokioIo::new(connection),
-            })
-        })
-    }
-}
-
-/// A pooled HTTP/1 connection.
-pub(crate) struct PooledIo {
-    io: TokioIo<Connection>,
-}
-
-impl ConnectionInfo for PooledIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for PooledIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for PooledIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
 
 const UNKNOWN: u8 = 0;
 const CARRIES_HTTP1: u8 = 1;

@@ -8,5 +8,6 @@ pub(crate) mod forward;
 pub(crate) mod headers;
 pub(crate) mod local;
 pub(crate) mod park;
+pub(crate) mod pool;
 pub(crate) mod replay;
 pub(crate) mod server;
