@@ -259,28 +259,25 @@ impl PoolInner {
         let mut out = Vec::new();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         for list in idle.values_mut() {
-            let (stay, go): (Vec<Idle>, Vec<Idle>) =
-                std::mem::take(list).into_iter().partition(|entry| {
-                    let idle_for = now.saturating_duration_since(entry.since);
-                    idle_for < self.idle_timeout
-                        && !(matches!(entry.state, IdleState::Live(_)) && idle_for >= PARK_AFTER)
-                });
-            *list = stay;
-            out.extend(go);
+            out.extend(list.extract_if(.., |entry| {
+                let idle_for = now.saturating_duration_since(entry.since);
+                let timed_out = idle_for >= self.idle_timeout;
+                match &entry.state {
+                    IdleState::Live(live) if timed_out || idle_for >= PARK_AFTER => {
+                        // Its hyper connection ends either way; the socket is parked
+                        // unless the connection has been idle for the whole timeout.
+                        live.park.store(!timed_out, Ordering::Relaxed);
+                        true
+                    }
+                    _ => timed_out,
+                }
+            }));
         }
         idle.retain(|_, list| !list.is_empty());
         let stop = idle.is_empty();
         if stop {
             // Nothing left to watch: the reaper stops, and the next insert starts one.
             self.reaper_running.store(false, Ordering::Relaxed);
-        }
-        drop(idle);
-        let timeout = self.idle_timeout;
-        for entry in &out {
-            if let IdleState::Live(live) = &entry.state {
-                let timed_out = now.saturating_duration_since(entry.since) >= timeout;
-                live.park.store(!timed_out, Ordering::Relaxed);
-            }
         }
         (out, stop)
     }
