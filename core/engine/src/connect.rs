@@ -28,10 +28,7 @@ pub(crate) enum ConnectError {
         source: std::io::Error,
     },
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Handshake { addr: SocketAddr, source: h2::Error },
     #[error("{addr} has reached its connection limit")]
     Limit { addr: SocketAddr },
     #[error("mutual TLS with {addr} failed: {source}")]

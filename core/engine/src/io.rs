@@ -192,10 +192,10 @@ const COALESCE_START: usize = 4 * 1024;
 /// once every task has had its turn to add to it.
 ///
 /// h2 flushes whenever its connection task runs out of queued frames, but the frames of
-/// one exchange are queued by several tasks: a request's body by hyper's pipe task once
-/// the stream has opened (after the HEADERS were flushed), a response's trailers after
-/// its DATA. Written as they come, a small gRPC call costs two writes each way where one
-/// would carry it, and on loopback each write also pays for waking the reader. So the
+/// one exchange are queued by several tasks, or by one task at several turns: a response's
+/// body by hyper's pipe task after its HEADERS, its trailers after its DATA, a request's
+/// body as it arrives. Written as they come, a small gRPC call costs two writes each way
+/// where one would carry it, and on loopback each write also pays for waking the reader. So the
 /// first flush of a burst is put off by one turn of the scheduler (the task is woken and
 /// h2 flushes again when it next runs), and the second writes everything held.
 pub(crate) struct Coalesced<S> {

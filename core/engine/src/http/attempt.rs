@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::body::{grpc_status, UpstreamBody};
+use super::body::{grpc_status, BoxError, Received, UpstreamBody};
 use super::forward::{Refusal, Upstream};
 use super::headers::{strip_hop_by_hop, wants_upgrade};
 use super::local::Reason;
@@ -41,22 +40,16 @@ pub(crate) enum TryError {
     #[error("{addr} did not answer within the per-try timeout {limit:?}")]
     PerTryTimeout { addr: SocketAddr, limit: Duration },
     #[error("HTTP/2 connection to {addr} closed: {source}")]
-    Closed {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Closed { addr: SocketAddr, source: h2::Error },
     #[error("{addr}: {source}")]
-    Reset {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Reset { addr: SocketAddr, source: h2::Error },
     #[error("{addr}: {}", source_chain(.source))]
     Http1 {
         addr: SocketAddr,
         source: hyper::Error,
     },
     #[error("the response broke: {0}")]
-    BrokenResponse(hyper::Error),
+    BrokenResponse(BoxError),
 }
 
 impl TryError {
@@ -236,7 +229,7 @@ struct Answer {
 
 /// Reads a gRPC response's first frame: trailers there (a status and no message) are
 /// the call's outcome. The frame is put back in front of the body either way.
-async fn read_ahead(response: Response<Incoming>) -> Result<Answer, TryError> {
+async fn read_ahead(response: Response<Received>) -> Result<Answer, TryError> {
     if let Some(status) = grpc_status(response.headers()) {
         return Ok(Answer {
             grpc_status: Some(status),
@@ -391,7 +384,7 @@ async fn send(
     wire: Wire,
     request: Request<RequestBody>,
     client_upgrade: Option<OnUpgrade>,
-) -> Result<Response<Incoming>, TryError> {
+) -> Result<Response<Received>, TryError> {
     let service = &route.target;
     let metrics = &conn.state.metrics;
     let addr = endpoint.addr;
@@ -404,18 +397,22 @@ async fn send(
             addr,
             source: std::io::ErrorKind::NotFound.into(),
         })?;
-        let mut sender = h2.sender().await.inspect_err(|e| {
+        let sender = h2.sender().await.inspect_err(|e| {
             if matches!(e, ConnectError::Limit { .. }) {
                 record::shed(metrics, service, "max_connections");
             }
         })?;
-        sender
+        let sender = sender
             .ready()
             .await
             .map_err(|source| TryError::Closed { addr, source })?;
+        let stream = sender
+            .open(request)
+            .await
+            .map_err(|source| TryError::Reset { addr, source })?;
         drop(_waiting);
-        let mut response = sender
-            .send_request(request)
+        let mut response = stream
+            .response()
             .await
             .map_err(|source| TryError::Reset { addr, source })?;
         strip_hop_by_hop(response.headers_mut(), false);
@@ -423,7 +420,7 @@ async fn send(
             // Back to an HTTP/1 client.
             *response.version_mut() = Version::HTTP_11;
         }
-        return Ok(response);
+        return Ok(response.map(Received::from));
     }
 
     match service.http1.request(addr, request).await {
@@ -434,7 +431,7 @@ async fn send(
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
                 tokio::spawn(bridge_upgrade(client_upgrade, upstream_upgrade));
             }
-            Ok(response)
+            Ok(response.map(Received::from))
         }
         Err(PoolError::Connect(e)) => {
             if matches!(e, ConnectError::Limit { .. }) {

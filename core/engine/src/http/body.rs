@@ -13,7 +13,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::h2_stream::RecvBody;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Called once with a gRPC response's status when its stream ends: from the
 /// trailers, or `None` when the stream broke or was dropped before them.
@@ -24,15 +26,66 @@ pub(crate) trait OnGrpcEnd: Send + 'static {
 /// An upstream response body, with the frame read ahead (if any) put back in front.
 pub(crate) struct UpstreamBody {
     first: Option<Frame<Bytes>>,
-    rest: Incoming,
+    rest: Received,
+}
+
+/// A response body as its connection's protocol delivers it.
+pub(crate) enum Received {
+    /// From a pooled HTTP/1 connection, read by hyper.
+    Http1(Incoming),
+    /// From an HTTP/2 stream.
+    Http2(RecvBody),
+}
+
+impl From<Incoming> for Received {
+    fn from(body: Incoming) -> Self {
+        Received::Http1(body)
+    }
+}
+
+impl From<RecvBody> for Received {
+    fn from(body: RecvBody) -> Self {
+        Received::Http2(body)
+    }
+}
+
+impl Received {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self {
+            Received::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Received::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    /// The next frame, or the body's end.
+    pub(crate) async fn frame(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Received::Http1(body) => body.is_end_stream(),
+            Received::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Received::Http1(body) => body.size_hint(),
+            Received::Http2(body) => body.size_hint(),
+        }
+    }
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(rest: Incoming) -> Self {
-        Self { first: None, rest }
+    pub(crate) fn new(rest: impl Into<Received>) -> Self {
+        Self {
+            first: None,
+            rest: rest.into(),
+        }
     }
 
-    pub(crate) fn with_first(first: Frame<Bytes>, rest: Incoming) -> Self {
+    pub(crate) fn with_first(first: Frame<Bytes>, rest: Received) -> Self {
         Self {
             first: Some(first),
             rest,
@@ -42,17 +95,17 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        Pin::new(&mut this.rest).poll_frame(cx)
+        this.rest.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -114,7 +167,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ProxyBodyProj::Upstream { body } => body.poll_frame(cx).map_err(Into::into),
+            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
             ProxyBodyProj::Local { body } => body.poll_frame(cx).map_err(|never| match never {}),
             ProxyBodyProj::Grpc { body, on_end } => {
                 let frame = ready!(body.poll_frame(cx));
@@ -132,7 +185,7 @@ impl Body for ProxyBody {
                         }
                     }
                 }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                Poll::Ready(frame)
             }
         }
     }

@@ -5,6 +5,7 @@ pub(crate) mod attempt;
 pub(crate) mod body;
 pub(crate) mod client;
 pub(crate) mod forward;
+pub(crate) mod h2_stream;
 pub(crate) mod headers;
 pub(crate) mod local;
 pub(crate) mod park;

@@ -104,10 +104,18 @@ impl Http1Pool {
         mut request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, PoolError> {
         request_target(&mut request);
+        // The rare paths that open or re-serve a connection are boxed: their handshakes'
+        // state is not carried by every request's future, only by the ones that take them.
         if may_switch_protocols(&request) {
-            return self.upgrade(addr, request).await;
+            return Box::pin(self.upgrade(addr, request)).await;
         }
-        let (mut live, reused) = self.checkout(addr).await?;
+        let (mut live, reused) = match self.take_reusable(addr) {
+            Some(IdleState::Live(live)) => (live, true),
+            Some(IdleState::Parked(connection)) => {
+                (Box::pin(self.serve(addr, connection)).await?, true)
+            }
+            None => (Box::pin(self.connect(addr)).await?, false),
+        };
         match live.sender.try_send_request(request).await {
             Ok(response) => {
                 self.check_in_when_ready(addr, live);
@@ -116,31 +124,39 @@ impl Http1Pool {
             Err(mut unsent) => match unsent.take_message() {
                 // A reused connection closed before taking the request: it never left
                 // this proxy, so it goes once more, on a new connection.
-                Some(request) if reused => {
-                    let mut live = self.connect(addr).await?;
-                    let response = live.sender.send_request(request).await?;
-                    self.check_in_when_ready(addr, live);
-                    Ok(response)
-                }
+                Some(request) if reused => Box::pin(self.send_on_new(addr, request)).await,
                 _ => Err(unsent.into_error().into()),
             },
         }
     }
 
-    /// A connection for one request: the most recently idle one that is still open,
-    /// else a new one. Says whether it was reused.
-    async fn checkout(&self, addr: SocketAddr) -> Result<(Live, bool), PoolError> {
+    /// The most recently idle connection that is still open: a live one ready for a
+    /// request, or a parked socket with nothing waiting on it.
+    fn take_reusable(&self, addr: SocketAddr) -> Option<IdleState> {
         while let Some(idle) = self.inner.take_idle(addr) {
             match idle.state {
-                IdleState::Live(live) if live.sender.is_ready() => return Ok((live, true)),
+                IdleState::Live(live) if live.sender.is_ready() => {
+                    return Some(IdleState::Live(live))
+                }
                 IdleState::Parked(connection) if connection.is_quiet() => {
-                    return Ok((self.serve(addr, connection).await?, true));
+                    return Some(IdleState::Parked(connection))
                 }
                 // Closed while idle: let it go.
                 _ => {}
             }
         }
-        Ok((self.connect(addr).await?, false))
+        None
+    }
+
+    async fn send_on_new(
+        &self,
+        addr: SocketAddr,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let mut live = self.connect(addr).await?;
+        let response = live.sender.send_request(request).await?;
+        self.check_in_when_ready(addr, live);
+        Ok(response)
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Live, PoolError> {
