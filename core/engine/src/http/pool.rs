@@ -268,16 +268,20 @@ impl PoolInner {
         }
     }
 
-    /// Takes out the connections idle for the idle timeout (to close) and the hyper
-    /// connections idle for [`PARK_AFTER`] (to park), for the caller to let go of
-    /// outside the lock; and says whether the reaper stops (nothing left idle).
+    /// Takes out the connections idle for the idle timeout or to an endpoint the service
+    /// no longer has (to close) and the hyper connections idle for [`PARK_AFTER`] (to
+    /// park), for the caller to let go of outside the lock; and says whether the reaper
+    /// stops (nothing left idle).
     fn sweep(&self, now: Instant) -> (Vec<Idle>, bool) {
         let mut out = Vec::new();
+        let endpoints = self.upstreams.load();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        for list in idle.values_mut() {
+        for (addr, list) in idle.iter_mut() {
+            // A reload took the endpoint out: its connections close now, not at the timeout.
+            let removed = !endpoints.contains_key(addr);
             out.extend(list.extract_if(.., |entry| {
                 let idle_for = now.saturating_duration_since(entry.since);
-                let timed_out = idle_for >= self.idle_timeout;
+                let timed_out = removed || idle_for >= self.idle_timeout;
                 match &entry.state {
                     IdleState::Live(live) if timed_out || idle_for >= PARK_AFTER => {
                         // Its hyper connection ends either way; the socket is parked
@@ -382,11 +386,14 @@ mod tests {
         (addr, accepted)
     }
 
+    fn upstream(addr: SocketAddr) -> Arc<Upstream> {
+        Arc::new(Upstream::new(addr, None, Duration::from_secs(1), 100, None))
+    }
+
     fn pool_to(addr: SocketAddr, idle_timeout: Duration) -> Http1Pool {
-        let upstream = Upstream::new(addr, None, Duration::from_secs(1), 100, None);
         let upstreams: Upstreams = Arc::new(ArcSwap::from_pointee(HashMap::from([(
             addr,
-            Arc::new(upstream),
+            upstream(addr),
         )])));
         Http1Pool::new(upstreams, idle_timeout)
     }
@@ -488,6 +495,35 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         tokio::task::yield_now().await;
         assert!(running(), "and starts again with the next idle connection");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_to_a_removed_endpoint_close_at_the_next_sweep() {
+        let (addr, _) = backend(None).await;
+        let (kept, _) = backend(None).await;
+        let pool = pool_to(addr, Duration::from_secs(90));
+        let both = HashMap::from([(addr, upstream(addr)), (kept, upstream(kept))]);
+        pool.inner.upstreams.store(Arc::new(both));
+        assert_eq!(get(&pool, addr, "/a").await, "/a");
+        assert_eq!(get(&pool, kept, "/b").await, "/b");
+        tokio::task::yield_now().await;
+        assert_eq!((idle(&pool, addr), idle(&pool, kept)), ((1, 0), (1, 0)));
+        // A reload takes `addr` out of the service.
+        pool.inner
+            .upstreams
+            .store(Arc::new(HashMap::from([(kept, upstream(kept))])));
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        assert_eq!(
+            idle(&pool, addr),
+            (0, 0),
+            "closed, though far from its idle timeout"
+        );
+        let (live, parked) = idle(&pool, kept);
+        assert_eq!(
+            live + parked,
+            1,
+            "the kept endpoint's connection stays (or is parked)"
+        );
     }
 
     #[tokio::test]
