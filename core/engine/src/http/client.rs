@@ -139,7 +139,7 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-/// An idle connection is pinged this often, and closed when the answer is this late.
+/// A connection is pinged this often, and closed when the answer is this late.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -167,7 +167,8 @@ pub(crate) struct H2Sender {
 }
 
 impl H2Sender {
-    /// Waits until the connection may open another stream (the peer's concurrency limit).
+    /// Checks that the connection still takes streams: an error once it has closed or the
+    /// peer has sent GOAWAY (and the connection is then marked closed).
     pub(crate) async fn ready(self) -> Result<ReadySender, h2::Error> {
         let closed = self.closed;
         match self.send.ready().await {
