@@ -18,6 +18,7 @@ and reports median p50/p99/p99.9 added latency over direct, the proxy's CPU seco
     python3 perf/bench_engine.py --rounds 3 --duration 5 --json out.json
     python3 perf/bench_engine.py --baseline-proxy /path/to/older/pymesh-proxy   # A/B two builds
     python3 perf/bench_engine.py --protocol grpc     # the same systems under gRPC unary calls (or http2)
+    PYMESH_BENCH_PROXY=target/pgo/release/pymesh-proxy python3 perf/bench_engine.py   # the PGO build
 
 With --baseline-proxy the older build runs as a native proxy (`baseline`) and, with the pairs,
 as a mutual-TLS pair (`baseline-mtls-pair`). For every pair the report gives the connections the
@@ -51,7 +52,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def tool(name: str) -> str:
-    """A perf tool from the release build (cargo builds it on first use)."""
+    """A perf tool from the release build (cargo builds it on first use); the sidecar from
+    `PYMESH_BENCH_PROXY` when that is set (as in the harness: the profile-guided build)."""
+    proxy = os.environ.get("PYMESH_BENCH_PROXY")
+    if proxy and name == "pymesh-proxy":
+        if not Path(proxy).is_file():
+            sys.exit(f"PYMESH_BENCH_PROXY={proxy}: no such file (scripts/build-proxy-pgo builds it)")
+        return proxy
     path = ROOT / "target" / "release" / name
     if not path.exists():
         package = {"pymesh-loadgen": "pymesh-loadgen", "pymesh-backend": "pymesh-backend",

@@ -10,6 +10,7 @@ too (root, nftables), and the linkerd2-proxy stand-in control plane's CA and rep
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,8 +28,10 @@ OURS = {"pymesh", "pymesh-embedded", "pymesh-mtls"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def bench(*args: str, timeout: float = 1400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["pymesh", "bench", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def bench(*args: str, timeout: float = 1400, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["pymesh", "bench", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **env} if env else None)
 
 
 def require_peers() -> None:
@@ -189,6 +192,32 @@ def test_grpc_and_new_connection_scenarios_run(tmp_path: Path) -> None:
             assert run["status_counts"] == {"200": run["requests"]}, run
         else:
             assert run["status_counts"].get("200", 0) >= 0.99 * run["requests"], run
+
+
+def test_the_sidecar_measured_is_the_one_pymesh_bench_proxy_names(tmp_path: Path) -> None:
+    """PYMESH_BENCH_PROXY names the sidecar binary the harness measures (the records measure the
+    profile-guided build): the run records it as the snapshot's source and measures it; a path
+    that is not there skips the sidecar with a reason naming the variable, and the rest runs."""
+    from .conftest import proxy_binary
+
+    named = tmp_path / "pymesh-proxy-named"
+    shutil.copy2(proxy_binary(), named)
+    out = tmp_path / "named"
+    result = bench("run", "--scenarios", "http1-1k-1000rps", "--systems", "direct,pymesh", "--duration", "0.5",
+                   "--warmup", "0.2", "--out", str(out), timeout=300, env={"PYMESH_BENCH_PROXY": str(named)})
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data = json.loads((out / "result.json").read_text())
+    assert data["environment"]["builds"]["pymesh-proxy"]["source"] == str(named)
+    assert {(o["system"], o["status"]) for o in data["outcomes"]} == {("direct", "ok"), ("pymesh", "ok")}
+
+    missing = tmp_path / "absent" / "pymesh-proxy"
+    out = tmp_path / "missing"
+    result = bench("run", "--scenarios", "http1-1k-1000rps", "--systems", "direct,pymesh", "--duration", "0.5",
+                   "--warmup", "0.2", "--out", str(out), timeout=300, env={"PYMESH_BENCH_PROXY": str(missing)})
+    data = json.loads((out / "result.json").read_text())
+    pymesh = next(s for s in data["systems"] if s["name"] == "pymesh")
+    assert pymesh["status"] == "skipped" and "PYMESH_BENCH_PROXY" in pymesh["reason"], pymesh
+    assert [o["status"] for o in data["outcomes"] if o["system"] == "direct"] == ["ok"]
 
 
 def test_unknown_scenario_is_refused_with_the_valid_names(tmp_path: Path) -> None:

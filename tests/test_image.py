@@ -40,7 +40,7 @@ def images() -> dict[str, int]:
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing: run scripts/install --test")
     build = subprocess.run([str(ROOT / "scripts" / "build-image"), TAG], capture_output=True, text=True,
-                           timeout=900)
+                           timeout=1800)  # it builds the sidecar twice (profile-guided)
     assert build.returncode == 0, build.stderr[-3000:]
     sizes = {}
     for line in build.stdout.splitlines():

@@ -5,8 +5,9 @@ The release binaries in `target/release/` are what gets measured. The load gener
 backend are built with cargo when missing (they are the harness's own tools); so is the
 sidecar, which is this project's. `PYMESH_BENCH_TOOLS_DIR` names another directory to take
 the load generator and the backend from (for example a release build with its own
-`CARGO_TARGET_DIR`); they are not built there, and the sidecar still comes from
-`target/release/`.
+`CARGO_TARGET_DIR`); they are not built there. `PYMESH_BENCH_PROXY` names the sidecar binary to
+measure instead of `target/release/pymesh-proxy`: the records measure the profile-guided build
+that `scripts/build-proxy-pgo` makes, the one the image ships.
 
 A run measures a snapshot: the binaries and the `pymesh` package (with its engine extension)
 are copied into the run's scratch directory first, so a rebuild in the checkout during the run
@@ -34,6 +35,7 @@ BUILD_TIMEOUT_S = 1800
 # The harness's own tools, which PYMESH_BENCH_TOOLS_DIR may take from elsewhere.
 TOOLS = ("pymesh-loadgen", "pymesh-backend")
 TOOLS_DIR_ENV = "PYMESH_BENCH_TOOLS_DIR"
+PROXY_ENV = "PYMESH_BENCH_PROXY"
 
 
 class ToolMissing(Exception):
@@ -42,7 +44,14 @@ class ToolMissing(Exception):
 
 def rust_tool(name: str, *, build: bool = True) -> Path:
     """A binary of this workspace from `target/release`, built with cargo first if missing
-    (the load generator and the backend from `PYMESH_BENCH_TOOLS_DIR` when that is set)."""
+    (the load generator and the backend from `PYMESH_BENCH_TOOLS_DIR`, the sidecar from
+    `PYMESH_BENCH_PROXY`, when those are set)."""
+    proxy = os.environ.get(PROXY_ENV)
+    if proxy and name == "pymesh-proxy":
+        if not Path(proxy).is_file():
+            raise ToolMissing(f"{proxy} is missing ({PROXY_ENV}): scripts/build-proxy-pgo builds the "
+                              "profile-guided sidecar at target/pgo/release/pymesh-proxy")
+        return Path(proxy)
     tools_dir = os.environ.get(TOOLS_DIR_ENV)
     if tools_dir and name in TOOLS:
         path = Path(tools_dir) / name
