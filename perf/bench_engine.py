@@ -46,25 +46,18 @@ from pathlib import Path
 
 # The harness's mesh CA (perf/harness/mesh.py): this script runs with perf/ on sys.path.
 from harness.mesh import MeshCA, mesh_ca, spiffe_id
+from harness.tools import ToolMissing, rust_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def tool(name: str) -> str:
-    """A perf tool from the release build (cargo builds it on first use); the sidecar from
-    `PYMESH_BENCH_PROXY` when that is set (as in the harness: the profile-guided build)."""
-    proxy = os.environ.get("PYMESH_BENCH_PROXY")
-    if proxy and name == "pymesh-proxy":
-        if not Path(proxy).is_file():
-            sys.exit(f"PYMESH_BENCH_PROXY={proxy}: no such file (scripts/build-proxy-pgo builds it)")
-        return proxy
-    path = ROOT / "target" / "release" / name
-    if not path.exists():
-        package = {"pymesh-loadgen": "pymesh-loadgen", "pymesh-backend": "pymesh-backend",
-                   "pymesh-proxy": "pymesh-sidecar"}[name]
-        subprocess.run(["cargo", "build", "-q", "--release", "-p", package], cwd=ROOT, check=True)
-    return str(path)
+    """A binary the harness would measure (`harness.tools.rust_tool`): this checkout's release
+    build, built on first use; the sidecar from `PYMESH_BENCH_PROXY` when that is set."""
+    try:
+        return str(rust_tool(name))
+    except ToolMissing as e:
+        sys.exit(str(e))
 
 
 def cpu_seconds(pid: int) -> float:
