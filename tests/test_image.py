@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +29,10 @@ PROXY_IMAGE, INIT_IMAGE = f"localhost/pymesh-proxy:{TAG}", f"localhost/pymesh-in
 # The sidecar image's target; the init image also carries nft and iptables with their libraries.
 MAX_IMAGE_BYTES = {PROXY_IMAGE: 15_000_000, INIT_IMAGE: 20_000_000}
 PODMAN = ["podman", "--runtime", "runc"]
+# The image's sidecar is the profile-guided build: two release builds and a training run, about
+# 8 minutes on 2 cores from nothing.
+BUILD_TIMEOUT_S = 1800
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
 
 
 def podman(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -39,14 +44,21 @@ def images() -> dict[str, int]:
     for tool in ("buildah", "podman", "runc", "nft", "ip"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing: run scripts/install --test")
-    build = subprocess.run([str(ROOT / "scripts" / "build-image"), TAG], capture_output=True, text=True,
-                           timeout=1800)  # it builds the sidecar twice (profile-guided)
-    assert build.returncode == 0, build.stderr[-3000:]
+    # Its own process group: if the build overruns, cargo and the training traffic stop with it.
+    build = subprocess.Popen([str(ROOT / "scripts" / "build-image"), TAG], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = build.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(build.pid, signal.SIGKILL)
+        build.communicate()
+        pytest.fail(f"scripts/build-image took over {BUILD_TIMEOUT_S} s")
+    assert build.returncode == 0, stderr[-3000:]
     sizes = {}
-    for line in build.stdout.splitlines():
+    for line in stdout.splitlines():
         name, size = line.split()
         sizes[name] = int(size)
-    assert set(sizes) == {PROXY_IMAGE, INIT_IMAGE}, build.stdout
+    assert set(sizes) == {PROXY_IMAGE, INIT_IMAGE}, stdout
     return sizes
 
 
