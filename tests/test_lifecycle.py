@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -83,6 +84,54 @@ def _refused(address: str) -> bool:
     except httpx.HTTPError:
         return False
     return False
+
+
+def _keep_alive_exchange(sock: socket.socket) -> bytes:
+    """One keep-alive request on `sock`; its response's head, once the whole response is read."""
+    sock.sendall(b"GET /echo/held HTTP/1.1\r\nHost: web\r\n\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    return head
+
+
+def test_a_served_connection_keeps_its_place_under_the_listener_limit(
+    start_proxy: ProxyFactory, echo_backend: EchoBackend
+) -> None:
+    """An HTTP connection is served from a task of its own once detected: its slot under the
+    listener's connection limit, and its close in the metrics, go with it."""
+    proxy = start_proxy(make_config({"web": [echo_backend.address]}, limits={"maxConnections": 2}))
+    host, port = proxy.address().rsplit(":", 1)
+    held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+    try:
+        for sock in held:
+            assert _keep_alive_exchange(sock).startswith(b"HTTP/1.1 200")
+        # Both idle keep-alive connections still count: a third is closed unanswered.
+        with socket.create_connection((host, int(port)), timeout=5) as third:
+            third.sendall(b"GET /echo HTTP/1.1\r\nHost: web\r\n\r\n")
+            try:
+                assert third.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+        assert total(proxy.metrics(), "tcp_open_connections") == 2
+        held.pop().close()
+        assert wait_until(lambda: total(proxy.metrics(), "tcp_open_connections") == 1, timeout=5)
+        assert total(proxy.metrics(), "tcp_close_total", protocol="http1") == 1
+        # Its slot is free again; the first connection is still served.
+        assert httpx.get(f"http://{proxy.address()}/echo", headers={"host": "web"}).status_code == 200
+        assert _keep_alive_exchange(held[0]).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_grace_period_bounds_the_drain(native_proxy, echo_backend: EchoBackend) -> None:  # noqa: ANN001

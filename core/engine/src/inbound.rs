@@ -61,34 +61,26 @@ pub(crate) async fn serve(conn: Accepted, mut stream: TcpStream) {
         }
         None => (false, false),
     };
+    let record = conn.open.record();
     let io = ClientIo::accepted(
         hello_bytes.freeze(),
         stream,
-        conn.record.read_bytes.clone(),
-        conn.record.write_bytes.clone(),
+        record.read_bytes.clone(),
+        record.write_bytes.clone(),
     );
     // The handshake and the TLS session are boxed: a plaintext connection's task does not
     // carry their size, and a mesh one holds the session (kilobytes) only while it lives.
-    let (protocol, client) = match mesh {
-        Some(mesh) if meshed => Box::pin(mesh_tls(&conn, &mesh, io, mesh_alpn)).await,
+    match mesh {
+        Some(mesh) if meshed => Box::pin(mesh_tls(conn, &mesh, io, mesh_alpn)).await,
         _ if conn.listener.tls == TlsMode::Strict => {
             tracing::info!(listener = %conn.name, "connection refused: the listener is STRICT and the client did not use mesh TLS");
-            (None, None)
         }
-        _ => (carry_on(&conn, io, None).await, None),
-    };
-    let Accepted { state, record, .. } = conn;
-    record.close(&state.metrics, protocol, client);
+        _ => carry_on(conn, io, None).await,
+    }
 }
 
-/// Terminates mesh TLS, then carries on inside it; what was detected, and the client's
-/// identity.
-async fn mesh_tls(
-    conn: &Accepted,
-    mesh: &MeshTls,
-    io: ClientIo,
-    offers_mesh_alpn: bool,
-) -> (Option<Detected>, Option<Arc<str>>) {
+/// Terminates mesh TLS, then carries on inside it.
+async fn mesh_tls(mut conn: Accepted, mesh: &MeshTls, io: ClientIo, offers_mesh_alpn: bool) {
     match mesh.accept(io, HANDSHAKE_TIMEOUT, offers_mesh_alpn).await {
         Ok((tls, client)) => {
             // The client is a proxy that carries HTTP/1 over HTTP/2 to this one.
@@ -96,12 +88,12 @@ async fn mesh_tls(
                 id: client.clone(),
                 carries_http1: tls.get_ref().1.alpn_protocol() == Some(MESH_ALPN),
             };
+            conn.open.client = Some(client);
             let io = Prefixed::new(Bytes::new(), tls);
-            (carry_on(conn, io, Some(peer)).await, Some(client))
+            carry_on(conn, io, Some(peer)).await;
         }
         Err(e) => {
             tracing::info!(listener = %conn.name, error = %e, "mesh TLS handshake refused");
-            (None, None)
         }
     }
 }
@@ -113,12 +105,8 @@ struct MeshPeer {
     carries_http1: bool,
 }
 
-/// Detect, then HTTP or opaque TCP; returns what was detected.
-async fn carry_on<I>(
-    conn: &Accepted,
-    mut io: Prefixed<I>,
-    peer: Option<MeshPeer>,
-) -> Option<Detected>
+/// Detect, then HTTP or opaque TCP.
+async fn carry_on<I>(mut conn: Accepted, mut io: Prefixed<I>, peer: Option<MeshPeer>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -126,11 +114,15 @@ where
     let protocol =
         detect::protocol(conn.protocol(), &mut io, &mut buf, conn.detect_timeout()).await;
     io.unread(buf.freeze());
+    conn.open.protocol = protocol;
     let carries_http1 = peer.as_ref().is_some_and(|p| p.carries_http1);
     let client = peer.map(|p| p.id);
-    match protocol? {
+    let Some(protocol) = protocol else {
+        return;
+    };
+    match protocol {
         // Boxed: only opaque connections carry the connect and copy state.
-        Detected::Opaque => Box::pin(tcp(conn, io, client)).await,
+        Detected::Opaque => Box::pin(tcp(&conn, io, client)).await,
         http => {
             let http_conn = Arc::new(HttpConn {
                 state: conn.state.clone(),
@@ -142,10 +134,9 @@ where
                 client_id: client,
                 carries_http1,
             });
-            crate::http::server::serve(io, http_conn, conn.limits, request).await;
+            crate::http::server::serve(io, http_conn, conn.limits, request, conn.open);
         }
     }
-    protocol
 }
 
 /// An opaque connection: authorized as a whole, then copied to the local application.

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Direction, Limits, ListenerProtocol, ListenerSettings};
+use crate::detect::Detected;
 use crate::record::ConnectionRecord;
 use crate::state::State;
 
@@ -42,7 +43,7 @@ pub(crate) struct Accepted {
     pub(crate) accepted_at: Instant,
     /// The listener's name, shared with metrics and authorization.
     pub(crate) name: Arc<str>,
-    pub(crate) record: ConnectionRecord,
+    pub(crate) open: Open,
     /// On a transparent listener, the address the client dialed, when netfilter
     /// redirected the connection here.
     pub(crate) destination: Option<SocketAddr>,
@@ -63,6 +64,32 @@ impl Accepted {
     /// What is left of the detect timeout (TLS termination may have used some).
     pub(crate) fn detect_timeout(&self) -> std::time::Duration {
         self.detect.saturating_sub(self.accepted_at.elapsed())
+    }
+}
+
+/// What a connection holds for as long as it is open, whichever task serves it: its
+/// place under the listener's connection limit and its metrics record, counted as
+/// closed (with what was learnt of it meanwhile) when this is dropped.
+pub(crate) struct Open {
+    state: Arc<State>,
+    record: ConnectionRecord,
+    _permit: OwnedSemaphorePermit,
+    /// What detection found; none if the connection ended first.
+    pub(crate) protocol: Option<Detected>,
+    /// The client's mesh identity, when it came over mesh TLS.
+    pub(crate) client: Option<Arc<str>>,
+}
+
+impl Open {
+    pub(crate) fn record(&self) -> &ConnectionRecord {
+        &self.record
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.record
+            .close(&self.state.metrics, self.protocol, self.client.take());
     }
 }
 
@@ -139,7 +166,7 @@ async fn serve(
     state: Arc<State>,
     listener: Arc<ListenerSettings>,
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let name: Arc<str> = Arc::from(listener.name.as_str());
@@ -151,9 +178,16 @@ async fn serve(
         let snapshot = state.snapshot();
         (snapshot.settings.limits, snapshot.settings.timeouts.detect)
     };
+    let open = Open {
+        record: ConnectionRecord::open(&state.metrics, listener.direction, &name),
+        state: state.clone(),
+        _permit: permit,
+        protocol: None,
+        client: None,
+    };
     let accepted = Accepted {
         destination,
-        record: ConnectionRecord::open(&state.metrics, listener.direction, &name),
+        open,
         limits,
         detect,
         accepted_at: Instant::now(),
@@ -161,8 +195,9 @@ async fn serve(
         listener,
         name,
     };
-    // Each direction's future is boxed at its own size: the task cell, which every
+    // Each direction's future is boxed at its own size: the task cell, which an opaque
     // connection holds for its whole life, is then not as big as the larger of the two.
+    // (An HTTP connection is served from a task of its own: `http::server::serve`.)
     match accepted.listener.direction {
         Direction::Inbound => Box::pin(crate::inbound::serve(accepted, stream)).await,
         Direction::Outbound => Box::pin(crate::outbound::serve(accepted, stream)).await,

@@ -31,17 +31,19 @@ use crate::listen::Accepted;
 use crate::route::{Route, Toward};
 use crate::state::Snapshot;
 
-pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
+pub(crate) async fn serve(mut conn: Accepted, stream: TcpStream) {
+    let record = conn.open.record();
     let mut io = ClientIo::accepted(
         Bytes::new(),
         stream,
-        conn.record.read_bytes.clone(),
-        conn.record.write_bytes.clone(),
+        record.read_bytes.clone(),
+        record.write_bytes.clone(),
     );
     let mut buf = BytesMut::new();
     let protocol =
         detect::protocol(conn.protocol(), &mut io, &mut buf, conn.detect_timeout()).await;
     io.unread(buf.freeze());
+    conn.open.protocol = protocol;
     match protocol {
         None => {}
         Some(Detected::Opaque) => {
@@ -73,11 +75,9 @@ pub(crate) async fn serve(conn: Accepted, stream: TcpStream) {
                 client_id: None,
                 carries_http1: false,
             });
-            crate::http::server::serve(io, http_conn, conn.limits, request).await;
+            crate::http::server::serve(io, http_conn, conn.limits, request, conn.open);
         }
     }
-    let Accepted { state, record, .. } = conn;
-    record.close(&state.metrics, protocol, None);
 }
 
 /// One HTTP request: route it, then forward it.

@@ -50,7 +50,7 @@ impl ConnectionRecord {
     /// Counts the close: `protocol` is what detection found (none if the connection
     /// ended first), `client` the mesh identity it came with.
     pub(crate) fn close(
-        self,
+        &self,
         metrics: &Metrics,
         protocol: Option<Detected>,
         client: Option<Arc<str>>,

@@ -246,6 +246,7 @@ impl PoolInner {
     /// when it was last used.
     fn park(self: &Arc<Self>, addr: SocketAddr, connection: Connection) {
         if connection.is_quiet() {
+            connection.release_wakers();
             let now = Instant::now();
             let since = now.checked_sub(PARK_AFTER).unwrap_or(now);
             self.insert(addr, since, IdleState::Parked(connection));

@@ -24,6 +24,7 @@ use super::park::{self, Activity, Guarded, Watched};
 use crate::config::{Direction, Limits};
 use crate::detect::Detected;
 use crate::io::{Coalesced, Prefixed};
+use crate::listen::Open;
 use crate::state::State;
 
 /// What every request on one client connection shares.
@@ -55,18 +56,36 @@ impl HttpConn {
     }
 }
 
-pub(crate) async fn serve<I, H, F>(io: Prefixed<I>, conn: Arc<HttpConn>, limits: Limits, handler: H)
-where
+/// Serves the connection from a task of its own, which holds `open` until the connection
+/// ends and is tracked like every connection's task, so a drain waits for it. The
+/// caller's task ends here, and with it the state it was sized for (detection, TLS
+/// termination): a keep-alive connection held for hours keeps only what serving HTTP
+/// needs, in one task sized for its protocol.
+pub(crate) fn serve<I, H, F>(
+    io: Prefixed<I>,
+    conn: Arc<HttpConn>,
+    limits: Limits,
+    handler: H,
+    open: Open,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Arc<HttpConn>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    // Each protocol's connection is boxed at its own size: the task that holds it is not
-    // as big as the larger of the two (every idle connection would carry the difference).
-    let result = match conn.protocol {
-        Detected::Http2 => Box::pin(serve_http2(io, conn, limits, handler)).await,
-        _ => Box::pin(serve_http1(io, conn, limits, handler)).await,
+    let tracker = conn.state.tracker.clone();
+    match conn.protocol {
+        Detected::Http2 => tracker.spawn(async move {
+            let _open = open;
+            ended(serve_http2(io, conn, limits, handler).await);
+        }),
+        _ => tracker.spawn(async move {
+            let _open = open;
+            ended(serve_http1(io, conn, limits, handler).await);
+        }),
     };
+}
+
+fn ended(result: hyper::Result<()>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
@@ -98,62 +117,74 @@ where
 /// HTTP/1: each request's head is gathered on the bare stream (`park::wait_for_head`),
 /// then served by hyper, which is given up again once the connection has idled
 /// (`park::drive`): a fresh hyper connection serves the next head.
-async fn serve_http1<I, H, F>(
+// Not an async fn on purpose: see the comment in the body.
+#[allow(clippy::manual_async_fn)]
+fn serve_http1<I, H, F>(
     mut io: Prefixed<I>,
     conn: Arc<HttpConn>,
     limits: Limits,
     handler: H,
-) -> hyper::Result<()>
+) -> impl Future<Output = hyper::Result<()>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Arc<HttpConn>, Request<Incoming>) -> F + Copy + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let shutdown = conn.state.shutdown.clone();
-    let activity = Arc::new(Activity::default());
+    // An async block rather than an async fn, and no builder kept between requests: what
+    // the block captures is its state, where an async fn's parameters are also copied into
+    // locals, and every idle connection would carry both copies.
+    async move {
+        let activity = Arc::new(Activity::default());
+        loop {
+            // The head comes in before hyper's connection (and its buffers) is made for it.
+            if !park::wait_for_head(&mut io, limits.max_header_bytes, &conn.state.shutdown).await {
+                return Ok(());
+            }
+            let service = {
+                let conn = conn.clone();
+                let activity = activity.clone();
+                service_fn(move |req: Request<Incoming>| {
+                    activity.request(!req.body().is_end_stream());
+                    let activity = activity.clone();
+                    // Boxed: hyper keeps one slot per HTTP/1 connection for the request in
+                    // flight, sized by this future; a pointer there, not the whole request
+                    // path, is what a connection carries between requests.
+                    Box::pin(handler(conn.clone(), req)).map(move |response| {
+                        Ok::<_, Infallible>(response.map(|body| Guarded::new(body, activity)))
+                    })
+                })
+            };
+            let watched = Watched::new(io, activity.clone());
+            let mut http = Box::new(
+                http1_builder(&limits)
+                    .serve_connection(TokioIo::new(watched), service)
+                    .with_upgrades(),
+            );
+            let shutdown = &conn.state.shutdown;
+            if let Some(result) =
+                park::drive(&mut *http, &activity, shutdown, |c| c.graceful_shutdown()).await
+            {
+                return result;
+            }
+            // Moved out of, the box itself is freed at the end of this turn of the loop,
+            // before the wait for the next head at the top of the next.
+            let Some(parts) = http.into_parts() else {
+                return Ok(());
+            };
+            tracing::trace!("idle HTTP/1 connection parked");
+            io = park::unpark(parts.io.into_inner(), parts.read_buf);
+        }
+    }
+}
+
+/// hyper's HTTP/1 server settings: the proxy's header limits, and its timer.
+fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers);
-    loop {
-        // The head comes in before hyper's connection (and its buffers) is made for it.
-        if !park::wait_for_head(&mut io, limits.max_header_bytes, &shutdown).await {
-            return Ok(());
-        }
-        let service = {
-            let conn = conn.clone();
-            let activity = activity.clone();
-            service_fn(move |req: Request<Incoming>| {
-                activity.request(!req.body().is_end_stream());
-                let activity = activity.clone();
-                // Boxed: hyper keeps one slot per HTTP/1 connection for the request in
-                // flight, sized by this future; a pointer there, not the whole request
-                // path, is what a connection carries between requests.
-                Box::pin(handler(conn.clone(), req)).map(move |response| {
-                    Ok::<_, Infallible>(response.map(|body| Guarded::new(body, activity)))
-                })
-            })
-        };
-        let watched = Watched::new(io, activity.clone());
-        let mut http = Box::new(
-            builder
-                .serve_connection(TokioIo::new(watched), service)
-                .with_upgrades(),
-        );
-        if let Some(result) =
-            park::drive(&mut *http, &activity, &shutdown, |c| c.graceful_shutdown()).await
-        {
-            return result;
-        }
-        // Moved out of, the box itself is freed at the end of this turn of the loop, before
-        // the wait for the next head at the top of the next.
-        let Some(parts) = http.into_parts() else {
-            return Ok(());
-        };
-        tracing::trace!("idle HTTP/1 connection parked");
-        io = park::unpark(parts.io.into_inner(), parts.read_buf);
-    }
+    builder
 }
 
 /// Drives a hyper connection to its end; once `shutdown` fires, asks it to finish
