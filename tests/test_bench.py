@@ -1,8 +1,9 @@
 """`pymesh bench`: the perf harness end to end through the CLI.
 
-The smoke scenario runs against direct, the native sidecar, the mTLS sidecar pair, nginx,
-HAProxy and Envoy, and the report's structure and the plausibility of its figures are checked (rates
-reached, percentiles in order, CPU and memory read, plots drawn) — never a performance number.
+The smoke scenario runs against direct, the native sidecar (and the same as an opaque byte
+relay), the mTLS sidecar pair, nginx, HAProxy (and HAProxy in mode tcp) and Envoy, and the
+report's structure and the plausibility of its figures are checked (rates reached, percentiles
+in order, CPU and memory read, plots drawn) — never a performance number.
 The systems in pods (direct-pods, pymesh-pods; linkerd2-proxy skipped without its binary) run it
 too (root, nftables), and the linkerd2-proxy stand-in control plane's CA and replies are checked.
 """
@@ -22,9 +23,9 @@ import pytest
 pytestmark = pytest.mark.timeout(1500)
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ["direct", "pymesh", "pymesh-mtls", "nginx", "haproxy", "envoy"]
+SYSTEMS = ["direct", "pymesh", "pymesh-tcp", "pymesh-mtls", "nginx", "haproxy", "haproxy-tcp", "envoy"]
 #: ours: not one failed request through them; other proxies are the harness's peers, not under test
-OURS = {"pymesh", "pymesh-embedded", "pymesh-mtls"}
+OURS = {"pymesh", "pymesh-tcp", "pymesh-embedded", "pymesh-mtls"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -72,8 +73,12 @@ def test_smoke_result_structure(smoke: tuple[Path, dict[str, Any]]) -> None:
     assert (scenario["name"], scenario["protocol"], scenario["rate"], scenario["response_size"],
             scenario["duration"]) == ("smoke", "http1", 200, 1024, 2.0)
     assert data["problems"] == []
-    assert {"pymesh.json", "pymesh-mtls-client.json", "pymesh-mtls-server.json", "nginx-http1.conf",
-            "envoy.yaml"} <= set(data["configs"])
+    assert {"pymesh.json", "pymesh-tcp.json", "pymesh-mtls-client.json", "pymesh-mtls-server.json",
+            "nginx-http1.conf", "haproxy-http1.cfg", "haproxy-tcp-http1.cfg", "envoy.yaml"} <= set(data["configs"])
+    # the relays are the same programs with nothing parsed: an opaque listener, HAProxy's mode tcp
+    assert json.loads(data["configs"]["pymesh-tcp.json"])["listeners"][0]["protocol"] == "OPAQUE"
+    assert "mode tcp" in data["configs"]["haproxy-tcp-http1.cfg"]
+    assert "mode http" in data["configs"]["haproxy-http1.cfg"]
     server = json.loads(data["configs"]["pymesh-mtls-server.json"])
     client = json.loads(data["configs"]["pymesh-mtls-client.json"])
     assert server["listeners"][0]["tls"] == "STRICT" and server["identity"]["serviceAccount"] == "server"

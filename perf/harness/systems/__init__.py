@@ -3,7 +3,10 @@
 On loopback: `direct` is the floor; `pymesh` (native sidecar), `pymesh-embedded` (the engine
 inside a Python process) and `pymesh-mtls` (a client and a server sidecar speaking mutual TLS,
 with the control plane as their CA) are this project; `nginx`, `haproxy` and `envoy` are the
-peers. Their added latency is over `direct`.
+peers. Their added latency is over `direct`. `pymesh-tcp` and `haproxy-tcp` are the same pymesh
+sidecar and HAProxy as byte relays (an opaque listener, `mode tcp`): nothing parsed, so their
+added latency is what one hop through each costs on this machine before any HTTP work, the
+floor under the HTTP proxies' figures.
 
 In pods (network namespaces on a bridge with the init step's redirect rules, the load generator
 in the client pod, the backend in the server pod; systems/pods.py): `direct-pods` is the floor,
@@ -18,18 +21,18 @@ from __future__ import annotations
 from .base import THREADS, Context, Running, System, Unavailable
 from .direct import Direct
 from .envoy import Envoy
-from .haproxy import Haproxy
+from .haproxy import Haproxy, HaproxyTcp
 from .linkerd2 import Linkerd2Proxy
 from .nginx import Nginx
 from .pods import DirectPods, PymeshPods
 from .pymesh_embedded import PymeshEmbedded
 from .pymesh_mtls import PymeshMtlsPair
-from .pymesh_native import PymeshNative
+from .pymesh_native import PymeshNative, PymeshTcp
 
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
-    for cls in (Direct, PymeshNative, PymeshEmbedded, PymeshMtlsPair, Nginx, Haproxy, Envoy, DirectPods, PymeshPods,
-                Linkerd2Proxy)
+    for cls in (Direct, PymeshNative, PymeshTcp, PymeshEmbedded, PymeshMtlsPair, Nginx, Haproxy, HaproxyTcp, Envoy,
+                DirectPods, PymeshPods, Linkerd2Proxy)
 }
 
 

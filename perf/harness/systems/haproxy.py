@@ -5,6 +5,8 @@ keep-alive on both sides with idle upstream connections reused (`http-reuse alwa
 HTTP/2 and gRPC scenarios: the frontend binds `proto h2` (h2c, prior knowledge) and the server
 line says `proto h2`, so the upstream hop is HTTP/2 too, as pymesh's is (gRPC trailers pass
 through end to end).
+
+`haproxy-tcp`: the same HAProxy in `mode tcp`, a byte relay (a floor for one hop; see the class).
 """
 
 from __future__ import annotations
@@ -23,20 +25,24 @@ global
     maxconn 4000
 
 defaults
-    mode http
+    mode {mode}
     timeout connect 5s
     timeout client 90s
     timeout server 90s
     timeout http-keep-alive 90s
-    option http-keep-alive
-    http-reuse always
-
+{http_options}
 frontend bench
     bind {listen}{proto}
     default_backend upstream
 
 backend upstream
     server backend {upstream}{proto}
+"""
+
+
+HTTP_OPTIONS = """\
+    option http-keep-alive
+    http-reuse always
 """
 
 
@@ -54,7 +60,8 @@ class Haproxy(DebianPackageSystem):
 
     def config(self, upstream: str, listen: str, scenario: Scenario) -> str:
         proto = " proto h2" if scenario.http2 else ""
-        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto=proto)
+        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto=proto, mode="http",
+                             http_options=HTTP_OPTIONS)
 
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
@@ -65,5 +72,24 @@ class Haproxy(DebianPackageSystem):
         command = pinned([str(self.binary()), "-db", "-f", str(path)], self.context.proxy_cpu)
         with supervised(Child(self.name, command, workdir / "haproxy.log")) as child:
             child.wait_for_port(listen)
-            yield Running(address=listen, child=child, config_name=f"haproxy-{scenario.protocol}.cfg",
+            yield Running(address=listen, child=child, config_name=f"{self.name}-{scenario.protocol}.cfg",
                           config_text=path.read_text())
+
+
+class HaproxyTcp(Haproxy):
+    """HAProxy in `mode tcp`: each client connection gets an upstream connection of its own and
+    bytes are copied both ways, nothing parsed. Its added latency is what one hop through a
+    mature event-loop proxy costs on this machine before any HTTP work: the floor an HTTP proxy's
+    added latency is measured against."""
+
+    name = "haproxy-tcp"
+    label = "HAProxy (mode tcp)"
+    description = "HAProxy in mode tcp, 1 thread: a byte relay, one upstream connection per client"
+
+    def settings(self) -> dict[str, Any]:
+        return {"threads": THREADS, "nbthread": THREADS, "mode": "tcp",
+                "upstream": "one TCP connection per client connection", "log": "off"}
+
+    def config(self, upstream: str, listen: str, scenario: Scenario) -> str:
+        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto="", mode="tcp",
+                             http_options="")

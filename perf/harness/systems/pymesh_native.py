@@ -21,11 +21,15 @@ LISTENING = r"^listening main (\S+)$"
 ADMIN = r"^admin (\S+)$"
 
 
-def proxy_config(upstream: str) -> dict[str, Any]:
-    """The ProxyConfig both pymesh systems run: ports from the OS, every request to the backend."""
+def proxy_config(upstream: str, protocol: str | None = None) -> dict[str, Any]:
+    """The ProxyConfig the pymesh systems run: ports from the OS, every request to the backend;
+    the listener detects the protocol unless `protocol` names one (OPAQUE: a byte relay)."""
+    listener: dict[str, Any] = {"name": "main", "address": "127.0.0.1:0", "defaultService": "bench"}
+    if protocol:
+        listener["protocol"] = protocol
     return {
         "admin": {"address": "127.0.0.1:0"},
-        "listeners": [{"name": "main", "address": "127.0.0.1:0", "defaultService": "bench"}],
+        "listeners": [listener],
         "services": [{"name": "bench", "endpoints": [{"address": upstream}]}],
     }
 
@@ -79,8 +83,28 @@ class PymeshNative(System):
                 "upstream": "pooled HTTP/1.1 keep-alive; one multiplexed HTTP/2 connection for HTTP/2 clients",
                 "metrics": "on (always)"}
 
+    #: The listener's protocol (None: detected from the first bytes).
+    protocol: str | None = None
+
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
         path = self.scratch(scenario) / "proxy.json"
-        with sidecar(self.name, self.binary(), proxy_config(upstream), path, self.context.proxy_cpu) as (child, at):
-            yield Running(address=at["main"], child=child, config_name="pymesh.json", config_text=path.read_text())
+        config = proxy_config(upstream, self.protocol)
+        with sidecar(self.name, self.binary(), config, path, self.context.proxy_cpu) as (child, at):
+            yield Running(address=at["main"], child=child, config_name=f"{self.name}.json",
+                          config_text=path.read_text())
+
+
+class PymeshTcp(PymeshNative):
+    """The same sidecar with an OPAQUE listener: each client connection gets an upstream
+    connection of its own and bytes are copied both ways, nothing parsed. Its added latency is
+    what one hop through pymesh's runtime costs before any HTTP work (a floor for `pymesh`)."""
+
+    name = "pymesh-tcp"
+    label = "pymesh (native sidecar, opaque TCP)"
+    description = "pymesh-proxy with an OPAQUE listener: a byte relay, one upstream connection per client"
+    protocol = "OPAQUE"
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"listener": "protocol OPAQUE (no detection, no HTTP)",
+                                     "upstream": "one TCP connection per client connection"}
