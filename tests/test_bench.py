@@ -225,6 +225,38 @@ def test_the_sidecar_measured_is_the_one_pymesh_bench_proxy_names(tmp_path: Path
     assert [o["status"] for o in data["outcomes"] if o["system"] == "direct"] == ["ok"]
 
 
+def test_a_floor_whose_tail_moved_between_rounds_is_flagged() -> None:
+    """Two kept records read back: in one, direct's own p99 at 1,000 rps moved from 281 to 978 µs
+    between rounds (a busy machine) and its outcome says so; in the other it held within 1.3×."""
+    from perf.harness.results import BenchResult, summarise
+
+    def direct_warnings(record: str, scenario: str) -> list[str]:
+        result = BenchResult.from_dict(json.loads((ROOT / "perf/records" / record / "result.json").read_text()))
+        [direct] = [o for o in summarise(result) if o.system == "direct" and o.scenario == scenario]
+        return direct.warnings
+
+    [noisy] = direct_warnings("2026-12-07-floor", "http1-1k-1000rps")
+    assert "moved from 281 to 978" in noisy
+    assert direct_warnings("2026-12-06-pgo/http1-1000rps-5rounds", "http1-1k-1000rps") == []
+
+
+def test_idle_http2_connections_are_held_and_measured(tmp_path: Path) -> None:
+    """1,000 idle h2c connections (one GET answered on each, the h2 package framing them) held
+    through pymesh and through nginx, and each proxy's memory read while they were."""
+    require_peers()
+    out = tmp_path / "idle-h2"
+    result = bench("run", "--scenarios", "idle-h2-1000", "--systems", "pymesh,nginx", "--out", str(out), timeout=300)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    data = json.loads((out / "result.json").read_text())
+    [scenario] = data["scenarios"]
+    assert (scenario["protocol"], scenario["kind"], scenario["idle_connections"]) == ("http2", "idle", 1000)
+    outcomes = {o["system"]: o for o in data["outcomes"]}
+    for system in ("pymesh", "nginx"):
+        idle = outcomes[system]["idle"]
+        assert outcomes[system]["status"] == "ok" and idle["opened"] == idle["held"] == 1000, outcomes[system]
+        assert idle["rss_held_kib"] > idle["rss_before_kib"] > 0 and idle["per_connection_kib"] > 0, idle
+
+
 def test_unknown_scenario_is_refused_with_the_valid_names(tmp_path: Path) -> None:
     result = bench("run", "--scenarios", "smok", "--out", str(tmp_path / "x"), timeout=60)
     assert result.returncode == 2

@@ -2,7 +2,7 @@
 and why, and the per system × scenario outcome: medians over rounds, latency added over the
 system's baseline in the same run (`direct`; `direct-pods` for the systems measured in pods),
 errors, CPU per 10k requests, peak RSS, and warnings on figures that should not be trusted
-(rate not reached, generator lag, errors).
+(rate not reached, generator lag, errors, a floor whose own tail moved between rounds).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from typing import Any
 
 PERCENTILES = ("p50", "p90", "p99", "p999", "max")
 GENERATOR_LAG_US = 1000  # send delay p99 above this: the load generator itself fell behind
+# A floor (direct) whose own p99 moves more than this factor between rounds ran on a machine busy
+# with something else: the added p99 of every system measured over it is partly that noise.
+NOISY_FLOOR_SPREAD = 2.0
 
 
 @dataclass
@@ -116,6 +119,17 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchResult:
+        """A result read back from its `result.json` (outcomes left to `summarise`)."""
+        return cls(
+            id=data["id"], start_time=data["start_time"], end_time=data["end_time"], command=data["command"],
+            environment=data["environment"], options=data["options"], systems=data["systems"],
+            scenarios=data["scenarios"], runs=[Run(**r) for r in data.get("runs", [])],
+            idle_runs=[IdleRun(**r) for r in data.get("idle_runs", [])],
+            problems=[Problem(**p) for p in data.get("problems", [])], configs=data.get("configs", {}),
+        )
+
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
@@ -139,7 +153,19 @@ def summarise(result: BenchResult) -> list[Outcome]:
         floor = floors.get((outcome.baseline, outcome.scenario)) if outcome.baseline else None
         if outcome.status == "ok" and outcome.latency_us and floor:
             outcome.added_latency_us = {k: outcome.latency_us[k] - floor[k] for k in PERCENTILES}
+        if outcome.baseline is None and outcome.status == "ok" and outcome.kind != "idle":
+            outcome.warnings.extend(_noisy_floor(result, outcome))
     return outcomes
+
+
+def _noisy_floor(result: BenchResult, floor: Outcome) -> list[str]:
+    """A warning when a floor's own p99 moved by more than NOISY_FLOOR_SPREAD× between rounds."""
+    p99s = [r.latency_us["p99"] for r in result.runs if r.system == floor.system and r.scenario == floor.scenario]
+    if len(p99s) < 2 or min(p99s) <= 0 or max(p99s) <= NOISY_FLOOR_SPREAD * min(p99s):
+        return []
+    return [f"its own p99 moved from {min(p99s):,.0f} to {max(p99s):,.0f} µs between rounds: the machine was busy "
+            "with something else, and the added p99 of every system in this scenario carries that noise "
+            "(compare p50s, or run again)"]
 
 
 def _problem(result: BenchResult, system: str, scenario: str) -> Problem | None:

@@ -319,10 +319,12 @@ class Runner:
         # each proxy's request-path code and its first upstream connection: the per-connection
         # figure is then what the idle connections themselves cost, not code paged in by them.
         netns = item.running.netns
-        hold_idle(item.running.address, IDLE_WARMUP_CONNECTIONS, 0.0, lambda: None, netns=netns)
+        http2 = scenario.http2
+        hold_idle(item.running.address, IDLE_WARMUP_CONNECTIONS, 0.0, lambda: None, netns=netns, http2=http2)
         before = tree()
         start = now()
-        outcome = hold_idle(item.running.address, scenario.idle_connections, scenario.idle_hold, tree, netns=netns)
+        outcome = hold_idle(item.running.address, scenario.idle_connections, scenario.idle_hold, tree, netns=netns,
+                            http2=http2)
         run = IdleRun(system=item.system.name, scenario=scenario.name, round=round_, start_time=start, end_time=now(),
                       requested=outcome.requested, opened=outcome.opened, held=outcome.held, failures=outcome.failures)
         held: measure.Memory | None = outcome.measured

@@ -133,6 +133,8 @@ SCENARIOS: list[Scenario] = [
              1000, connections=8, new_connection_per_request=True),
     Scenario("idle-1000", "1,000 idle keep-alive connections held open (one request each), proxy RSS", "http1",
              0, idle_connections=1000),
+    Scenario("idle-h2-1000", "1,000 idle HTTP/2 (h2c) connections held open (one request each), proxy RSS",
+             "http2", 0, idle_connections=1000),
 ]
 
 BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
@@ -140,13 +142,13 @@ BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
 SETS: dict[str, list[str]] = {
     "smoke": ["smoke"],
     "http1": [s.name for s in SCENARIOS if s.family == "http1-1k" and s.kind != "idle" and s.name != "smoke"],
-    "http2": [s.name for s in SCENARIOS if s.family == "http2-1k"],
+    "http2": [s.name for s in SCENARIOS if s.family == "http2-1k" and s.kind != "idle"],
     "grpc": [s.name for s in SCENARIOS if s.grpc],
     "grpc-unary": [s.name for s in SCENARIOS if s.protocol == "grpc"],
     "grpc-stream": [s.name for s in SCENARIOS if s.protocol == "grpc-stream"],
     "large": ["http1-100k-1000rps"],
     "newconn": ["http1-newconn-1000rps"],
-    "idle": ["idle-1000"],
+    "idle": [s.name for s in SCENARIOS if s.kind == "idle"],
     "max": [s.name for s in SCENARIOS if s.kind == "max"],
 }
 SETS["full"] = [s.name for s in SCENARIOS if s.name != "smoke"]
