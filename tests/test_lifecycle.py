@@ -1,4 +1,5 @@
-"""Lifecycle: the admin endpoint, draining on SIGTERM (or stop()), and structured logs."""
+"""Lifecycle: the admin endpoint, draining on SIGTERM (or stop()), structured logs, and TCP
+keepalive on every proxied socket (how a peer that vanished without closing is found)."""
 
 from __future__ import annotations
 
@@ -255,3 +256,35 @@ def test_the_sidecar_takes_every_flag_from_the_environment(tmp_path: Path, echo_
     # PYMESH_LOG_FORMAT=json and PYMESH_LOG=debug: every line is JSON, and debug lines are there.
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     assert lines and {line["level"] for line in lines} >= {"DEBUG", "INFO"}, {line["level"] for line in lines}
+
+
+def _keepalive_timers() -> dict[tuple[str, str], str]:
+    """Established TCP sockets on this host as (local, peer) → their `ss` timer, if any."""
+    listing = subprocess.run(["ss", "-tnoH", "state", "established"], capture_output=True, text=True, timeout=10,
+                             check=True).stdout
+    timers = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            timers[(fields[2], fields[3])] = " ".join(fields[4:])
+    return timers
+
+
+def test_proxied_sockets_have_tcp_keepalive(start_proxy: ProxyFactory, echo_backend: EchoBackend) -> None:
+    """An idle keep-alive client and the upstream connection behind it both carry the kernel's
+    keepalive timer: a peer gone without a FIN (host down, cable out) is found by its probes,
+    where nothing else would ever end an idle HTTP/2 or opaque connection."""
+    proxy = start_proxy(make_config({"web": [echo_backend.address]}))
+    host, port = proxy.address().rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as client:
+        assert b" 200 " in _keep_alive_exchange(client).split(b"\r\n", 1)[0]
+        local_host, local_port = client.getsockname()[:2]
+        mine = f"{local_host}:{local_port}"
+
+        def both_probed() -> bool:
+            timers = _keepalive_timers()
+            accepted = timers.get((proxy.address(), mine), "")
+            upstream = [t for (_, peer), t in timers.items() if peer == echo_backend.address]
+            return "keepalive" in accepted and any("keepalive" in t for t in upstream)
+
+        assert wait_until(both_probed), _keepalive_timers()

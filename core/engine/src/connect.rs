@@ -101,8 +101,7 @@ impl Upstream {
                 timeout: self.timeout,
             })?
             .map_err(|source| ConnectError::Io { addr, source })?;
-        // Latency matters more than packet count for proxied request/response traffic.
-        let _ = stream.set_nodelay(true);
+        crate::socket::configure(&stream);
         let mut carries_http1 = false;
         let io = match (&self.identity, &self.mesh) {
             (Some(identity), Some(mesh)) => {

@@ -7,7 +7,7 @@
 //! `state` (the config snapshot and what every connection shares), `route` and
 //! `service` (authority → service, and what survives a reload), `http` (serving,
 //! admitting, the tries), `tcp`, `balance` (endpoint load and health), `connect` (TCP,
-//! mesh TLS, connection caps), `authz`, `record` (golden metrics), and the lifecycle in
+//! mesh TLS, connection caps), `socket` (what every proxied socket is set to), `authz`, `record` (golden metrics), and the lifecycle in
 //! `proxy` with `discover` and `identity` feeding it, and `memory` handing back what a
 //! burst freed. `docs/architecture.md` draws it.
 //!
@@ -42,6 +42,7 @@ mod record;
 mod retry;
 mod route;
 mod service;
+mod socket;
 mod state;
 mod tcp;
 mod tls;

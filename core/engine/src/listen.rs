@@ -168,7 +168,7 @@ async fn serve(
     stream: TcpStream,
     permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
+    crate::socket::configure(&stream);
     let name: Arc<str> = Arc::from(listener.name.as_str());
     let destination = listener
         .transparent
