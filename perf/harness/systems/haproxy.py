@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 from ..procs import Child, free_port, pinned
 from ..scenarios import Scenario
@@ -53,15 +53,18 @@ class Haproxy(DebianPackageSystem):
 
     executable = "haproxy"
     package = "haproxy"
+    #: `http` (a reverse proxy) or `tcp` (a byte relay)
+    mode: ClassVar[str] = "http"
 
     def settings(self) -> dict[str, Any]:
         return {"threads": THREADS, "nbthread": THREADS, "http_reuse": "always",
                 "upstream": "HTTP/1.1 keep-alive; HTTP/2 (proto h2) for HTTP/2 clients", "log": "off"}
 
     def config(self, upstream: str, listen: str, scenario: Scenario) -> str:
-        proto = " proto h2" if scenario.http2 else ""
-        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto=proto, mode="http",
-                             http_options=HTTP_OPTIONS)
+        http = self.mode == "http"
+        proto = " proto h2" if http and scenario.http2 else ""
+        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto=proto, mode=self.mode,
+                             http_options=HTTP_OPTIONS if http else "")
 
     @contextmanager
     def start(self, upstream: str, scenario: Scenario) -> Iterator[Running]:
@@ -85,11 +88,8 @@ class HaproxyTcp(Haproxy):
     name = "haproxy-tcp"
     label = "HAProxy (mode tcp)"
     description = "HAProxy in mode tcp, 1 thread: a byte relay, one upstream connection per client"
+    mode = "tcp"
 
     def settings(self) -> dict[str, Any]:
         return {"threads": THREADS, "nbthread": THREADS, "mode": "tcp",
                 "upstream": "one TCP connection per client connection", "log": "off"}
-
-    def config(self, upstream: str, listen: str, scenario: Scenario) -> str:
-        return CONFIG.format(threads=THREADS, listen=listen, upstream=upstream, proto="", mode="tcp",
-                             http_options="")
